@@ -1,0 +1,107 @@
+"""Every error delf-es raises on purpose derives from :class:`DelfEsError`.
+
+Callers catch by meaning (bad input, missing weights, index down) rather than by
+library.  Each exception passes its arguments to ``Exception.__init__`` so it
+survives a pickle round trip (Celery moves exceptions between processes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class DelfEsError(Exception):
+    """Root of all delf-es errors."""
+
+
+class InvalidImage(DelfEsError, ValueError):
+    """The input cannot be decoded as a usable image (corrupt, truncated, not an
+    image, too small, too many pixels).  Never worth retrying."""
+
+    def __init__(self, message: str, source: str = "") -> None:
+        super().__init__(message, source)
+        self.message = message
+        self.source = source
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.message}" if self.source else self.message
+
+
+class ImageTooLarge(InvalidImage):
+    """The image has more pixels than the configured cap (decompression-bomb guard)."""
+
+
+class UnsafeURL(DelfEsError, ValueError):
+    """A URL was refused: wrong scheme, private/loopback address, too large, timed out."""
+
+    def __init__(self, message: str, url: str = "") -> None:
+        super().__init__(message, url)
+        self.message = message
+        self.url = url
+
+    def __str__(self) -> str:
+        return f"{self.url}: {self.message}" if self.url else self.message
+
+
+class FeatureShapeError(DelfEsError, ValueError):
+    """An array handed across a stage boundary has the wrong shape or dtype."""
+
+    def __init__(self, field: str, expected: str, got: str) -> None:
+        super().__init__(field, expected, got)
+        self.field = field
+        self.expected = expected
+        self.got = got
+
+    def __str__(self) -> str:
+        return f"{self.field}: expected {self.expected}, got {self.got}"
+
+
+class WeightsNotFound(DelfEsError, FileNotFoundError):
+    """A weight file (backbone, attention head, PCA) is missing or unreadable."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message, path)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.path})" if self.path else self.message
+
+
+class ModelMismatch(DelfEsError, ValueError):
+    """Two artifacts that must agree do not (e.g. a PCA fitted for another backbone)."""
+
+
+class UnknownBackbone(DelfEsError, KeyError):
+    """The requested backbone name is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "unknown backbone"
+
+
+class ImageNotFound(DelfEsError, KeyError):
+    """No image with that id is in the index."""
+
+    def __str__(self) -> str:
+        return f"no image with id {self.args[0]!r}" if self.args else "image not found"
+
+
+class IndexUnavailable(DelfEsError, ConnectionError):
+    """The index server cannot be reached or is overloaded (timeout, 429, 503).
+    The only error workers retry automatically."""
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """One item of a bulk operation that failed, with why."""
+
+    item_id: str
+    error: str
+
+
+class BulkIndexFailed(DelfEsError):
+    """Some items of a bulk write were rejected; ``failures`` lists each one."""
+
+    def __init__(self, message: str, failures: list[ItemFailure]) -> None:
+        super().__init__(message, failures)
+        self.failures = failures

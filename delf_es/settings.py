@@ -1,0 +1,86 @@
+"""The one settings object.  Built once per entry point (CLI, worker, SDK) and
+passed down; nothing else reads the environment.  Every field can be set with an
+environment variable ``DELF_ES_<FIELD>`` (e.g. ``DELF_ES_ES_URL``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "delf-es"
+
+
+class Settings(BaseSettings):
+    """Configuration of extraction, verification, index and services.
+
+    Units: sizes in px, times in s, byte caps in bytes.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DELF_ES_", frozen=True, extra="forbid")
+
+    # --- model and extraction -------------------------------------------------
+    backbone: str = "efficientnet-lite2"
+    backbone_weights: Path | None = Field(
+        default=None, description="state_dict file; required for backbones without packaged weights (resnet50)"
+    )
+    attention_weights: Path | None = Field(
+        default=None, description="trained attention head; None = the shipped default for the backbone, if any"
+    )
+    scoring: str = Field(default="auto", description="'auto' (attention if available), 'attention' or 'norm'")
+    pca_path: Path | None = Field(default=None, description="PCA artifact; None = the shipped default")
+    use_pca: bool = True
+    scales: tuple[float, ...] = DELF_SCALES
+    max_image_size: int = Field(default=1024, gt=0, description="longer side, px, before the pyramid")
+    max_feature_num: int = Field(default=1000, ge=1)
+    score_threshold: float = Field(default=0.0, ge=0.0, description="keep descriptors scoring above this")
+    device: str = "cpu"
+    torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
+
+    # --- input safety -----------------------------------------------------------
+    max_pixels: int = Field(default=64_000_000, gt=0, description="decoded pixel cap (decompression bombs)")
+    min_image_side: int = Field(default=32, gt=0, description="px; smaller images are rejected")
+    url_timeout: float = Field(default=10.0, gt=0)
+    url_max_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    allow_private_urls: bool = False
+
+    # --- matching and verification --------------------------------------------
+    match_max_distance: float = Field(default=0.9, gt=0, description="L2 between unit descriptors")
+    match_mutual: bool = True
+    ransac_model: str = Field(default="homography", description="'homography', 'fundamental' or 'affine'")
+    ransac_px: float = Field(default=12.0, gt=0, description="inlier reprojection threshold, px")
+    ransac_confidence: float = Field(default=0.999, gt=0, lt=1)
+    ransac_max_iters: int = Field(default=2000, gt=0)
+    ransac_seed: int = 0
+
+    # --- index and services -----------------------------------------------------
+    es_url: str | None = None
+    redis_url: str | None = None
+    index_alias: str = "delf-images"
+    data_dir: Path = Field(default_factory=default_data_dir)
+
+    @field_validator("scales")
+    @classmethod
+    def _scales_positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(s <= 0 for s in value):
+            raise ValueError("scales must be a non-empty list of positive numbers")
+        return tuple(sorted(value))
+
+    @field_validator("scoring")
+    @classmethod
+    def _scoring_known(cls, value: str) -> str:
+        if value not in ("auto", "attention", "norm"):
+            raise ValueError("scoring must be 'auto', 'attention' or 'norm'")
+        return value
+
+    @field_validator("ransac_model")
+    @classmethod
+    def _ransac_known(cls, value: str) -> str:
+        if value not in ("homography", "fundamental", "affine"):
+            raise ValueError("ransac_model must be 'homography', 'fundamental' or 'affine'")
+        return value
