@@ -105,3 +105,20 @@ class BulkIndexFailed(DelfEsError):
     def __init__(self, message: str, failures: list[ItemFailure]) -> None:
         super().__init__(message, failures)
         self.failures = failures
+
+
+class FetchFailed(DelfEsError):
+    """Downloading a URL failed for a network or HTTP reason: the host does not
+    resolve or refuses the connection, TLS fails, the deadline passed, the status is
+    not 2xx, there are too many redirects or the body is cut short.  A URL refused by
+    policy (scheme, private address, size) raises :class:`UnsafeURL` instead.
+    ``status`` is the HTTP status code when the server sent one, else ``None``."""
+
+    def __init__(self, message: str, url: str = "", status: int | None = None) -> None:
+        super().__init__(message, url, status)
+        self.message = message
+        self.url = url
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.url}: {self.message}" if self.url else self.message
