@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     pca_path: Path | None = Field(default=None, description="PCA artifact; None = the shipped default")
     use_pca: bool = True
     scales: tuple[float, ...] = DELF_SCALES
+    global_scales: tuple[float, ...] = Field(
+        default=(0.7071, 1.0, 1.4142), description="pyramid scales pooled into the global descriptor (DELG's)"
+    )
+    local_layer: str | None = Field(default=None, description="None = the backbone preset's choice")
     max_image_size: int = Field(default=1024, gt=0, description="longer side, px, before the pyramid")
     max_feature_num: int = Field(default=1000, ge=1)
     score_threshold: float = Field(default=0.0, ge=0.0, description="keep descriptors scoring above this")
@@ -64,7 +68,7 @@ class Settings(BaseSettings):
     index_alias: str = "delf-images"
     data_dir: Path = Field(default_factory=default_data_dir)
 
-    @field_validator("scales")
+    @field_validator("scales", "global_scales")
     @classmethod
     def _scales_positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if not value or any(s <= 0 for s in value):

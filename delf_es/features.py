@@ -1,0 +1,204 @@
+"""Image -> :class:`Features`.  The only module where tensors exist.
+
+Pipeline (DELF, Noh et al. 2017; DELG, Cao et al. 2020):
+resize so the longer side is at most ``max_image_size`` -> for each pyramid scale,
+resize to a multiple of 32 px and run the network once -> score every cell of the
+stride-16 map (attention head, or descriptor L2 norm until a head is trained) ->
+keep cells scoring above ``score_threshold`` and the top ``max_feature_num`` over
+all scales -> locate each at the centre of its receptive field in original-image
+pixels -> descriptors L2 -> PCA -> L2.  The global descriptor is GeM over the
+deeper map at ``global_scales``, L2-normalised per scale, summed, re-normalised.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from delf_es.errors import FeatureShapeError, WeightsNotFound
+from delf_es.model.delf import DelfModel, ModelMeta, build_model
+from delf_es.model.receptive_field import ReceptiveField, level_size
+from delf_es.model.weights import PROJECT_WEIGHTS_DIR
+from delf_es.pca import PcaArtifact, l2_normalise
+from delf_es.settings import Settings
+from delf_es.types import Features
+
+log = logging.getLogger(__name__)
+
+#: every pyramid level is a multiple of this, so TF-'SAME' padding is the same at every level
+LEVEL_MULTIPLE = 32
+
+
+@dataclass(frozen=True)
+class RawFeatures:
+    """Selected keypoints before PCA (input of ``fit-pca``).
+
+    Attributes:
+        keypoints: (N, 2) float32 (x, y) px in the original image.
+        scales: (N,) float32 pyramid scale of each keypoint.
+        scores: (N,) float32 selection score.
+        descriptors: (N, C) float32 L2-normalised raw descriptors.
+        global_desc: (G,) float32 L2-normalised global descriptor.
+        image_size: (width, height) of the original image, px.
+    """
+
+    keypoints: np.ndarray
+    scales: np.ndarray
+    scores: np.ndarray
+    descriptors: np.ndarray
+    global_desc: np.ndarray
+    image_size: tuple[int, int]
+
+
+def default_pca_path(backbone: str, local_layer: str, scoring: str, dims: int = 40) -> Path:
+    return PROJECT_WEIGHTS_DIR / f"pca-{backbone}-{local_layer}-{scoring}-{dims}.npz"
+
+
+def check_pixels(pixels: np.ndarray) -> None:
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        raise FeatureShapeError("pixels", "(H, W, 3) uint8 RGB", got)
+
+
+class Extractor:
+    """Holds the network, its metadata and the PCA; ``extract`` turns pixels into Features."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.device = torch.device(settings.device)
+        model, meta = build_model(settings)
+        self.model: DelfModel = model.to(self.device)
+        if self.device.type == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last)  # measured ~15% faster on CPU
+        self.meta: ModelMeta = meta
+        self.pca: PcaArtifact | None = self._load_pca()
+        self._mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1)
+
+    def _load_pca(self) -> PcaArtifact | None:
+        if not self.settings.use_pca:
+            return None
+        meta = self.meta
+        path = self.settings.pca_path or default_pca_path(meta.backbone, meta.local_layer, meta.scoring)
+        if not Path(path).is_file() and self.settings.pca_path is None and meta.scoring == "attention":
+            path = default_pca_path(meta.backbone, meta.local_layer, "norm")
+        if not Path(path).is_file():
+            raise WeightsNotFound(
+                "no PCA for this backbone/layer: fit one with `delf-es fit-pca` or run with use_pca=False", str(path)
+            )
+        pca = PcaArtifact.load(path)
+        pca.check_compatible(meta.backbone, meta.local_layer, meta.local_dim)
+        return pca
+
+    @property
+    def model_id(self) -> str:
+        """e.g. ``efficientnet-lite2.expand-norm-pca40-1a2b3c4d@9656183e``."""
+        meta = self.meta
+        scoring = meta.scoring if not meta.attention_digest else f"attention-{meta.attention_digest}"
+        reduction = self.pca.id if self.pca is not None else f"raw{meta.local_dim}"
+        return f"{meta.backbone}.{meta.local_layer}-{scoring}-{reduction}@{meta.backbone_digest}"
+
+    @property
+    def descriptor_dim(self) -> int:
+        return self.pca.dims if self.pca is not None else self.meta.local_dim
+
+    def extract(self, pixels: np.ndarray, image_id: str) -> Features:
+        """Args: pixels (H, W, 3) uint8 RGB, the original image after EXIF rotation."""
+        raw = self.extract_raw(pixels)
+        descriptors = raw.descriptors
+        if self.pca is not None:
+            descriptors = self.pca.transform(descriptors) if len(descriptors) else np.zeros((0, self.pca.dims), np.float32)
+        return Features(
+            image_id=image_id,
+            model_id=self.model_id,
+            image_size=raw.image_size,
+            keypoints=raw.keypoints,
+            scales=raw.scales,
+            scores=raw.scores,
+            descriptors=descriptors,
+            global_desc=raw.global_desc,
+        )
+
+    @torch.inference_mode()
+    def extract_raw(self, pixels: np.ndarray) -> RawFeatures:
+        check_pixels(pixels)
+        settings = self.settings
+        height, width = pixels.shape[:2]
+        base = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(2, 0, 1)[None].float()
+        longest = max(width, height)
+        if longest > settings.max_image_size:
+            ratio = settings.max_image_size / longest
+            base = _resize(base, max(1, round(height * ratio)), max(1, round(width * ratio)))
+        base_h, base_w = base.shape[-2:]
+        rf = self.meta.receptive_field
+        global_scales = {round(s, 4) for s in settings.global_scales}
+        locations, scales, scores, descriptors, global_sum = [], [], [], [], None
+        for scale in sorted(set(settings.scales) | set(settings.global_scales)):
+            level_h = level_size(base_h * scale, LEVEL_MULTIPLE)
+            level_w = level_size(base_w * scale, LEVEL_MULTIPLE)
+            level = (_resize(base, level_h, level_w) - self._mean) / self._std
+            if self.device.type == "cpu":
+                level = level.contiguous(memory_format=torch.channels_last)
+            out = self.model.forward_level(level, with_global=round(scale, 4) in global_scales)
+            if out.global_ is not None:
+                global_sum = out.global_ if global_sum is None else global_sum + out.global_
+            if scale not in settings.scales:
+                continue
+            keep = out.scores > settings.score_threshold
+            rows, cols = torch.nonzero(keep, as_tuple=True)
+            locations.append(cell_centres(rows, cols, rf, (level_w, level_h), (width, height)))
+            scores.append(out.scores[rows, cols])
+            descriptors.append(out.local[:, rows, cols].T)
+            scales.append(torch.full((len(rows),), scale, device=self.device))
+        all_scores = torch.cat(scores)
+        order = torch.argsort(all_scores, descending=True, stable=True)[: settings.max_feature_num]
+        keypoints = torch.cat(locations)[order].cpu().numpy().astype(np.float32)
+        keypoints[:, 0] = np.clip(keypoints[:, 0], 0, width - 1)
+        keypoints[:, 1] = np.clip(keypoints[:, 1], 0, height - 1)
+        descriptors_np = torch.cat(descriptors)[order].float().cpu().numpy()
+        global_desc = np.zeros(0, np.float32)
+        if global_sum is not None:
+            global_desc = l2_normalise(global_sum.float().cpu().numpy()[None])[0]
+        return RawFeatures(
+            keypoints=keypoints,
+            scales=torch.cat(scales)[order].cpu().numpy().astype(np.float32),
+            scores=all_scores[order].float().cpu().numpy().astype(np.float32),
+            descriptors=l2_normalise(descriptors_np.reshape(-1, self.meta.local_dim)),
+            global_desc=global_desc,
+            image_size=(int(width), int(height)),
+        )
+
+
+def cell_centres(
+    rows: torch.Tensor, cols: torch.Tensor, rf: ReceptiveField, level_size_wh: tuple[int, int], image_size_wh: tuple[int, int]
+) -> torch.Tensor:
+    """Centres of feature-map cells' receptive fields in original-image px.
+
+    Args:
+        rows, cols: (N,) integer cell indices in the local map of one pyramid level.
+        rf: receptive field of the local map, in level px.
+        level_size_wh: (width, height) of the level the network saw, px.
+        image_size_wh: (width, height) of the original image, px.
+    Returns:
+        (N, 2) float32 (x, y), pixel centres at integer coordinates (so the
+        +0.5 / -0.5 around the scaling maps pixel areas, not corners).
+    """
+    (level_w, level_h), (width, height) = level_size_wh, image_size_wh
+    x = (rf.start + cols.float() * rf.jump + 0.5) * (width / level_w) - 0.5
+    y = (rf.start + rows.float() * rf.jump + 0.5) * (height / level_h) - 0.5
+    return torch.stack([x, y], dim=1)
+
+
+def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize of (1, 3, H, W) float; antialiased when shrinking."""
+    if image.shape[-2:] == (height, width):
+        return image
+    shrinking = height < image.shape[-2] or width < image.shape[-1]
+    return F.interpolate(image, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinking)

@@ -1,0 +1,130 @@
+"""The DELF/DELG network: backbone + attention (or norm) scoring + GeM, one forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from delf_es.errors import WeightsNotFound
+from delf_es.model.attention import AttentionHead
+from delf_es.model.backbone import Backbone
+from delf_es.model.pooling import gem, l2n
+from delf_es.model.receptive_field import ReceptiveField
+from delf_es.model.registry import get_preset
+from delf_es.model.weights import PROJECT_WEIGHTS_DIR, file_digest
+from delf_es.settings import Settings
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything needed to interpret the model's outputs; travels with the features.
+
+    Attributes:
+        backbone, local_layer: which activation the local descriptors come from.
+        backbone_digest: content hash of the backbone weight file.
+        scoring: "norm" (descriptor L2 norm) or "attention".
+        attention_digest: hash of the attention head's weights ("" for norm scoring).
+        local_dim, global_dim: channels of the raw local and global descriptors.
+        mean, std: input normalisation on the 0..255 scale.
+        receptive_field: of the local map, in input px of its pyramid level.
+        provenance: where the backbone weights come from.
+    """
+
+    backbone: str
+    local_layer: str
+    backbone_digest: str
+    scoring: str
+    attention_digest: str
+    local_dim: int
+    global_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    receptive_field: ReceptiveField
+    provenance: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LevelOutput:
+    """Outputs of one pyramid level (batch of one image).
+
+    Attributes:
+        local: (C, h, w) raw local descriptors.
+        scores: (h, w) keypoint scores >= 0.
+        global_: (G,) L2-normalised GeM vector, or None if not computed.
+    """
+
+    local: torch.Tensor
+    scores: torch.Tensor
+    global_: torch.Tensor | None
+
+
+def default_attention_path(backbone: str, local_layer: str) -> Path:
+    return PROJECT_WEIGHTS_DIR / f"attention-{backbone}-{local_layer}.pt"
+
+
+class DelfModel(nn.Module):
+    """Backbone with an attention head on the local map and GeM on the deeper map."""
+
+    def __init__(self, backbone: Backbone, attention: AttentionHead | None, gem_p: float = 3.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.attention = attention
+        self.gem_p = gem_p
+
+    @property
+    def scoring(self) -> str:
+        return "attention" if self.attention is not None else "norm"
+
+    def forward_level(self, image: torch.Tensor, with_global: bool) -> LevelOutput:
+        """Args: image (1, 3, H, W) normalised, H and W multiples of 32."""
+        maps = self.backbone(image, with_global=with_global)
+        local = maps.local
+        if self.attention is not None:
+            scores = self.attention(local)[0, 0]
+        else:
+            scores = local[0].norm(dim=0)
+        global_ = None
+        if maps.global_ is not None:
+            global_ = l2n(gem(maps.global_, self.gem_p))[0]
+        return LevelOutput(local=local[0], scores=scores, global_=global_)
+
+
+def build_model(settings: Settings) -> tuple[DelfModel, ModelMeta]:
+    """Build the network and its metadata from settings (weights from installed packages or files)."""
+    preset = get_preset(settings.backbone)
+    local_layer = settings.local_layer or preset.local_layer
+    weights = preset.weights_path(settings.backbone_weights)
+    backbone = preset.build(weights, local_layer)
+    attention, attention_digest = None, ""
+    attention_path = settings.attention_weights or default_attention_path(preset.name, local_layer)
+    want_attention = settings.scoring == "attention" or (settings.scoring == "auto" and Path(attention_path).is_file())
+    if want_attention:
+        if not Path(attention_path).is_file():
+            raise WeightsNotFound("scoring='attention' but no attention head is available", str(attention_path))
+        checkpoint = torch.load(attention_path, map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict", checkpoint)
+        attention = AttentionHead(backbone.local_channels, hidden=state["conv1.weight"].shape[0])
+        attention.load_state_dict(state)
+        attention_digest = file_digest(Path(attention_path))
+    backbone.eval().fold_for_inference()
+    model = DelfModel(backbone, attention).eval()
+    meta = ModelMeta(
+        backbone=preset.name,
+        local_layer=local_layer,
+        backbone_digest=file_digest(Path(weights)),
+        scoring=model.scoring,
+        attention_digest=attention_digest,
+        local_dim=backbone.local_channels,
+        global_dim=backbone.global_channels,
+        mean=tuple(backbone.mean),
+        std=tuple(backbone.std),
+        receptive_field=backbone.receptive_field(),
+        provenance=preset.provenance,
+    )
+    return model, meta
