@@ -1,0 +1,1 @@
+"""Index backends: Elasticsearch (server) and embedded (in-process, on disk)."""

@@ -1,0 +1,147 @@
+"""What every index backend does, and the records it stores and returns.
+
+Both backends (``elasticsearch.py``, ``embedded.py``) implement :class:`Backend` with
+the same semantics, checked by one contract test suite run against each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+from delf_es.errors import ItemFailure
+from delf_es.types import Features
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image as written to the index.
+
+    Attributes:
+        image_id: unique id; writing the same id again replaces the image (never duplicates).
+        path: file path, URL or custom name given at add time.
+        metadata: JSON-able mapping; string values are keyword fields, numbers numeric.
+        features: extracted local + global features (model_id, keypoints, descriptors...).
+        created_at: ISO-8601 UTC timestamp of the write.
+    """
+
+    image_id: str
+    path: str
+    metadata: Mapping[str, Any]
+    features: Features
+    created_at: str
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An indexed image without its descriptors (what ``get`` returns).
+
+    Attributes:
+        width, height: original image size, px.
+        num_keypoints: keypoints stored for it.
+        model_id, pca_id: what produced its features.
+    """
+
+    image_id: str
+    path: str
+    metadata: dict[str, Any]
+    width: int
+    height: int
+    num_keypoints: int
+    model_id: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Approximate nearest database keypoints of a batch of query descriptors.
+
+    Row ``r`` says: query descriptor ``query_index[r]`` is near keypoint
+    ``keypoint_index[r]`` of image ``image_ids[r]`` with cosine ``similarity[r]``.
+
+    Attributes:
+        query_index: (M,) int64, index into the query's descriptors.
+        image_ids: (M,) object array of str.
+        keypoint_index: (M,) int64, index into that image's stored keypoints.
+        similarity: (M,) float32, dot product of unit descriptors, in [-1, 1].
+    """
+
+    query_index: np.ndarray
+    image_ids: np.ndarray
+    keypoint_index: np.ndarray
+    similarity: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "Neighbours":
+        return cls(
+            np.zeros(0, np.int64), np.zeros(0, dtype=object), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        )
+
+    def __len__(self) -> int:
+        return int(len(self.query_index))
+
+
+@dataclass(frozen=True)
+class BulkReport:
+    """Outcome of a bulk write: ids written and each failed item with its error."""
+
+    succeeded: list[str] = field(default_factory=list)
+    failed: list[ItemFailure] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+#: An Elasticsearch query on metadata, e.g. {"term": {"metadata.source": "flickr"}}; the
+#: embedded backend supports the subset term / terms / range / bool(filter, must, must_not).
+MetadataFilter = Mapping[str, Any]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An index of image features.  All methods raise :class:`~delf_es.errors.IndexUnavailable`
+    when the store cannot be reached, never hang past the configured timeout."""
+
+    def upsert(self, records: Iterable[ImageRecord], refresh: bool = False) -> BulkReport:
+        """Write images (replacing any with the same id, keypoints and image document together)."""
+        ...
+
+    def delete(self, image_ids: Iterable[str], refresh: bool = False) -> BulkReport:
+        """Remove images; an unknown id is a failed item, not an exception."""
+        ...
+
+    def get(self, image_id: str) -> StoredImage:
+        """Raises :class:`~delf_es.errors.ImageNotFound` for an unknown id."""
+        ...
+
+    def existing(self, image_ids: Iterable[str]) -> set[str]:
+        """The subset of ``image_ids`` that is indexed."""
+        ...
+
+    def count(self) -> int:
+        """Number of indexed images."""
+        ...
+
+    def knn(self, descriptors: np.ndarray, k: int, metadata_filter: MetadataFilter | None = None) -> Neighbours:
+        """Approximate k nearest database keypoints of each query descriptor, (Q, D) float32 unit rows."""
+        ...
+
+    def global_knn(
+        self, vector: np.ndarray, k: int, metadata_filter: MetadataFilter | None = None
+    ) -> list[tuple[str, float]]:
+        """Images whose global descriptor is nearest to (G,) ``vector``: (image_id, cosine), best first."""
+        ...
+
+    def keypoints(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored keypoint locations, (N, 2) float32 px per image (missing ids are left out)."""
+        ...
+
+    def refresh(self) -> None:
+        """Make all writes visible to search."""
+        ...
+
+    def close(self) -> None:
+        ...
