@@ -1,0 +1,222 @@
+"""Command line: a thin shell around the library (args -> settings -> library -> files)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from delf_es.errors import DelfEsError
+from delf_es.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="delf-es: instance-level image search.")
+console = Console(stderr=True)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+class State:
+    """Settings overrides collected by the top-level options, built once per run."""
+
+    overrides: dict = {}
+
+    @classmethod
+    def settings(cls, **extra) -> Settings:
+        return Settings(**{**cls.overrides, **extra})
+
+
+@app.callback()
+def main(
+    backbone: Optional[str] = typer.Option(None, help="efficientnet-lite2 (default), efficientnet-lite0, mobilenetv2, resnet50"),
+    backbone_weights: Optional[Path] = typer.Option(None, help="state_dict file (required for resnet50)"),
+    scales: Optional[str] = typer.Option(None, help="comma-separated pyramid scales, e.g. 0.5,0.7071,1"),
+    max_features: Optional[int] = typer.Option(None, help="keypoints kept per image (default 1000)"),
+    pca: Optional[Path] = typer.Option(None, help="PCA artifact (default: the shipped one)"),
+    no_pca: bool = typer.Option(False, "--no-pca", help="keep raw descriptors"),
+    device: Optional[str] = typer.Option(None, help="cpu (default) or cuda"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    overrides: dict = {}
+    if backbone:
+        overrides["backbone"] = backbone
+    if backbone_weights:
+        overrides["backbone_weights"] = backbone_weights
+    if scales:
+        overrides["scales"] = tuple(float(s) for s in scales.split(","))
+    if max_features:
+        overrides["max_feature_num"] = max_features
+    if pca:
+        overrides["pca_path"] = pca
+    if no_pca:
+        overrides["use_pca"] = False
+    if device:
+        overrides["device"] = device
+    State.overrides = overrides
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[str]:
+    """Files as given; folders expanded to the images below them (sorted); ``@list.txt`` read line by line."""
+    out: list[str] = []
+    for item in inputs:
+        if item.startswith("@"):
+            out += [line.strip() for line in Path(item[1:]).read_text().splitlines() if line.strip()]
+        elif Path(item).is_dir():
+            out += sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(item)
+    return out
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    )
+
+
+def fail(error: Exception) -> None:
+    console.print(f"[red]error:[/red] {error}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def extract(
+    images: list[str] = typer.Argument(..., help="image files, folders or @list.txt"),
+    out: Path = typer.Option(Path("features"), help="folder for <name>.npz feature files"),
+) -> None:
+    """Extract DELF features of images into compact .npz files."""
+    from delf_es.features import Extractor
+    from delf_es.imageio import load_image
+
+    try:
+        settings = State.settings()
+        extractor = Extractor(settings)
+    except DelfEsError as error:
+        fail(error)
+    paths = expand_inputs(images)
+    failures = 0
+    with progress() as bar:
+        task = bar.add_task("extracting", total=len(paths))
+        for path in paths:
+            try:
+                image = load_image(path, settings)
+                features = extractor.extract(image.pixels, image_id=path)
+                features.save(out / (Path(path).stem + ".npz"))
+            except DelfEsError as error:
+                failures += 1
+                console.print(f"[yellow]skipped[/yellow] {error}")
+            bar.advance(task)
+    console.print(f"{len(paths) - failures} extracted into {out}, {failures} failed; model {extractor.model_id}")
+    if failures:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def match(
+    image_a: str = typer.Argument(...),
+    image_b: str = typer.Argument(...),
+    out: Path = typer.Option(Path("match.png"), help="figure of the verified correspondences"),
+    model: Optional[str] = typer.Option(None, help="homography (default), fundamental or affine"),
+) -> None:
+    """Match two images, verify geometrically and draw the inlier correspondences."""
+    try:
+        result = run_match(image_a, image_b, out, State.settings(**({"ransac_model": model} if model else {})))
+    except DelfEsError as error:
+        fail(error)
+    print(json.dumps(result))
+
+
+def run_match(image_a: str, image_b: str, out: Path, settings: Settings) -> dict:
+    from delf_es.draw import draw_matches
+    from delf_es.features import Extractor
+    from delf_es.imageio import load_image
+    from delf_es.verify import verify
+
+    extractor = Extractor(settings)
+    loaded = [load_image(p, settings) for p in (image_a, image_b)]
+    feats = [extractor.extract(im.pixels, image_id=str(p)) for im, p in zip(loaded, (image_a, image_b))]
+    correspondences = verify(feats[0], feats[1], settings)
+    draw_matches(loaded[0].pixels, loaded[1].pixels, feats[0].keypoints, feats[1].keypoints, correspondences, out)
+    return {
+        "a": image_a,
+        "b": image_b,
+        "keypoints": [f.num_keypoints for f in feats],
+        "matches": int(len(correspondences.matches)),
+        "inliers": correspondences.num_inliers,
+        "model": correspondences.model_kind,
+        "figure": str(out),
+    }
+
+
+@app.command("fit-pca")
+def fit_pca_command(
+    images: list[str] = typer.Argument(..., help="training images (never an evaluation set), folders or @list.txt"),
+    out: Path = typer.Option(..., help="where to write the PCA artifact (.npz, plus a .json summary)"),
+    dims: int = typer.Option(40, help="output dimensions"),
+    fitted_on: str = typer.Option("", help="what the images are, recorded in the artifact"),
+    max_per_image: int = typer.Option(1000, help="keypoints taken from each image"),
+) -> None:
+    """Fit the L2 -> PCA -> L2 reduction on descriptors of the given images."""
+    import numpy as np
+
+    from delf_es.features import Extractor
+    from delf_es.imageio import load_image
+    from delf_es.pca import PcaProvenance, fit_pca
+
+    settings = State.settings(use_pca=False, max_feature_num=max_per_image)
+    try:
+        extractor = Extractor(settings)
+    except DelfEsError as error:
+        fail(error)
+    paths = expand_inputs(images)
+    chunks, used = [], 0
+    with progress() as bar:
+        task = bar.add_task("extracting", total=len(paths))
+        for path in paths:
+            try:
+                chunks.append(extractor.extract_raw(load_image(path, settings).pixels).descriptors)
+                used += 1
+            except DelfEsError as error:
+                console.print(f"[yellow]skipped[/yellow] {error}")
+            bar.advance(task)
+    descriptors = np.concatenate(chunks) if chunks else np.zeros((0, extractor.meta.local_dim), np.float32)
+    provenance = PcaProvenance(
+        backbone=extractor.meta.backbone,
+        local_layer=extractor.meta.local_layer,
+        scoring=extractor.meta.scoring,
+        fitted_on=fitted_on or f"{used} images",
+        num_images=used,
+        num_descriptors=int(len(descriptors)),
+        command="delf-es " + " ".join(sys.argv[1:]) if sys.argv else "",
+    )
+    try:
+        artifact = fit_pca(descriptors, dims, provenance)
+    except ValueError as error:
+        fail(error)
+    artifact.save(out)
+    kept = float(artifact.explained_variance.sum())
+    console.print(f"PCA {artifact.id}: {len(descriptors)} descriptors from {used} images, variance kept {kept:.3f} -> {out}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("out"), help="folder for the demo's outputs")) -> None:
+    """The main job on bundled photos: extract, match and draw (no server needed)."""
+    from delf_es.samples import sample_pair
+
+    a, b = sample_pair()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run_match(str(a), str(b), out / "demo_matches.png", State.settings())
+    except DelfEsError as error:
+        fail(error)
+    console.print(f"{result['inliers']} verified correspondences -> {result['figure']}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,16 @@
+"""Sample photos that ship with installed packages (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from delf_es.model.weights import package_file
+
+
+def sample_pair() -> tuple[Path, Path]:
+    """Two views of one scene: the Middlebury 2014 'motorcycle' stereo pair shipped
+    in scikit-image's data folder (see scikit-image's data/README.txt for its licence)."""
+    return (
+        package_file("skimage", "data/motorcycle_left.png"),
+        package_file("skimage", "data/motorcycle_right.png"),
+    )

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, as README.md and .ci/run call it.  Installs the package with its
+# test extras; integration tests start Elasticsearch and Redis themselves through
+# scripts/services.sh (installing them on first use) and stop what they started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q -e ".[test]"
+# Settings read DELF_ES_* variables: a user's own server settings must not leak into tests.
+for var in $(env | grep -o '^DELF_ES_[A-Z_]*' | grep -v -e SERVICES_HOME -e _PORT -e _HEAP -e JAVA || true); do
+  unset "$var"
+done
+set +e
+python3 -m pytest -q -p no:cacheprovider "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: treating as a failure" >&2
+  exit 1
+fi
+exit "$status"

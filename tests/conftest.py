@@ -1,0 +1,42 @@
+"""Shared fixtures.  Model fixtures are session-scoped: building a backbone takes seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared(path: str) -> Path:
+    """A file of ../shared/data; skips the test when the folder is absent (e.g. a user's checkout)."""
+    full = SHARED_DATA / path
+    if not full.exists():
+        pytest.skip(f"shared data not available: {full}")
+    return full
+
+
+@pytest.fixture(scope="session")
+def extractor():
+    from delf_es.features import Extractor
+    from delf_es.settings import Settings
+
+    return Extractor(Settings())
+
+
+@pytest.fixture(scope="session")
+def raw_extractor():
+    from delf_es.features import Extractor
+    from delf_es.settings import Settings
+
+    return Extractor(Settings(use_pca=False, scales=(0.5, 1.0), global_scales=(1.0,)))
+
+
+@pytest.fixture()
+def photo() -> np.ndarray:
+    """A real photo (scikit-image's 'coffee', 600x400) as (H, W, 3) uint8."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.coffee())
