@@ -203,6 +203,122 @@ def fit_pca_command(
     console.print(f"PCA {artifact.id}: {len(descriptors)} descriptors from {used} images, variance kept {kept:.3f} -> {out}")
 
 
+def engine():
+    from delf_es.sdk import DelfEs
+
+    return DelfEs(State.settings())
+
+
+@app.command()
+def index(
+    inputs: list[str] = typer.Argument(..., help="image files, folders, URLs or @list.txt"),
+    metadata: Optional[str] = typer.Option(None, help="JSON object stored with every image"),
+    reindex: bool = typer.Option(False, "--reindex", help="re-extract images that are already indexed"),
+) -> None:
+    """Index images (resumable: ids already in the index are skipped)."""
+    extra = json.loads(metadata) if metadata else None
+    paths = expand_inputs(inputs)
+    with engine() as sdk:
+        try:
+            report = sdk.bulk_add([(p, extra) if extra else p for p in paths], skip_existing=not reindex)
+        except DelfEsError as error:
+            fail(error)
+        for failure in report.failed:
+            console.print(f"[yellow]failed[/yellow] {failure.item_id}: {failure.error}")
+        skipped = len(paths) - len(report.succeeded) - len(report.failed)
+        console.print(f"{len(report.succeeded)} indexed, {skipped} already there, {len(report.failed)} failed; "
+                      f"{sdk.count()} images in the index")
+    if report.failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def search(
+    image: str = typer.Argument(..., help="query image path or URL"),
+    limit: int = typer.Option(10),
+    pre_filter: Optional[str] = typer.Option(None, "--filter", help="Elasticsearch query on metadata, as JSON"),
+    all_orientations: bool = typer.Option(False, "--all-orientations"),
+    show: Optional[Path] = typer.Option(None, help="draw the query beside its top hits with match lines"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Search the index with an image; prints a ranked table."""
+    from rich.table import Table
+
+    with engine() as sdk:
+        try:
+            hits = sdk.search_image(image, all_orientations=all_orientations, limit=limit,
+                                    pre_filter=json.loads(pre_filter) if pre_filter else None)
+            if show is not None:
+                draw_search(sdk, image, hits, show)
+        except DelfEsError as error:
+            fail(error)
+    if as_json:
+        print(json.dumps(hits, indent=2))
+        return
+    table = Table(title=f"{len(hits)} matches for {image}")
+    for column in ("rank", "id", "inliers", "votes", "dist", "metadata"):
+        table.add_column(column)
+    for rank, hit in enumerate(hits, 1):
+        table.add_row(str(rank), hit["id"], str(hit["inliers"]), str(hit["votes"]), f"{hit['dist']:.3f}",
+                      json.dumps(hit["metadata"])[:60])
+    Console().print(table)
+
+
+def draw_search(sdk, query_path: str, hits: list[dict], out: Path, top: int = 3) -> Path:
+    """Query beside each of its top hits, verified correspondences drawn, stacked vertically."""
+    import numpy as np
+    from PIL import Image
+
+    from delf_es.draw import draw_matches
+    from delf_es.verify import verify
+
+    _, query = sdk.load(query_path, None, False)
+    query_features = sdk.extractor.extract(query.pixels, "<query>")
+    panels = []
+    for hit in hits[:top]:
+        _, image = sdk.load(hit["path"], None, False)
+        features = sdk.extractor.extract(image.pixels, hit["id"])
+        panel = out.with_suffix(f".{len(panels)}.png")
+        draw_matches(query.pixels, image.pixels, query_features.keypoints, features.keypoints,
+                     verify(query_features, features, sdk.settings), panel)
+        panels.append(Image.open(panel).convert("RGB"))
+        panel.unlink()
+    if not panels:
+        panels = [Image.fromarray(query.pixels)]
+    width = max(p.width for p in panels)
+    sheet = Image.new("RGB", (width, sum(p.height for p in panels)), "white")
+    y = 0
+    for panel in panels:
+        sheet.paste(panel, (0, y))
+        y += panel.height
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+@app.command()
+def delete(image_id: str = typer.Argument(...)) -> None:
+    """Remove an image from the index."""
+    with engine() as sdk:
+        try:
+            sdk.delete_image(image_id, refresh_after=True)
+        except DelfEsError as error:
+            fail(error)
+    console.print(f"deleted {image_id}")
+
+
+@app.command()
+def stats() -> None:
+    """Index size and the model that produced it."""
+    with engine() as sdk:
+        try:
+            info = {"backend": type(sdk.backend).__name__, "images": sdk.count(), "model_id": sdk.model_id,
+                    "index": sdk.settings.es_url or str(sdk.settings.data_dir / sdk.settings.index_alias)}
+        except DelfEsError as error:
+            fail(error)
+    print(json.dumps(info, indent=2))
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("out"), help="folder for the demo's outputs")) -> None:
     """The main job on bundled photos: extract, match and draw (no server needed)."""

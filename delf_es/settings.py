@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     ransac_max_iters: int = Field(default=2000, gt=0)
     ransac_seed: int = 0
 
+    # --- search -------------------------------------------------------------------
+    shortlist_mode: str = Field(default="local", description="'local' (keypoint votes), 'global' (DELG) or 'hybrid'")
+    shortlist_size: int = Field(default=100, ge=1, description="images verified per query")
+    knn_k: int = Field(default=10, ge=1, description="database keypoints fetched per query descriptor")
+    knn_min_similarity: float = Field(default=0.595, ge=-1, le=1, description="cosine; 0.595 = L2 0.9 between unit vectors")
+    query_max_descriptors: int = Field(default=1000, ge=1, description="strongest query keypoints used for kNN")
+    min_inliers: int = Field(default=12, ge=0, description="verified inliers for a hit to count as a match")
+
     # --- index and services -----------------------------------------------------
     es_url: str | None = None
     redis_url: str | None = None
@@ -80,6 +88,13 @@ class Settings(BaseSettings):
     def _scoring_known(cls, value: str) -> str:
         if value not in ("auto", "attention", "norm"):
             raise ValueError("scoring must be 'auto', 'attention' or 'norm'")
+        return value
+
+    @field_validator("shortlist_mode")
+    @classmethod
+    def _shortlist_known(cls, value: str) -> str:
+        if value not in ("local", "global", "hybrid"):
+            raise ValueError("shortlist_mode must be 'local', 'global' or 'hybrid'")
         return value
 
     @field_validator("ransac_model")

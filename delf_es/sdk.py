@@ -1,0 +1,331 @@
+"""The public entry point, in the idiom of image-match's ``SignatureES`` so its users can switch.
+
+    from delf_es import DelfEs
+    engine = DelfEs()                                  # embedded index under ~/.local/share/delf-es
+    engine.add_image("photos/eiffel.jpg", metadata={"city": "paris"})
+    engine.search_image("query.jpg")                   # [{'id', 'path', 'score', 'dist', 'metadata', 'inliers', ...}]
+
+With ``DELF_ES_ES_URL`` (and optionally ``DELF_ES_REDIS_URL``) set, the same calls go to
+Elasticsearch (and cache keypoint locations in Redis).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache
+from delf_es.errors import DelfEsError, ItemFailure
+from delf_es.imageio import LoadedImage, load_image, load_image_from_url
+from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
+from delf_es.search import Searcher
+from delf_es.settings import Settings
+from delf_es.types import Features, SearchHit
+
+log = logging.getLogger(__name__)
+
+#: Elasticsearch's limit on document ids; longer names are refused rather than silently hashed.
+MAX_ID_BYTES = 512
+
+
+class InvalidRequest(DelfEsError, ValueError):
+    """Arguments that cannot describe an image or its metadata."""
+
+
+def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
+    """Elasticsearch when ``es_url`` is set, else the embedded on-disk index."""
+    if settings.es_url:
+        from delf_es.index.elasticsearch import ElasticsearchBackend
+
+        return ElasticsearchBackend(settings, model_id=model_id)
+    from delf_es.index.embedded import EmbeddedBackend
+
+    return EmbeddedBackend(Path(settings.data_dir) / settings.index_alias, model_id=model_id)
+
+
+def open_cache(settings: Settings) -> LocationCache:
+    return RedisLocationCache(settings.redis_url) if settings.redis_url else MemoryLocationCache()
+
+
+class DelfEs:
+    """Add, search, get and delete images.  Build once and reuse: it holds the model."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        backend: Backend | None = None,
+        cache: LocationCache | None = None,
+        extractor: Any = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self._extractor = extractor
+        self._backend = backend
+        self.cache = cache or open_cache(self.settings)
+
+    # ------------------------------------------------------------------ parts, built lazily
+
+    @property
+    def extractor(self):
+        if self._extractor is None:
+            from delf_es.features import Extractor
+
+            self._extractor = Extractor(self.settings)
+        return self._extractor
+
+    @property
+    def model_id(self) -> str:
+        return self.extractor.model_id
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = open_backend(self.settings, model_id=self.model_id)
+        return self._backend
+
+    def searcher(self) -> Searcher:
+        return Searcher(self.backend, self.cache, self.settings, self.model_id)
+
+    # ------------------------------------------------------------------ image-match API
+
+    def add_image(
+        self,
+        path: str | bytes,
+        img: str | bytes | None = None,
+        bytestream: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        refresh_after: bool = False,
+    ) -> str:
+        """Index one image and return its id (the stored name).
+
+        Args:
+            path: file path or http(s) URL of the image; with ``img`` given, the name it is
+                stored under; with ``bytestream=True`` and no ``img``, the raw bytes.
+            img: the image itself: a path/URL, or raw bytes when ``bytestream=True``.
+            metadata: JSON-able mapping stored with the image and usable in ``pre_filter``.
+            refresh_after: make the image searchable before returning.
+        Re-adding an id replaces the image; it never duplicates.
+        """
+        name, image = self.load(path, img, bytestream)
+        features = self.extractor.extract(image.pixels, image_id=name)
+        return self.add_features(features, path=name, metadata=metadata, refresh_after=refresh_after)
+
+    def add_features(
+        self, features: Features, path: str | None = None, metadata: Mapping[str, Any] | None = None,
+        refresh_after: bool = False,
+    ) -> str:
+        """Index precomputed features (their ``image_id`` is the id)."""
+        record = ImageRecord(
+            image_id=_check_id(features.image_id),
+            path=path or features.image_id,
+            metadata=_check_metadata(metadata),
+            features=features,
+            created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        )
+        report = self.backend.upsert([record], refresh=refresh_after)
+        if not report.ok:
+            raise InvalidRequest(f"{record.image_id}: {report.failed[0].error}")
+        self.cache.put_many(features.model_id, {record.image_id: features.keypoints})
+        return record.image_id
+
+    def search_image(
+        self,
+        path: str | bytes,
+        all_orientations: bool = False,
+        bytestream: bool = False,
+        pre_filter: MetadataFilter | None = None,
+        limit: int = 10,
+        min_inliers: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Images showing the same object or place as the query, best first.
+
+        Returns dicts with ``id``, ``path``, ``score`` (verified inliers), ``dist`` (share of
+        the query's keypoints without a verified match: 0 = all, 1 = none), ``metadata``,
+        ``inliers``, ``votes`` and ``global_similarity``; only hits with at least
+        ``min_inliers`` (default: settings) verified inliers are matches.
+        """
+        _, image = self.load(path, None, bytestream)
+        pixels = [image.pixels] if not all_orientations else _orientations(image.pixels)
+        best: dict[str, tuple[SearchHit, int]] = {}
+        for variant in pixels:
+            query = self.extractor.extract(variant, image_id="<query>")
+            for hit in self.searcher().search(query, metadata_filter=pre_filter):
+                if hit.image_id not in best or hit.inliers > best[hit.image_id][0].inliers:
+                    best[hit.image_id] = (hit, query.num_keypoints)
+        threshold = self.settings.min_inliers if min_inliers is None else min_inliers
+        hits = sorted(best.values(), key=lambda p: (-p[0].inliers, -p[0].votes, p[0].image_id))
+        hits = [(h, n) for h, n in hits if h.inliers >= threshold][:limit]
+        stored = {i: self._get_or_none(i) for i in (h.image_id for h, _ in hits)}
+        return [_result(h, n, stored[h.image_id]) for h, n in hits if stored[h.image_id] is not None]
+
+    def search_features(self, query: Features, pre_filter: MetadataFilter | None = None, limit: int | None = None) -> list[SearchHit]:
+        """The full ranked shortlist for precomputed query features (evaluation uses this)."""
+        return self.searcher().search(query, limit=limit, metadata_filter=pre_filter)
+
+    def get_image(self, image_id: str) -> dict[str, Any]:
+        """Stored fields of one image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
+        return _stored_dict(self.backend.get(image_id))
+
+    def delete_image(self, image_id: str, refresh_after: bool = False) -> None:
+        """Remove an image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
+        from delf_es.errors import ImageNotFound
+
+        report = self.backend.delete([image_id], refresh=refresh_after)
+        self.cache.delete(self.model_id, [image_id])
+        if not report.ok:
+            raise ImageNotFound(image_id)
+
+    def bulk_add(
+        self,
+        items: Iterable[str | tuple[str, Mapping[str, Any]] | Mapping[str, Any]],
+        progress: bool = True,
+        skip_existing: bool = False,
+        refresh_after: bool = True,
+        batch_size: int = 16,
+    ) -> BulkReport:
+        """Index many images.  Items are paths/URLs, ``(path, metadata)`` pairs or dicts with
+        ``path`` (and ``img``, ``bytestream``, ``metadata``).  Bad items are reported, never raised."""
+        from tqdm import tqdm
+
+        items = list(items)
+        succeeded: list[str] = []
+        failed: list[ItemFailure] = []
+        existing: set[str] = set()
+        if skip_existing:
+            names = [_item_fields(i)["path"] for i in items]
+            existing = self.backend.existing([n for n in names if isinstance(n, str)])
+        batch: list[ImageRecord] = []
+
+        def flush() -> None:
+            if batch:
+                report = self.backend.upsert(batch, refresh=False)
+                succeeded.extend(report.succeeded)
+                failed.extend(report.failed)
+                written = set(report.succeeded)
+                self.cache.put_many(self.model_id, {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
+                batch.clear()
+
+        for item in tqdm(items, disable=not progress, desc="indexing", unit="img"):
+            fields = _item_fields(item)
+            label = fields["path"] if isinstance(fields["path"], str) else "<bytes>"
+            if label in existing:
+                continue
+            try:
+                name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
+                features = self.extractor.extract(image.pixels, image_id=name)
+                batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features,
+                                         datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")))
+            except DelfEsError as error:
+                failed.append(ItemFailure(item_id=label, error=str(error)))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        if refresh_after:
+            self.backend.refresh()
+        return BulkReport(succeeded=succeeded, failed=failed)
+
+    def count(self) -> int:
+        return self.backend.count()
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+        close = getattr(self.cache, "close", None)
+        if close:
+            close()
+
+    def __enter__(self) -> "DelfEs":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def load(self, path: str | bytes, img: str | bytes | None, bytestream: bool) -> tuple[str, LoadedImage]:
+        """(stored name, decoded image) from image-match style arguments."""
+        if bytestream:
+            data = img if img is not None else path
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise InvalidRequest("bytestream=True needs the image as bytes")
+            name = path if img is not None and isinstance(path, str) else "sha1:" + hashlib.sha1(bytes(data)).hexdigest()
+            return _check_id(name), load_image(bytes(data), self.settings, name=name)
+        source = img if img is not None else path
+        if not isinstance(source, (str, Path)) or not isinstance(path, (str, Path)):
+            raise InvalidRequest("path must be a file path or URL (or pass bytestream=True for bytes)")
+        name = str(path)
+        source = str(source)
+        if "://" in source:
+            return _check_id(name), load_image_from_url(source, self.settings)
+        return _check_id(name), load_image(source, self.settings)
+
+    def _get_or_none(self, image_id: str) -> StoredImage | None:
+        from delf_es.errors import ImageNotFound
+
+        try:
+            return self.backend.get(image_id)
+        except ImageNotFound:  # deleted between search and get
+            return None
+
+
+def _item_fields(item: Any) -> dict[str, Any]:
+    if isinstance(item, (str, Path)):
+        return {"path": str(item)}
+    if isinstance(item, tuple) and len(item) == 2:
+        return {"path": str(item[0]), "metadata": item[1]}
+    if isinstance(item, Mapping) and "path" in item:
+        return dict(item)
+    return {"path": repr(item)[:80], "img": None, "invalid": True}
+
+
+def _check_id(name: str) -> str:
+    if not name or len(name.encode()) > MAX_ID_BYTES:
+        raise InvalidRequest(f"image id must be 1..{MAX_ID_BYTES} bytes, got {len(name.encode())}")
+    return name
+
+
+def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) and k for k in metadata):
+        raise InvalidRequest("metadata must be a mapping with non-empty string keys")
+    try:
+        return json.loads(json.dumps(dict(metadata)))
+    except (TypeError, ValueError) as error:
+        raise InvalidRequest(f"metadata must be JSON-serialisable: {error}") from error
+
+
+def _orientations(pixels: np.ndarray) -> list[np.ndarray]:
+    """The 8 orientations (4 rotations x mirror), the original first."""
+    out = []
+    for mirrored in (pixels, pixels[:, ::-1]):
+        for turns in range(4):
+            out.append(np.ascontiguousarray(np.rot90(mirrored, turns)))
+    return out
+
+
+def _stored_dict(stored: StoredImage) -> dict[str, Any]:
+    return {
+        "id": stored.image_id, "path": stored.path, "metadata": stored.metadata, "width": stored.width,
+        "height": stored.height, "num_keypoints": stored.num_keypoints, "model_id": stored.model_id,
+        "created_at": stored.created_at,
+    }
+
+
+def _result(hit: SearchHit, query_keypoints: int, stored: StoredImage) -> dict[str, Any]:
+    return {
+        "id": hit.image_id,
+        "path": stored.path,
+        "score": float(hit.inliers or 0),
+        "dist": 1.0 - min(1.0, (hit.inliers or 0) / max(1, query_keypoints)),
+        "metadata": stored.metadata,
+        "inliers": int(hit.inliers or 0),
+        "votes": int(hit.votes),
+        "global_similarity": None if np.isnan(hit.global_similarity) else float(hit.global_similarity),
+    }

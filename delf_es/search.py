@@ -1,0 +1,150 @@
+"""Query features -> shortlist -> geometric verification -> ranked hits.
+
+1. shortlist (``shortlist_mode``):
+   - ``local``: batched approximate kNN of the query's strongest descriptors; every database
+     keypoint within ``knn_min_similarity`` votes for its image (one vote per query keypoint);
+   - ``global``: nearest global (DELG GeM) descriptors;
+   - ``hybrid``: the two rankings interleaved;
+2. keypoint locations of the shortlisted images from the cache (misses read from the index
+   and written back);
+3. the kNN pairs (query keypoint, database keypoint) of each image, made one-to-one, go
+   through RANSAC; images are ranked by inliers, then votes, then global similarity.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from delf_es.cache import LocationCache
+from delf_es.index.base import Backend, MetadataFilter, Neighbours
+from delf_es.settings import Settings
+from delf_es.types import Features, SearchHit
+from delf_es.verify import estimate_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Candidate:
+    votes: int = 0
+    global_similarity: float = float("nan")
+    query_index: list[np.ndarray] = field(default_factory=list)
+    keypoint_index: list[np.ndarray] = field(default_factory=list)
+    similarity: list[np.ndarray] = field(default_factory=list)
+
+
+class Searcher:
+    """Runs the search pipeline against any :class:`Backend` and :class:`LocationCache`."""
+
+    def __init__(self, backend: Backend, cache: LocationCache, settings: Settings, model_id: str) -> None:
+        self.backend = backend
+        self.cache = cache
+        self.settings = settings
+        self.model_id = model_id
+
+    def search(
+        self, query: Features, limit: int | None = None, metadata_filter: MetadataFilter | None = None
+    ) -> list[SearchHit]:
+        """Ranked hits, best first: every shortlisted image, verified (``inliers`` set)."""
+        s = self.settings
+        candidates: dict[str, _Candidate] = defaultdict(_Candidate)
+        descriptors = query.descriptors[: s.query_max_descriptors]
+        local_order: list[str] = []
+        if s.shortlist_mode in ("local", "hybrid") and len(descriptors):
+            self._collect(self.backend.knn(descriptors, s.knn_k, metadata_filter), candidates)
+            local_order = sorted(
+                candidates,
+                key=lambda i: (-candidates[i].votes, -float(sum(x.sum() for x in candidates[i].similarity)), i),
+            )
+        global_order: list[str] = []
+        if s.shortlist_mode in ("global", "hybrid") and query.global_desc.size:
+            for image_id, similarity in self.backend.global_knn(query.global_desc, s.shortlist_size, metadata_filter):
+                candidates[image_id].global_similarity = similarity
+                global_order.append(image_id)
+        shortlist = _interleave([local_order, global_order], s.shortlist_size)
+        without_pairs = [i for i in shortlist if not candidates[i].query_index]
+        if without_pairs and len(descriptors):
+            restricted = self.backend.knn(descriptors, s.knn_k, metadata_filter, image_ids=without_pairs)
+            self._collect(restricted, candidates, count_votes=True)
+        locations = self._locations(shortlist)
+        hits = []
+        for image_id in shortlist:
+            candidate = candidates[image_id]
+            inliers = self._verify(query, candidate, locations.get(image_id))
+            hits.append(SearchHit(image_id=image_id, score=float(inliers), inliers=inliers,
+                                  votes=candidate.votes, global_similarity=candidate.global_similarity))
+        hits.sort(key=lambda h: (-h.inliers, -h.votes, -np.nan_to_num(h.global_similarity, nan=-2.0), h.image_id))
+        return hits[:limit] if limit else hits
+
+    def _collect(self, neighbours: Neighbours, candidates: dict[str, _Candidate], count_votes: bool = True) -> None:
+        keep = neighbours.similarity >= self.settings.knn_min_similarity
+        if not keep.any():
+            return
+        image_ids = neighbours.image_ids[keep]
+        query_index = neighbours.query_index[keep]
+        keypoint_index = neighbours.keypoint_index[keep]
+        similarity = neighbours.similarity[keep]
+        order = np.argsort(image_ids, kind="stable")
+        boundaries = np.flatnonzero(image_ids[order][1:] != image_ids[order][:-1]) + 1
+        for group in np.split(order, boundaries):
+            candidate = candidates[str(image_ids[group[0]])]
+            candidate.query_index.append(query_index[group])
+            candidate.keypoint_index.append(keypoint_index[group])
+            candidate.similarity.append(similarity[group])
+            if count_votes:
+                candidate.votes += int(len(np.unique(query_index[group])))
+
+    def _locations(self, image_ids: list[str]) -> dict[str, np.ndarray]:
+        found = self.cache.get_many(self.model_id, image_ids)
+        missing = [i for i in image_ids if i not in found]
+        if missing:
+            fetched = self.backend.keypoints(missing)
+            self.cache.put_many(self.model_id, fetched)
+            found.update(fetched)
+        return found
+
+    def _verify(self, query: Features, candidate: _Candidate, locations: np.ndarray | None) -> int:
+        if locations is None or not candidate.query_index:
+            return 0
+        q_idx, db_idx = one_to_one(
+            np.concatenate(candidate.query_index), np.concatenate(candidate.keypoint_index),
+            np.concatenate(candidate.similarity),
+        )
+        valid = db_idx < len(locations)
+        q_idx, db_idx = q_idx[valid], db_idx[valid]
+        s = self.settings
+        _, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
+                                 s.ransac_confidence, s.ransac_max_iters, s.ransac_seed)
+        return int(mask.sum())
+
+
+def one_to_one(query_index: np.ndarray, keypoint_index: np.ndarray, similarity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one pairs, most similar first: each query keypoint keeps its best database
+    keypoint, then each database keypoint its best query keypoint (kNN returns several
+    candidates per keypoint, and repeated points would bias RANSAC)."""
+    order = np.argsort(-similarity, kind="stable")
+    q, d = query_index[order], keypoint_index[order]
+    _, first = np.unique(q, return_index=True)
+    first.sort()
+    q, d = q[first], d[first]
+    _, first = np.unique(d, return_index=True)
+    first.sort()
+    return q[first], d[first]
+
+
+def _interleave(rankings: list[list[str]], size: int) -> list[str]:
+    """Round-robin merge of rankings without duplicates, up to ``size`` ids."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for position in range(max((len(r) for r in rankings), default=0)):
+        for ranking in rankings:
+            if position < len(ranking) and ranking[position] not in seen:
+                seen.add(ranking[position])
+                out.append(ranking[position])
+                if len(out) == size:
+                    return out
+    return out
