@@ -1,4 +1,5 @@
-"""Shared fixtures for integration tests against real Elasticsearch and Redis.
+"""The ``services`` fixture: real Elasticsearch and Redis for integration tests (a pytest plugin
+loaded by tests/conftest.py, so every test folder can use it).
 
 Use the session-scoped ``services`` fixture in any test marked
 ``@pytest.mark.integration``::
@@ -12,8 +13,8 @@ It runs ``scripts/services.sh start`` once per test session (installing
 Elasticsearch and Redis on first use, which can take a minute or two), and at
 the end of the session stops only the services that *it* started: services that
 were already running (e.g. started by hand for a dev loop) are left running.
-While the session runs, ``DELF_ES_ES_URL`` and ``DELF_ES_REDIS_URL`` are set so
-that ``delf_es.settings.Settings()`` picks the services up.
+Tests pass the URLs explicitly (``Settings(es_url=services.es_url, ...)``): the
+environment is left alone, so other tests keep the embedded default.
 
 If the services cannot be started the fixture fails (it never skips), with the
 script's output in the failure message.
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICES_SCRIPT = REPO_ROOT / "scripts" / "services.sh"
 
 # A cold start downloads ~130 MB of Elasticsearch and may apt-get install Redis;
@@ -105,13 +106,9 @@ def services() -> Iterator[Services]:
         pytest.fail(f"scripts/services.sh start did not print {missing}, {_describe(proc)}", pytrace=False)
     started = tuple(name for name in _SERVICE_NAMES if values.get(f"DELF_ES_{name.upper()}_STARTED") == "yes")
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DELF_ES_ES_URL", es_url)
-    mp.setenv("DELF_ES_REDIS_URL", redis_url)
     try:
         yield Services(es_url=es_url, redis_url=redis_url, started_by_session=started)
     finally:
-        mp.undo()
         # Under pytest-xdist every worker has its own session: the worker that
         # started the services could stop them while the others still test.
         keep = os.environ.get("DELF_ES_KEEP_SERVICES") == "1" or "PYTEST_XDIST_WORKER" in os.environ
