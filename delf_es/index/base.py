@@ -125,8 +125,18 @@ class Backend(Protocol):
         """Number of indexed images."""
         ...
 
-    def knn(self, descriptors: np.ndarray, k: int, metadata_filter: MetadataFilter | None = None) -> Neighbours:
-        """Approximate k nearest database keypoints of each query descriptor, (Q, D) float32 unit rows."""
+    def knn(
+        self,
+        descriptors: np.ndarray,
+        k: int,
+        metadata_filter: MetadataFilter | None = None,
+        image_ids: Iterable[str] | None = None,
+    ) -> Neighbours:
+        """Approximate k nearest database keypoints of each query descriptor, (Q, D) float32 unit rows.
+
+        ``image_ids`` restricts the search to those images (used to get correspondences
+        for images shortlisted by the global descriptor); ``None`` means all images.
+        """
         ...
 
     def global_knn(
