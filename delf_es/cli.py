@@ -319,19 +319,72 @@ def stats() -> None:
     print(json.dumps(info, indent=2))
 
 
-@app.command()
-def demo(out: Path = typer.Option(Path("out"), help="folder for the demo's outputs")) -> None:
-    """The main job on bundled photos: extract, match and draw (no server needed)."""
-    from delf_es.samples import sample_pair
+@app.command("eval")
+def eval_command(
+    gt_json: Path = typer.Argument(..., help="ground truth in the paris250 gt.json format"),
+    distractors: list[Path] = typer.Option([], "--distractors", help="folders of extra negatives"),
+    backend: str = typer.Option("embedded", help="embedded or elasticsearch (uses DELF_ES_ES_URL / --es-url)"),
+    es_url: Optional[str] = typer.Option(None, help="Elasticsearch URL for --backend elasticsearch"),
+    config: Optional[Path] = typer.Option(None, help="JSON file of settings overrides (a search configuration)"),
+    label: str = typer.Option("delf-es", help="name of this run in the results"),
+    out: Path = typer.Option(Path("benchmarks/results/eval"), help="folder for JSON and plots"),
+    cache: Optional[Path] = typer.Option(None, help="feature cache folder (default: <data_dir>/features)"),
+    figures: bool = typer.Option(True, help="write the AP plot and the worst-queries figure"),
+) -> None:
+    """Evaluate retrieval on a gt.json set: mAP (Revisited Oxford/Paris), R@1/5/10, timings."""
+    from delf_es.eval.gt import load_ground_truth
+    from delf_es.eval.plots import ap_bars, worst_queries
+    from delf_es.eval.run import evaluate
 
-    a, b = sample_pair()
-    out.mkdir(parents=True, exist_ok=True)
+    extra = json.loads(config.read_text()) if config else {}
+    if backend == "elasticsearch":
+        extra["es_url"] = es_url or State.settings().es_url
+        if not extra["es_url"]:
+            fail(ValueError("--backend elasticsearch needs --es-url or DELF_ES_ES_URL"))
+    elif backend == "embedded":
+        extra["es_url"] = None
+    else:
+        fail(ValueError("--backend is embedded or elasticsearch"))
+    settings = State.settings(**extra)
     try:
-        result = run_match(str(a), str(b), out / "demo_matches.png", State.settings())
+        result = evaluate(gt_json, distractors, settings, out, cache or settings.data_dir / "features", label=label)
+        if figures:
+            ap_bars(result, out / f"{label}-ap.png")
+            from delf_es.features import Extractor
+
+            worst_queries(result, load_ground_truth(gt_json), settings, Extractor(settings), out / f"{label}-worst.png")
     except DelfEsError as error:
         fail(error)
-    console.print(f"{result['inliers']} verified correspondences -> {result['figure']}")
-    print(json.dumps(result))
+    summary = {k: result[k] for k in ("label", "mAP", "R@1", "R@5", "R@10", "extract_s_per_image_median",
+                                       "search_ms_median", "model_id")}
+    print(json.dumps(summary, indent=2))
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("out"), help="folder for the demo's index and figures")) -> None:
+    """The main job on bundled photos, no server needed: index scikit-image's sample photos into an
+    embedded index, search with another view of one of them, draw the verified matches."""
+    from delf_es.sdk import DelfEs
+    from delf_es.samples import database_photos, sample_pair
+
+    out.mkdir(parents=True, exist_ok=True)
+    settings = State.settings(es_url=None, redis_url=None, data_dir=out / "index")
+    _, query = sample_pair()
+    try:
+        with DelfEs(settings) as sdk:
+            report = sdk.bulk_add([str(p) for p in database_photos()], skip_existing=True)
+            hits = sdk.search_image(str(query), limit=5)
+            figure = draw_search(sdk, str(query), hits, out / "demo_search.png", top=1)
+            count = sdk.count()
+    except DelfEsError as error:
+        fail(error)
+    console.print(f"indexed {len(report.succeeded)} new photos ({count} in {settings.data_dir}); "
+                  f"query {query.name}:")
+    for rank, hit in enumerate(hits, 1):
+        console.print(f"  {rank}. {Path(hit['id']).name}  inliers={hit['inliers']}  votes={hit['votes']}")
+    console.print(f"figure: {figure}")
+    print(json.dumps({"query": str(query), "hits": [{k: h[k] for k in ("id", "inliers", "dist")} for h in hits],
+                      "figure": str(figure)}))
 
 
 if __name__ == "__main__":  # pragma: no cover

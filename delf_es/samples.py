@@ -14,3 +14,12 @@ def sample_pair() -> tuple[Path, Path]:
         package_file("skimage", "data/motorcycle_left.png"),
         package_file("skimage", "data/motorcycle_right.png"),
     )
+
+
+#: scikit-image's bundled colour photos (indexed by the demo as the "database")
+DATABASE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
+                   "brick.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "retina.jpg")
+
+
+def database_photos() -> list[Path]:
+    return [package_file("skimage", f"data/{name}") for name in DATABASE_PHOTOS]

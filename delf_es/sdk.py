@@ -126,13 +126,36 @@ class DelfEs:
             path=path or features.image_id,
             metadata=_check_metadata(metadata),
             features=features,
-            created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            created_at=_now(),
         )
         report = self.backend.upsert([record], refresh=refresh_after)
         if not report.ok:
             raise InvalidRequest(f"{record.image_id}: {report.failed[0].error}")
         self.cache.put_many(features.model_id, {record.image_id: features.keypoints})
         return record.image_id
+
+    def add_features_bulk(
+        self, items: Iterable[tuple[Features, str, Mapping[str, Any] | None]], batch_size: int = 32,
+        refresh_after: bool = True,
+    ) -> BulkReport:
+        """Index precomputed ``(features, path, metadata)`` triples in batches."""
+        succeeded: list[str] = []
+        failed: list[ItemFailure] = []
+        batch: list[ImageRecord] = []
+        for features, path, metadata in list(items) + [None]:  # type: ignore[list-item]
+            if features is not None:
+                batch.append(ImageRecord(_check_id(features.image_id), path, _check_metadata(metadata), features, _now()))
+            if batch and (features is None or len(batch) >= batch_size):
+                report = self.backend.upsert(batch, refresh=False)
+                succeeded += report.succeeded
+                failed += report.failed
+                written = set(report.succeeded)
+                self.cache.put_many(batch[0].features.model_id,
+                                    {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
+                batch = []
+        if refresh_after:
+            self.backend.refresh()
+        return BulkReport(succeeded=succeeded, failed=failed)
 
     def search_image(
         self,
@@ -219,8 +242,7 @@ class DelfEs:
             try:
                 name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
                 features = self.extractor.extract(image.pixels, image_id=name)
-                batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features,
-                                         datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")))
+                batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
             except DelfEsError as error:
                 failed.append(ItemFailure(item_id=label, error=str(error)))
             if len(batch) >= batch_size:
@@ -272,6 +294,10 @@ class DelfEs:
             return self.backend.get(image_id)
         except ImageNotFound:  # deleted between search and get
             return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _item_fields(item: Any) -> dict[str, Any]:
