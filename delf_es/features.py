@@ -74,7 +74,8 @@ class Extractor:
             torch.set_num_threads(settings.torch_threads)
         self.device = torch.device(settings.device)
         model, meta = build_model(settings)
-        self.model: DelfModel = model.to(self.device)
+        self.dtype = torch.bfloat16 if settings.precision == "bfloat16" else torch.float32
+        self.model: DelfModel = model.to(self.device, self.dtype)
         if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)  # measured ~15% faster on CPU
         self.meta: ModelMeta = meta
@@ -143,18 +144,18 @@ class Extractor:
         for scale in sorted(set(settings.scales) | set(settings.global_scales)):
             level_h = level_size(base_h * scale, LEVEL_MULTIPLE)
             level_w = level_size(base_w * scale, LEVEL_MULTIPLE)
-            level = (_resize(base, level_h, level_w) - self._mean) / self._std
+            level = ((_resize(base, level_h, level_w) - self._mean) / self._std).to(self.dtype)
             if self.device.type == "cpu":
                 level = level.contiguous(memory_format=torch.channels_last)
             out = self.model.forward_level(level, with_global=round(scale, 4) in global_scales)
             if out.global_ is not None:
-                global_sum = out.global_ if global_sum is None else global_sum + out.global_
+                global_sum = out.global_.float() if global_sum is None else global_sum + out.global_.float()
             if scale not in settings.scales:
                 continue
             keep = out.scores > settings.score_threshold
             rows, cols = torch.nonzero(keep, as_tuple=True)
             locations.append(cell_centres(rows, cols, rf, (level_w, level_h), (width, height)))
-            scores.append(out.scores[rows, cols])
+            scores.append(out.scores[rows, cols].float())
             descriptors.append(out.local[:, rows, cols].T)
             scales.append(torch.full((len(rows),), scale, device=self.device))
         all_scores = torch.cat(scores)

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_feature_num: int = Field(default=1000, ge=1)
     score_threshold: float = Field(default=0.0, ge=0.0, description="keep descriptors scoring above this")
     device: str = "cpu"
+    precision: str = Field(default="float32", description="'float32' or 'bfloat16' (network weights and activations)")
     torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
 
     # --- input safety -----------------------------------------------------------
@@ -92,6 +93,13 @@ class Settings(BaseSettings):
     def _scoring_known(cls, value: str) -> str:
         if value not in ("auto", "attention", "norm"):
             raise ValueError("scoring must be 'auto', 'attention' or 'norm'")
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _precision_known(cls, value: str) -> str:
+        if value not in ("float32", "bfloat16"):
+            raise ValueError("precision must be 'float32' or 'bfloat16'")
         return value
 
     @field_validator("shortlist_mode")
