@@ -122,3 +122,16 @@ class FetchFailed(DelfEsError):
 
     def __str__(self) -> str:
         return f"{self.url}: {self.message}" if self.url else self.message
+
+
+class UnsupportedFilter(DelfEsError, ValueError):
+    """A metadata filter uses a query clause or option the embedded index does not
+    implement, or is malformed.  ``clause`` names the offending clause (e.g. ``"wildcard"``)."""
+
+    def __init__(self, message: str, clause: str = "") -> None:
+        super().__init__(message, clause)
+        self.message = message
+        self.clause = clause
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,117 @@
+"""Backend fixtures for the contract suite, and synthetic features (no model).
+
+To run the contract suite against another backend, add a factory to
+``BACKEND_FACTORIES``: a generator taking ``tmp_path`` that yields a fresh, empty
+backend for features of ``MODEL_ID`` with ``LOCAL_DIM``-d descriptors and
+``GLOBAL_DIM``-d global descriptors, and cleans up after the ``yield``.
+
+Tests reach the synthetic-data helpers through the ``synth`` fixture (the test
+directories are not packages, so they cannot import this module).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import pytest
+
+from delf_es.index.base import Backend, ImageRecord
+from delf_es.types import Features
+
+MODEL_ID = "synthetic-model@0000"
+LOCAL_DIM = 40
+GLOBAL_DIM = 32
+CREATED_AT = "2026-11-22T10:00:00+00:00"
+
+
+def make_embedded(tmp_path: Path) -> Iterator[Backend]:
+    from delf_es.index.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(tmp_path / "embedded-index")
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+BACKEND_FACTORIES: dict[str, Callable[[Path], Iterator[Backend]]] = {
+    "embedded": make_embedded,
+}
+
+
+@pytest.fixture(params=list(BACKEND_FACTORIES))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    with contextlib.contextmanager(BACKEND_FACTORIES[request.param])(tmp_path) as fresh:
+        yield fresh
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    """(n, dim) float32 random unit rows."""
+    rows = rng.standard_normal((n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def make_features(
+    image_id: str,
+    n: int = 50,
+    seed: int = 0,
+    *,
+    model_id: str = MODEL_ID,
+    local_dim: int = LOCAL_DIM,
+    global_desc: np.ndarray | None = None,
+    global_dim: int = GLOBAL_DIM,
+    size: tuple[int, int] = (640, 480),
+) -> Features:
+    """Synthetic features: n random unit descriptors at random locations inside ``size``."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    keypoints = (rng.random((n, 2)) * np.array([width, height])).astype(np.float32)
+    if global_desc is None:
+        global_desc = unit_rows(rng, 1, global_dim)[0] if global_dim else np.zeros(0, np.float32)
+    return Features(
+        image_id=image_id,
+        model_id=model_id,
+        image_size=size,
+        keypoints=keypoints,
+        scales=np.ones(n, np.float32),
+        scores=rng.random(n).astype(np.float32),
+        descriptors=unit_rows(rng, n, local_dim),
+        global_desc=np.asarray(global_desc, np.float32),
+    )
+
+
+def make_record(
+    image_id: str,
+    n: int = 50,
+    seed: int = 0,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    path: str | None = None,
+    created_at: str = CREATED_AT,
+    **feature_options: Any,
+) -> ImageRecord:
+    return ImageRecord(
+        image_id=image_id,
+        path=path if path is not None else f"/photos/{image_id}.jpg",
+        metadata=dict(metadata or {}),
+        features=make_features(image_id, n, seed, **feature_options),
+        created_at=created_at,
+    )
+
+
+@pytest.fixture()
+def synth() -> SimpleNamespace:
+    """The synthetic-data helpers and constants above, for test modules."""
+    return SimpleNamespace(
+        record=make_record,
+        features=make_features,
+        unit_rows=unit_rows,
+        MODEL_ID=MODEL_ID,
+        LOCAL_DIM=LOCAL_DIM,
+        GLOBAL_DIM=GLOBAL_DIM,
+        CREATED_AT=CREATED_AT,
+    )
