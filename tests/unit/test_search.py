@@ -1,0 +1,120 @@
+"""The search pipeline on the real embedded backend with synthetic features (no model):
+shortlists, one-to-one pairs, cache-aside locations, ranking by inliers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from delf_es.cache import MemoryLocationCache
+from delf_es.index.base import ImageRecord
+from delf_es.index.embedded import EmbeddedBackend
+from delf_es.search import Searcher, _interleave, one_to_one
+from delf_es.settings import Settings
+from delf_es.types import Features
+
+MODEL = "synthetic@test"
+
+
+def unit(rng, n, d):
+    rows = rng.standard_normal((n, d)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def features(image_id, keypoints, descriptors, global_desc):
+    n = len(keypoints)
+    return Features(image_id, MODEL, (640, 480), keypoints.astype(np.float32), np.ones(n, np.float32),
+                    np.linspace(2, 1, n).astype(np.float32), descriptors, global_desc)
+
+
+@pytest.fixture()
+def scene(tmp_path):
+    """Five database images of 200 random keypoints; the query sees image 'target' moved by a
+    homography, with noise on the descriptors, plus 100 clutter keypoints."""
+    rng = np.random.default_rng(0)
+    backend = EmbeddedBackend(tmp_path / "index", model_id=MODEL)
+    records, images = [], {}
+    for name in ("a", "b", "target", "c", "d"):
+        kp = rng.uniform([0, 0], [640, 480], (200, 2))
+        desc = unit(rng, 200, 40)
+        images[name] = (kp, desc)
+        records.append(ImageRecord(name, f"/photos/{name}.jpg", {"group": name}, features(name, kp, desc, unit(rng, 1, 16)[0]),
+                                   "2026-11-22T00:00:00Z"))
+    backend.upsert(records)
+    kp, desc = images["target"]
+    homography = np.array([[0.9, 0.1, 30], [-0.05, 1.1, 10], [0, 0, 1]])
+    moved = (np.c_[kp, np.ones(200)] @ homography.T)
+    moved = moved[:, :2] / moved[:, 2:]
+    noisy = desc + 0.05 * rng.standard_normal(desc.shape).astype(np.float32)
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    query_kp = np.r_[moved, rng.uniform([0, 0], [640, 480], (100, 2))]
+    query_desc = np.r_[noisy, unit(rng, 100, 40)]
+    target_global = records[2].features.global_desc
+    query = features("<query>", query_kp, query_desc, target_global)
+    yield backend, query
+    backend.close()
+
+
+def searcher(backend, **overrides):
+    settings = Settings(**{"knn_k": 5, "shortlist_size": 3, "ransac_px": 4.0, **overrides})
+    return Searcher(backend, MemoryLocationCache(), settings, MODEL)
+
+
+@pytest.mark.parametrize("mode", ["local", "global", "hybrid"])
+def test_target_is_ranked_first_with_most_inliers(scene, mode):
+    backend, query = scene
+    hits = searcher(backend, shortlist_mode=mode).search(query)
+    assert hits[0].image_id == "target"
+    assert hits[0].inliers >= 150, hits[0]
+    assert all(h.inliers < 20 for h in hits[1:])
+
+
+def test_global_shortlist_gets_correspondences_from_a_restricted_knn(scene):
+    backend, query = scene
+    hits = searcher(backend, shortlist_mode="global", shortlist_size=1).search(query)
+    assert [h.image_id for h in hits] == ["target"] and hits[0].votes > 100
+
+
+def test_metadata_filter_excludes_the_target(scene):
+    backend, query = scene
+    hits = searcher(backend).search(query, metadata_filter={"bool": {"must_not": {"term": {"metadata.group": "target"}}}})
+    assert "target" not in [h.image_id for h in hits]
+
+
+def test_locations_come_from_the_cache_and_misses_are_written_back(scene):
+    backend, query = scene
+    search = searcher(backend)
+    search.search(query)
+    assert "target" in search.cache.get_many(MODEL, ["target"])
+    cached = search.cache.get_many(MODEL, ["target"])["target"]
+    np.testing.assert_array_equal(cached, backend.keypoints(["target"])["target"])
+
+
+def test_query_without_keypoints_returns_only_global_hits(scene):
+    backend, query = scene
+    empty = Features("<q>", MODEL, (10, 10), np.zeros((0, 2), np.float32), np.zeros(0, np.float32),
+                     np.zeros(0, np.float32), np.zeros((0, 40), np.float32), query.global_desc)
+    assert searcher(backend, shortlist_mode="local").search(empty) == []
+    hits = searcher(backend, shortlist_mode="hybrid").search(empty)
+    assert hits[0].image_id == "target" and hits[0].inliers == 0
+
+
+def test_empty_index_returns_no_hits(tmp_path, scene):
+    _, query = scene
+    with EmbeddedBackend(tmp_path / "empty", model_id=MODEL) as backend:
+        assert searcher(backend, shortlist_mode="hybrid").search(query) == []
+
+
+def test_one_to_one_keeps_the_most_similar_pair_per_keypoint():
+    q = np.array([0, 0, 1, 2, 2])
+    d = np.array([5, 6, 5, 7, 8])
+    s = np.array([0.9, 0.8, 0.95, 0.7, 0.75])
+    q_out, d_out = one_to_one(q, d, s)
+    pairs = set(zip(q_out.tolist(), d_out.tolist()))
+    assert pairs == {(1, 5), (2, 8)}
+    assert len(set(q_out)) == len(q_out) and len(set(d_out)) == len(d_out)
+
+
+def test_interleave_merges_rankings_without_duplicates():
+    assert _interleave([["a", "b", "c"], ["b", "d"]], 3) == ["a", "b", "d"]
+    assert _interleave([[], []], 5) == []
