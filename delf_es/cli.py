@@ -266,7 +266,6 @@ def search(
 
 def draw_search(sdk, query_path: str, hits: list[dict], out: Path, top: int = 3) -> Path:
     """Query beside each of its top hits, verified correspondences drawn, stacked vertically."""
-    import numpy as np
     from PIL import Image
 
     from delf_es.draw import draw_matches
