@@ -1,0 +1,51 @@
+"""Location caches: round trip, LRU bound, model ids kept apart, an unreachable Redis is a miss."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from delf_es.cache import MemoryLocationCache, RedisLocationCache
+
+
+def test_memory_cache_round_trip_and_model_ids_are_separate():
+    cache = MemoryLocationCache()
+    locations = np.arange(10, dtype=np.float32).reshape(5, 2)
+    cache.put_many("model-a", {"img": locations})
+    np.testing.assert_array_equal(cache.get_many("model-a", ["img", "other"])["img"], locations)
+    assert cache.get_many("model-b", ["img"]) == {}
+    cache.delete("model-a", ["img"])
+    assert cache.get_many("model-a", ["img"]) == {}
+
+
+def test_memory_cache_evicts_the_least_recently_used():
+    cache = MemoryLocationCache(max_images=2)
+    one = np.zeros((1, 2), np.float32)
+    cache.put_many("m", {"a": one, "b": one})
+    cache.get_many("m", ["a"])
+    cache.put_many("m", {"c": one})
+    assert set(cache.get_many("m", ["a", "b", "c"])) == {"a", "c"}
+
+
+def test_unreachable_redis_is_a_miss_not_an_error():
+    cache = RedisLocationCache("redis://127.0.0.1:9/0", socket_timeout=0.2)
+    started = time.monotonic()
+    cache.put_many("m", {"a": np.zeros((3, 2), np.float32)})
+    assert cache.get_many("m", ["a"]) == {}
+    cache.delete("m", ["a"])
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.integration
+def test_redis_cache_round_trip(services):
+    cache = RedisLocationCache(services.redis_url, prefix="test-cache")
+    locations = np.random.default_rng(0).uniform(0, 1000, (1000, 2)).astype(np.float32)
+    cache.put_many("model", {"x": locations, "y": locations[:3]})
+    got = cache.get_many("model", ["x", "y", "z"])
+    np.testing.assert_array_equal(got["x"], locations)
+    assert got["y"].shape == (3, 2) and "z" not in got
+    cache.delete("model", ["x", "y"])
+    assert cache.get_many("model", ["x", "y"]) == {}
+    cache.close()
