@@ -14,9 +14,11 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def shared(path: str) -> Path:
     """A file of ../shared/data; skips the test when the folder is absent (e.g. a user's checkout)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder not available: {SHARED_DATA}")
     full = SHARED_DATA / path
-    if not full.exists():
-        pytest.skip(f"shared data not available: {full}")
+    if not full.exists():  # the folder is there: a wrong name is a bug in the test, not a skip
+        pytest.fail(f"missing shared file: {full}")
     return full
 
 

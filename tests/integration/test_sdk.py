@@ -22,9 +22,9 @@ from delf_es.settings import Settings
 FAST = dict(backbone="efficientnet-lite0", scales=(0.7071, 1.0, 1.4142), global_scales=(1.0,))
 PHOTOS = [
     "paris250/db/eiffel_tower/paris_eiffel_000000.jpg",
-    "paris250/db/louvre/paris_louvre_000000.jpg",
+    "paris250/db/louvre/paris_louvre_000004.jpg",
     "paris250/db/defense/paris_defense_000000.jpg",
-    "paris250/db/invalides/paris_invalides_000000.jpg",
+    "paris250/db/invalides/paris_invalides_000002.jpg",
     "paris250/db/moulinrouge/paris_moulinrouge_000003.jpg",
 ]
 KEY = PHOTOS[1]
