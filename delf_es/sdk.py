@@ -142,17 +142,22 @@ class DelfEs:
         succeeded: list[str] = []
         failed: list[ItemFailure] = []
         batch: list[ImageRecord] = []
-        for features, path, metadata in list(items) + [None]:  # type: ignore[list-item]
-            if features is not None:
-                batch.append(ImageRecord(_check_id(features.image_id), path, _check_metadata(metadata), features, _now()))
-            if batch and (features is None or len(batch) >= batch_size):
-                report = self.backend.upsert(batch, refresh=False)
-                succeeded += report.succeeded
-                failed += report.failed
-                written = set(report.succeeded)
-                self.cache.put_many(batch[0].features.model_id,
-                                    {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
-                batch = []
+
+        def flush() -> None:
+            report = self.backend.upsert(batch, refresh=False)
+            succeeded.extend(report.succeeded)
+            failed.extend(report.failed)
+            written = set(report.succeeded)
+            self.cache.put_many(batch[0].features.model_id,
+                                {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
+            batch.clear()
+
+        for features, path, metadata in items:
+            batch.append(ImageRecord(_check_id(features.image_id), path, _check_metadata(metadata), features, _now()))
+            if len(batch) >= batch_size:
+                flush()
+        if batch:
+            flush()
         if refresh_after:
             self.backend.refresh()
         return BulkReport(succeeded=succeeded, failed=failed)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ class Searcher:
             self._collect(self.backend.knn(descriptors, s.knn_k, metadata_filter), candidates)
             local_order = sorted(
                 candidates,
-                key=lambda i: (-candidates[i].votes, -float(sum(x.sum() for x in candidates[i].similarity)), i),
+                key=lambda i: (-candidates[i].votes, -float(sum(x.sum() for x in candidates[i].similarity)), tie_break(i)),
             )
         global_order: list[str] = []
         if s.shortlist_mode in ("global", "hybrid") and query.global_desc.size:
@@ -77,7 +78,7 @@ class Searcher:
             inliers = self._verify(query, candidate, locations.get(image_id))
             hits.append(SearchHit(image_id=image_id, score=float(inliers), inliers=inliers,
                                   votes=candidate.votes, global_similarity=candidate.global_similarity))
-        hits.sort(key=lambda h: (-h.inliers, -h.votes, -np.nan_to_num(h.global_similarity, nan=-2.0), h.image_id))
+        hits.sort(key=lambda h: (-h.inliers, -h.votes, -np.nan_to_num(h.global_similarity, nan=-2.0), tie_break(h.image_id)))
         return hits[:limit] if limit else hits
 
     def _collect(self, neighbours: Neighbours, candidates: dict[str, _Candidate], count_votes: bool = True) -> None:
@@ -120,6 +121,12 @@ class Searcher:
         _, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
                                  s.ransac_confidence, s.ransac_max_iters, s.ransac_seed)
         return int(mask.sum())
+
+
+def tie_break(image_id: str) -> str:
+    """Order of exact ties: a hash of the id, never the id itself (ids such as paths often
+    group images by subject, which would leak into tied rankings)."""
+    return hashlib.blake2b(image_id.encode(), digest_size=8).hexdigest()
 
 
 def one_to_one(query_index: np.ndarray, keypoint_index: np.ndarray, similarity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
