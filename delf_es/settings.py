@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     ransac_seed: int = 0
 
     # --- search -------------------------------------------------------------------
-    shortlist_mode: str = Field(default="local", description="'local' (keypoint votes), 'global' (DELG) or 'hybrid'")
+    shortlist_mode: str = Field(default="hybrid", description="'hybrid' (both, interleaved; best measured), 'local' (keypoint votes) or 'global' (DELG)")
     shortlist_size: int = Field(default=100, ge=1, description="images verified per query")
     knn_k: int = Field(default=10, ge=1, description="database keypoints fetched per query descriptor")
     knn_min_similarity: float = Field(default=0.595, ge=-1, le=1, description="cosine; 0.595 = L2 0.9 between unit vectors")
