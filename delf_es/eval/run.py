@@ -140,7 +140,16 @@ def _drop_es_index(settings: Settings) -> None:
 
     client = Elasticsearch(settings.es_url, request_timeout=30)
     try:
-        client.indices.delete(index=f"{settings.index_alias}*", ignore_unavailable=True, allow_no_indices=True,
-                              expand_wildcards="all")
+        drop_indices(client, f"{settings.index_alias}*")
     finally:
         client.close()
+
+
+def drop_indices(client, pattern: str) -> list[str]:
+    """Delete the indices matching ``pattern`` by name (wildcard deletes are refused by
+    Elasticsearch's default ``action.destructive_requires_name``)."""
+    names = list(client.indices.get(index=pattern, expand_wildcards="all", ignore_unavailable=True,
+                                    allow_no_indices=True).keys())
+    if names:
+        client.indices.delete(index=",".join(names))
+    return names

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import shared
 from delf_es.errors import ImageNotFound, IndexUnavailable, InvalidImage
+from delf_es.eval.run import drop_indices
 from delf_es.sdk import DelfEs
 from delf_es.settings import Settings
 
@@ -54,7 +55,7 @@ def engine(request, tmp_path, extractor):
     from elasticsearch import Elasticsearch
 
     client = Elasticsearch(services.es_url)
-    client.indices.delete(index=f"{alias}*", ignore_unavailable=True, allow_no_indices=True, expand_wildcards="all")
+    drop_indices(client, f"{alias}*")
     client.close()
 
 
@@ -206,7 +207,7 @@ def test_search_stays_correct_when_redis_is_flushed_or_stopped(services, extract
             assert run_services_script("start", "redis").returncode == 0
         from elasticsearch import Elasticsearch
 
-        Elasticsearch(services.es_url).indices.delete(index=f"{alias}*", expand_wildcards="all")
+        drop_indices(Elasticsearch(services.es_url), f"{alias}*")
 
 
 def test_elasticsearch_down_is_a_clear_error_not_a_hang(extractor):
