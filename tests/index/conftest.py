@@ -12,6 +12,7 @@ directories are not packages, so they cannot import this module).
 from __future__ import annotations
 
 import contextlib
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Mapping
@@ -41,6 +42,53 @@ def make_embedded(tmp_path: Path) -> Iterator[Backend]:
 BACKEND_FACTORIES: dict[str, Callable[[Path], Iterator[Backend]]] = {
     "embedded": make_embedded,
 }
+
+
+# ---- Elasticsearch: the real server of scripts/services.sh (tests marked ``integration``) ----
+
+_ELASTICSEARCH: dict[str, str] = {}  # "url": set by _elasticsearch_services for the running test
+
+
+def _runs_on_elasticsearch(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("backend") == "elasticsearch"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _runs_on_elasticsearch(item):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _elasticsearch_services(request: pytest.FixtureRequest) -> None:
+    """Runs before ``backend`` (autouse): starts the services for Elasticsearch runs, notes the URL."""
+    if _runs_on_elasticsearch(request.node):
+        _ELASTICSEARCH["url"] = request.getfixturevalue("services").es_url
+
+
+def make_elasticsearch(tmp_path: Path) -> Iterator[Backend]:
+    """A fresh, uniquely named alias; the index behind it is deleted afterwards."""
+    from elasticsearch import Elasticsearch
+
+    from delf_es.index.elasticsearch import ElasticsearchBackend
+    from delf_es.settings import Settings
+
+    url = _ELASTICSEARCH["url"]
+    alias = f"delf-contract-{uuid.uuid4().hex[:12]}"
+    backend = ElasticsearchBackend(Settings(es_url=url, index_alias=alias))
+    try:
+        yield backend
+    finally:
+        backend.close()
+        client = Elasticsearch(url, request_timeout=30)
+        found = client.options(ignore_status=404).indices.get_alias(name=alias)
+        if found.meta.status == 200:
+            client.indices.delete(index=",".join(found.body))
+        client.close()
+
+
+BACKEND_FACTORIES["elasticsearch"] = make_elasticsearch
 
 
 @pytest.fixture(params=list(BACKEND_FACTORIES))

@@ -1,0 +1,385 @@
+"""Elasticsearch-specific behaviour of ElasticsearchBackend (the shared contract is in
+tests/index/test_backend_contract.py): the index and alias it creates, failures of the server
+(down, overloaded: 429 injected through a fake transport node), per-item bulk errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import socket
+import time
+import uuid
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+from elastic_transport import ApiResponseMeta, HttpHeaders, Urllib3HttpNode
+from elastic_transport._node._base import NodeApiResponse
+from elasticsearch import Elasticsearch
+
+from delf_es.errors import FeatureShapeError, ImageNotFound, IndexUnavailable, UnsupportedFilter
+from delf_es.index import elasticsearch as es_backend
+from delf_es.index.base import ImageRecord
+from delf_es.index.elasticsearch import ElasticsearchBackend, document_id, index_name, render_template
+from delf_es.settings import Settings
+from delf_es.types import Features
+
+MODEL_ID = "synthetic-model@es00"
+LOCAL_DIM = 40
+GLOBAL_DIM = 32
+#: A correctness bound ("does not hang"), far above the expected sub-second failure.
+DOWN_BOUND_S = 15.0
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    rows = rng.standard_normal((n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def record(image_id: str, n: int = 20, seed: int = 0, *, model_id: str = MODEL_ID, metadata: dict | None = None,
+           descriptors: np.ndarray | None = None) -> ImageRecord:
+    rng = np.random.default_rng(seed)
+    features = Features(
+        image_id=image_id,
+        model_id=model_id,
+        image_size=(640, 480),
+        keypoints=(rng.random((n, 2)) * np.array([640, 480])).astype(np.float32),
+        scales=np.ones(n, np.float32),
+        scores=rng.random(n).astype(np.float32),
+        descriptors=unit_rows(rng, n, LOCAL_DIM) if descriptors is None else descriptors,
+        global_desc=unit_rows(rng, 1, GLOBAL_DIM)[0],
+    )
+    return ImageRecord(image_id, f"/photos/{image_id}.jpg", dict(metadata or {}), features, "2026-11-22T10:00:00+00:00")
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def alias(services) -> Iterator[str]:
+    """A fresh alias; every index behind it is deleted afterwards."""
+    name = f"delf-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = Elasticsearch(services.es_url, request_timeout=30)
+    found = client.options(ignore_status=404).indices.get_alias(name=name)
+    if found.meta.status == 200:
+        client.indices.delete(index=",".join(found.body))
+    client.close()
+
+
+@pytest.fixture()
+def settings(services, alias) -> Settings:
+    return Settings(es_url=services.es_url, index_alias=alias)
+
+
+@pytest.fixture()
+def backend(settings) -> Iterator[ElasticsearchBackend]:
+    with ElasticsearchBackend(settings) as fresh:
+        yield fresh
+
+
+# ---- template and ids (no server) ------------------------------------------------------
+
+
+def test_template_fills_dims_and_model_and_drops_comments():
+    body = render_template(model_id="m@1", local_dims=40, global_dims=1280)
+    assert set(body) == {"settings", "mappings"}
+    properties = body["mappings"]["properties"]
+    assert properties["keypoints"]["properties"]["vector"]["dims"] == 40
+    assert properties["global_vector"]["dims"] == 1280
+    assert body["mappings"]["_meta"]["model_id"] == "m@1"
+    assert body["settings"]["number_of_replicas"] == 0
+    assert "{{" not in json.dumps(body)
+
+
+def test_template_without_global_dims_lets_elasticsearch_take_them_from_the_first_vector():
+    body = render_template(model_id="m@1", local_dims=40, global_dims=None)
+    assert "dims" not in body["mappings"]["properties"]["global_vector"]
+
+
+def test_document_ids_are_image_ids_unless_too_long_for_elasticsearch():
+    assert document_id("photo 1.jpg") == "photo 1.jpg"
+    long_id = "x" * 513
+    assert document_id(long_id) == document_id(long_id) != long_id
+    assert len(document_id(long_id).encode()) <= 512
+    assert document_id(document_id(long_id)) != document_id(long_id)  # a hashed-looking id cannot collide
+
+
+def test_request_rejected_survives_pickling():
+    error = es_backend.RequestRejected("Elasticsearch at http://h:9200 rejected get (HTTP 400): bad", 400)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), str(copy), copy.status, copy.args) == (type(error), str(error), 400, error.args)
+
+
+# ---- index and alias -------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_first_write_creates_a_versioned_index_behind_the_alias_with_the_template_mapping(backend, services, alias):
+    assert backend.count() == 0  # reading an absent index is not an error and creates nothing
+    client = Elasticsearch(services.es_url)
+    assert client.options(ignore_status=404).indices.get_alias(name=alias).meta.status == 404
+
+    assert backend.upsert([record("a")], refresh=True).ok
+    aliases = client.indices.get_alias(name=alias).body
+    expected_name = index_name(alias, MODEL_ID)
+    assert list(aliases) == [expected_name]
+    assert expected_name.startswith(f"{alias}-v1-")
+    assert aliases[expected_name]["aliases"][alias]["is_write_index"] is True
+
+    mapping = client.indices.get_mapping(index=alias)[expected_name]["mappings"]
+    template = render_template(model_id=MODEL_ID, local_dims=LOCAL_DIM, global_dims=GLOBAL_DIM)["mappings"]
+    assert mapping["_meta"] == template["_meta"] == {
+        "schema": "delf-images-v1", "model_id": MODEL_ID, "local_dims": LOCAL_DIM, "global_dims": GLOBAL_DIM
+    }
+    assert mapping["dynamic"] == "strict"
+    keypoints = mapping["properties"]["keypoints"]
+    assert keypoints["type"] == "nested"
+    vector, wanted = keypoints["properties"]["vector"], template["properties"]["keypoints"]["properties"]["vector"]
+    assert (vector["type"], vector["dims"], vector["similarity"]) == ("dense_vector", LOCAL_DIM, "dot_product")
+    assert vector["index_options"]["type"] == wanted["index_options"]["type"]
+    assert mapping["properties"]["global_vector"]["dims"] == GLOBAL_DIM
+    for field, kind in {"image_id": "keyword", "path": "keyword", "model_id": "keyword", "pca_id": "keyword",
+                        "created_at": "date", "width": "integer", "num_keypoints": "integer"}.items():
+        assert mapping["properties"][field]["type"] == kind
+    settings = client.indices.get_settings(index=alias)[expected_name]["settings"]["index"]
+    assert settings["number_of_replicas"] == "0"
+    client.close()
+
+
+@pytest.mark.integration
+def test_metadata_strings_are_keywords_and_numbers_numeric(backend, services, alias):
+    backend.upsert([record("a", metadata={"source": "flickr", "year": 2020, "rating": 3.5, "when": "2020-01-01"})])
+    client = Elasticsearch(services.es_url)
+    mapping = next(iter(client.indices.get_mapping(index=alias).body.values()))["mappings"]
+    fields = mapping["properties"]["metadata"]["properties"]
+    assert {name: fields[name]["type"] for name in fields} == {
+        "source": "keyword", "year": "long", "rating": "double", "when": "keyword"
+    }
+    client.close()
+
+
+@pytest.mark.integration
+def test_two_backends_creating_the_same_index_share_it(settings):
+    first, second = ElasticsearchBackend(settings), ElasticsearchBackend(settings)
+    assert first.upsert([record("a", seed=1)], refresh=True).ok
+    assert second.upsert([record("b", seed=2)], refresh=True).ok
+    assert first.count() == second.count() == 2
+    first.close()
+    second.close()
+
+
+@pytest.mark.integration
+def test_backend_bound_to_a_model_refuses_records_of_another_model(settings):
+    with ElasticsearchBackend(settings, model_id=MODEL_ID) as backend:
+        report = backend.upsert([record("x", model_id="other@1"), record("a")], refresh=True)
+        assert report.succeeded == ["a"]
+        assert [f.item_id for f in report.failed] == ["x"]
+        assert "model" in report.failed[0].error
+    with ElasticsearchBackend(settings, model_id="other@1") as other:  # the index holds MODEL_ID
+        report = other.upsert([record("y", model_id="other@1")])
+        assert [f.item_id for f in report.failed] == ["y"]
+        assert MODEL_ID in report.failed[0].error
+
+
+@pytest.mark.integration
+def test_image_ids_longer_than_elasticsearch_ids_round_trip(backend):
+    long_id = "https://example.com/" + "é" * 400 + ".jpg"  # > 512 bytes of UTF-8
+    assert document_id(long_id).startswith("~sha256:")
+    item = record(long_id, 5, seed=3)
+    assert backend.upsert([item], refresh=True).ok
+    assert backend.get(long_id).image_id == long_id
+    assert backend.existing([long_id, "other"]) == {long_id}
+    assert set(backend.keypoints([long_id])) == {long_id}
+    assert set(backend.knn(item.features.descriptors, 1).image_ids) == {long_id}
+    assert backend.global_knn(item.features.global_desc, 1)[0][0] == long_id
+    assert backend.delete([long_id], refresh=True).ok
+    with pytest.raises(ImageNotFound):
+        backend.get(long_id)
+
+
+@pytest.mark.integration
+def test_knn_restricted_to_image_ids_searches_only_those(backend):
+    items = [record(name, 30, seed=i) for i, name in enumerate("abcd")]
+    backend.upsert(items, refresh=True)
+    queries = np.concatenate([item.features.descriptors for item in items])
+    found = backend.knn(queries, 5, image_ids=["b", "d"])
+    assert set(found.image_ids) == {"b", "d"}
+    assert (np.bincount(found.query_index, minlength=len(queries)) == 5).all()
+    assert len(backend.knn(queries, 5, image_ids=[])) == 0
+
+
+@pytest.mark.integration
+def test_malformed_metadata_filter_raises_unsupported_filter(backend):
+    backend.upsert([record("a")], refresh=True)
+    with pytest.raises(UnsupportedFilter) as raised:
+        backend.knn(unit_rows(np.random.default_rng(0), 2, LOCAL_DIM), 3, {"no_such_query": {"x": 1}})
+    assert pickle.loads(pickle.dumps(raised.value)).args == raised.value.args
+
+
+# ---- per-item bulk errors --------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_bulk_with_one_bad_document_reports_exactly_that_item(backend):
+    assert backend.upsert([record("seed", metadata={"year": 2020})], refresh=True).ok
+    not_unit = unit_rows(np.random.default_rng(7), 20, LOCAL_DIM) * 2.0  # dot_product needs unit vectors
+    report = backend.upsert(
+        [
+            record("good-1", seed=1, metadata={"year": 2021}),
+            record("bad-type", seed=2, metadata={"year": "not a number"}),
+            record("good-2", seed=3),
+            record("bad-norm", seed=4, descriptors=not_unit),
+        ],
+        refresh=True,
+    )
+    assert report.succeeded == ["good-1", "good-2"]
+    assert [f.item_id for f in report.failed] == ["bad-type", "bad-norm"]
+    assert "year" in report.failed[0].error
+    assert "unit" in report.failed[1].error
+    assert backend.existing(["good-1", "bad-type", "good-2", "bad-norm"]) == {"good-1", "good-2"}
+
+
+# ---- server down -----------------------------------------------------------------------
+
+
+def test_server_down_raises_index_unavailable_quickly_for_every_call():
+    url = f"http://127.0.0.1:{unused_port()}"
+    backend = ElasticsearchBackend(Settings(es_url=url, index_alias="delf-down"))
+    queries = unit_rows(np.random.default_rng(0), 3, LOCAL_DIM)
+    calls = {
+        "upsert": lambda: backend.upsert([record("a")]),
+        "delete": lambda: backend.delete(["a"]),
+        "get": lambda: backend.get("a"),
+        "existing": lambda: backend.existing(["a"]),
+        "count": backend.count,
+        "knn": lambda: backend.knn(queries, 5),
+        "global_knn": lambda: backend.global_knn(unit_rows(np.random.default_rng(1), 1, GLOBAL_DIM)[0], 5),
+        "keypoints": lambda: backend.keypoints(["a"]),
+        "refresh": backend.refresh,
+    }
+    for name, call in calls.items():
+        start = time.monotonic()
+        with pytest.raises(IndexUnavailable) as raised:
+            call()
+        assert time.monotonic() - start < DOWN_BOUND_S, name
+        assert url in str(raised.value), name
+        copy = pickle.loads(pickle.dumps(raised.value))
+        assert type(copy) is IndexUnavailable and str(copy) == str(raised.value)
+    backend.close()
+
+
+# ---- 429 injected by a fake transport node ---------------------------------------------
+
+
+class OverloadedNode(Urllib3HttpNode):
+    """Answers the first ``rejections[path]`` requests to ``path`` (``/_bulk``, ``/_msearch``) with
+    429 (``mode="http"``) or with a 200 whose every bulk item is 429 (``mode="items"``); everything
+    else goes to the real server.  Class attributes: set by the ``overloaded`` fixture."""
+
+    rejections: dict[str, int] = {}
+    mode = "http"
+    seen: list[str] = []
+
+    def perform_request(self, method: str, target: str, body: bytes | None = None, headers: Any = None,
+                        request_timeout: Any = None) -> NodeApiResponse:
+        path = target.split("?")[0]
+        endpoint = "/" + path.rsplit("/", 1)[-1]
+        OverloadedNode.seen.append(endpoint)
+        if OverloadedNode.rejections.get(endpoint, 0) > 0:
+            OverloadedNode.rejections[endpoint] -= 1
+            return self._rejection(endpoint, body or b"")
+        return super().perform_request(method, target, body=body, headers=headers, request_timeout=request_timeout)
+
+    def _rejection(self, endpoint: str, body: bytes) -> NodeApiResponse:
+        error = {"type": "es_rejected_execution_exception", "reason": "rejected execution (queue capacity 200)"}
+        if OverloadedNode.mode == "items" and endpoint == "/_bulk":
+            actions = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            items, skip = [], False
+            for action in actions:
+                if skip:  # the source line of an index action
+                    skip = False
+                    continue
+                ((op, meta),) = action.items()
+                skip = op in ("index", "create", "update")
+                result = {"_index": meta.get("_index"), "_id": meta.get("_id"), "status": 429, "error": error}
+                items.append({op: result})
+            status, payload = 200, {"took": 1, "errors": True, "items": items}
+        else:
+            status, payload = 429, {"error": error, "status": 429}
+        headers = HttpHeaders({"content-type": "application/vnd.elasticsearch+json;compatible-with=9",
+                               "x-elastic-product": "Elasticsearch"})
+        meta = ApiResponseMeta(status=status, http_version="1.1", headers=headers, duration=0.0, node=self.config)
+        return NodeApiResponse(meta, json.dumps(payload).encode())
+
+
+@pytest.fixture()
+def overloaded(services, alias, monkeypatch) -> Iterator[tuple[ElasticsearchBackend, list[float]]]:
+    """A backend whose transport injects 429s (configure ``OverloadedNode``); sleeps are recorded, not slept."""
+    OverloadedNode.rejections = {}
+    OverloadedNode.mode = "http"
+    OverloadedNode.seen = []
+    sleeps: list[float] = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    client = Elasticsearch(services.es_url, node_class=OverloadedNode, request_timeout=30, max_retries=0,
+                           retry_on_status=())
+    backend = ElasticsearchBackend(Settings(es_url=services.es_url, index_alias=alias), client=client)
+    yield backend, sleeps
+    client.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["http", "items"])
+def test_bulk_rejected_with_429_is_retried_with_capped_backoff_then_written(overloaded, mode):
+    backend, sleeps = overloaded
+    backend.upsert([record("first")], refresh=True)  # creates the index, no injection yet
+    OverloadedNode.mode = mode
+    OverloadedNode.rejections = {"/_bulk": 2}
+    report = backend.upsert([record("a", seed=1), record("b", seed=2)], refresh=True)
+    assert report.ok and report.succeeded == ["a", "b"]
+    assert OverloadedNode.seen.count("/_bulk") == 1 + 3  # the first write, then 2 rejections + 1 success
+    assert sleeps == [es_backend.INITIAL_BACKOFF, 2 * es_backend.INITIAL_BACKOFF]
+    assert backend.existing(["a", "b"]) == {"a", "b"}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["http", "items"])
+def test_bulk_still_rejected_after_the_retries_raises_index_unavailable(overloaded, mode):
+    backend, sleeps = overloaded
+    backend.upsert([record("first")], refresh=True)
+    OverloadedNode.mode = mode
+    OverloadedNode.rejections = {"/_bulk": 100}
+    with pytest.raises(IndexUnavailable) as raised:
+        backend.upsert([record("a", seed=1)])
+    assert backend.url in str(raised.value)
+    assert len(sleeps) == es_backend.RETRIES_ON_429
+    assert max(sleeps) <= es_backend.MAX_BACKOFF
+
+
+@pytest.mark.integration
+def test_knn_search_rejected_with_429_is_retried_then_reported(overloaded):
+    backend, sleeps = overloaded
+    item = record("a", 10, seed=1)
+    backend.upsert([item], refresh=True)
+    OverloadedNode.rejections = {"/_msearch": 1}
+    found = backend.knn(item.features.descriptors, 1)
+    np.testing.assert_array_equal(found.keypoint_index, np.arange(10))
+    assert sleeps == [es_backend.INITIAL_BACKOFF]
+
+    sleeps.clear()
+    OverloadedNode.rejections = {"/_msearch": 100}
+    with pytest.raises(IndexUnavailable):
+        backend.knn(item.features.descriptors, 1)
+    assert len(sleeps) == es_backend.RETRIES_ON_429
+    with pytest.raises(IndexUnavailable):
+        backend.global_knn(item.features.global_desc, 1)
+
+
+@pytest.mark.integration
+def test_query_of_wrong_dimension_is_refused_before_any_search(backend):
+    backend.upsert([record("a")], refresh=True)
+    with pytest.raises(FeatureShapeError):
+        backend.global_knn(np.ones(GLOBAL_DIM + 1, np.float32), 3)
