@@ -10,7 +10,7 @@ for var in $(env | grep -o '^DELF_ES_[A-Z_]*' | grep -v -e SERVICES_HOME -e _POR
   unset "$var"
 done
 set +e
-python3 -m pytest -q -p no:cacheprovider "$@"
+python3 -m pytest -q -rs -p no:cacheprovider "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
