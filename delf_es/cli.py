@@ -268,7 +268,7 @@ def draw_search(sdk, query_path: str, hits: list[dict], out: Path, top: int = 3)
     """Query beside each of its top hits, verified correspondences drawn, stacked vertically."""
     from PIL import Image
 
-    from delf_es.draw import draw_matches
+    from delf_es.draw import draw_matches, stack_vertically
     from delf_es.verify import verify
 
     _, query = sdk.load(query_path, None, False)
@@ -284,15 +284,7 @@ def draw_search(sdk, query_path: str, hits: list[dict], out: Path, top: int = 3)
         panel.unlink()
     if not panels:
         panels = [Image.fromarray(query.pixels)]
-    width = max(p.width for p in panels)
-    sheet = Image.new("RGB", (width, sum(p.height for p in panels)), "white")
-    y = 0
-    for panel in panels:
-        sheet.paste(panel, (0, y))
-        y += panel.height
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
+    return stack_vertically(panels, out)
 
 
 @app.command()

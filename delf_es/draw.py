@@ -227,3 +227,14 @@ def draw_keypoints(
             colour = _score_colour(float(np.clip(np.nan_to_num(normalised[k]), 0.0, 1.0)))
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=colour, width=2)
     return _save(figure, out_path)
+
+
+def stack_vertically(panels: list[Image.Image], out_path: str | Path) -> Path:
+    """Panels one under the other on white, left-aligned, saved as one figure."""
+    width = max(p.width for p in panels)
+    sheet = Image.new("RGB", (width, sum(p.height for p in panels)), "white")
+    y = 0
+    for panel in panels:
+        sheet.paste(panel, (0, y))
+        y += panel.height
+    return _save(sheet, out_path)

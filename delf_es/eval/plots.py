@@ -30,7 +30,7 @@ def worst_queries(result: dict, gt, settings, extractor, out: Path, count: int =
     """For the ``count`` lowest-AP queries: the query beside its top wrong hits, match lines drawn."""
     from PIL import Image
 
-    from delf_es.draw import draw_matches
+    from delf_es.draw import draw_matches, stack_vertically
     from delf_es.eval.gt import query_pixels
     from delf_es.imageio import load_image
     from delf_es.verify import verify
@@ -56,11 +56,4 @@ def worst_queries(result: dict, gt, settings, extractor, out: Path, count: int =
             panel.unlink()
     if not panels:
         return out
-    width = max(p.width for p in panels)
-    sheet = Image.new("RGB", (width, sum(p.height for p in panels)), "white")
-    y = 0
-    for panel in panels:
-        sheet.paste(panel, (0, y))
-        y += panel.height
-    sheet.save(out)
-    return out
+    return stack_vertically(panels, out)
