@@ -270,7 +270,11 @@ def actions(layout: Layout, names: list[str], database: np.ndarray, seed: int) -
         yield {"_index": names[0], "_id": image_id, "_source": doc}
 
 
-def ingest(es: Elasticsearch, layout: Layout, names: list[str], database: np.ndarray, seed: int) -> dict:
+def ingest(
+    es: Elasticsearch, layout: Layout, names: list[str], database: np.ndarray, seed: int,
+    before_merge: Any = None,
+) -> dict:
+    """Bulk-load, then (after ``before_merge()``, which measures the live index) force-merge to one segment."""
     chunk = 2000 if layout.kind == "flat" else 20
     cpu_before, load_before = es_cpu_millis(es), os.getloadavg()[0]
     start = time.perf_counter()
@@ -290,6 +294,8 @@ def ingest(es: Elasticsearch, layout: Layout, names: list[str], database: np.nda
     load_after = os.getloadavg()[0]
     if failed:
         raise SystemExit(f"{failed} bulk items failed for {layout.name}")
+    if before_merge is not None:
+        before_merge()
     start = time.perf_counter()
     es.options(request_timeout=7200).indices.forcemerge(index=",".join(names), max_num_segments=1)
     es.indices.refresh(index=",".join(names))
@@ -511,6 +517,34 @@ def time_queries(
     }
 
 
+def segment_sizes(es: Elasticsearch, index: str, docs_per_unit: int) -> list[int]:
+    """Searchable segments of ``index``, as images (nested: Lucene docs / (keypoints + 1)) or keypoints."""
+    segments = es.cat.segments(index=index, h="docs.count,searchable", format="json")
+    return sorted((int(s["docs.count"]) // docs_per_unit for s in segments if s["searchable"] == "true"),
+                  reverse=True)
+
+
+def measure_live(
+    es: Elasticsearch, layout: Layout, names: list[str], database: np.ndarray, model: Any, args: argparse.Namespace
+) -> dict:
+    """Query the index as bulk loading left it (several segments, no force merge): a live index.
+    Nested kNN collects num_candidates distinct images per segment, so a segment holding fewer
+    images than that is searched exhaustively (all its keypoints)."""
+    index = names[-1]
+    unit = database.shape[1] + 1 if layout.kind == "nested" else 1
+    results: dict[str, Any] = {
+        "segments": segment_sizes(es, index, unit),
+        "segment_unit": "images" if layout.kind == "nested" else "keypoints",
+    }
+    rng = np.random.default_rng(args.seed + 11)
+    idle = es_idle_cpu_rate(es, 2.0)
+    for num_candidates in args.live_candidates:
+        key = f"Q=100,num_candidates={num_candidates}"
+        results[key] = time_queries(es, layout, index, database, model, args, rng, 100, num_candidates, 2, idle)
+        logger.info("%s live %s: %s", layout.name, key, results[key])
+    return results
+
+
 def measure_queries(
     es: Elasticsearch, layout: Layout, names: list[str], database: np.ndarray, model: Any, args: argparse.Namespace
 ) -> dict:
@@ -654,6 +688,9 @@ def main() -> None:
     parser.add_argument("--num-candidates", type=int, default=100)
     parser.add_argument("--sweep-candidates", type=int, nargs="*", default=[],
                         help="also time Q=100 with these num_candidates (recall vs latency)")
+    parser.add_argument("--live-candidates", type=int, nargs="*", default=[],
+                        help="before the force merge (the live index: many segments), time Q=100 with these "
+                             "num_candidates")
     parser.add_argument("--nested-variants", action="store_true",
                         help="nested layouts: also time the query without inner_hits etc. (what the cost is)")
     parser.add_argument("--oversample", type=float, default=1.0, help="rescore_vector oversample for int8_hnsw")
@@ -701,7 +738,11 @@ def main() -> None:
                 "msearch_chunk": args.msearch_chunk, "data": source,
                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
-            entry["ingest"] = ingest(es, layout, names, database, args.seed)
+            def live() -> None:
+                if name not in args.storage_only and args.live_candidates:
+                    entry["queries_live"] = measure_live(es, layout, names, database, model, args)
+
+            entry["ingest"] = ingest(es, layout, names, database, args.seed, before_merge=live)
             logger.info("%s ingest %s", name, entry["ingest"])
             entry["bytes_per_image"] = storage(es, names, args.images, args.images * args.keypoints, layout)
             logger.info("%s bytes/image %s", name, entry["bytes_per_image"]["store_size"])
