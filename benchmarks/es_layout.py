@@ -11,35 +11,52 @@ Layouts compared (each on its own fresh index, on the real server of scripts/ser
   document.  A kNN search on ``keypoints.vector`` returns the best images with
   ``inner_hits`` naming the matched keypoints.  ``nested-*-jsonkp`` keeps x, y, scale,
   score as JSON numbers beside each nested vector instead (what that costs).
+* ``flat-v1-backend``: what ships, (a) as ``delf_es.index.elasticsearch`` builds it from
+  ``mappings/*.json`` (keypoint documents hold image_id, keypoint, generation, a metadata copy
+  and the vector; geometry is packed in the image document), written with
+  ``ElasticsearchBackend.upsert`` and queried with ``ElasticsearchBackend.knn`` (including its
+  generation check), so its numbers are end to end.
 
 ``*-int8`` use ``int8_hnsw`` (raw float32 vectors + int8 copies + HNSW graph on disk;
 ``rescore_vector`` re-scores the candidates with the float vectors so returned
-similarities are exact); ``*-hnsw`` use plain float ``hnsw`` (no quantised copy).
+similarities are exact); ``*-hnsw`` use plain float ``hnsw`` (no quantised copy);
+``-m8`` / ``-m12`` set HNSW's ``m`` (default 16), ``-zstd`` the ``best_compression`` codec.
 
 Measured per layout, for N images x K keypoints (random-but-clustered 40-d unit vectors,
 or ``benchmarks/data/real_descriptors.npy`` when that file exists):
 
-* ingest rate through one ``streaming_bulk`` client (images/s, vectors/s), then the
-  force-merge time to one segment;
+* ingest rate through one client (images/s, vectors/s, Elasticsearch CPU per 1000 vectors),
+  then the force-merge time to one segment;
+* before the force merge (``--live-candidates``): kNN latency and recall on the index as bulk
+  loading left it, several segments, as a live index is.  This is where nested kNN falls off
+  a cliff: it collects num_candidates distinct *images* per segment, so a segment holding
+  fewer images than that is searched exhaustively;
 * bytes per image: ``_stats`` store size after the force merge, with a breakdown from
-  ``_disk_usage?run_expensive_tasks=true`` (vectors, inverted index, stored fields =
-  ``_source`` + ``_id``, doc values, points) and, for the vector field, the raw float,
-  quantised and HNSW-graph parts (raw and quantised computed from the vector count,
-  the graph as the remainder; checked against Lucene's file sizes when the data
-  directory is readable);
+  ``_disk_usage?run_expensive_tasks=true`` and from Lucene's files (raw float vectors ``.vec``,
+  quantised ``.veq``, HNSW graph ``.vex``, stored fields = ``_source`` + ``_id``, doc values,
+  inverted index, points) when the data directory is readable;
 * kNN latency of a query image of Q descriptors (Q = 100, 1000), k = 10, sent as
   ``_msearch`` requests of ``--msearch-chunk`` searches each, end to end from the client
-  (body building, HTTP, JSON parsing), p50 / p95 over ``--repeats`` query images;
+  (body building, HTTP, JSON parsing), p50 / p95 over ``--repeats`` query images, with
+  Elasticsearch's per-search query / fetch phase times and CPU; a num_candidates sweep
+  (``--sweep-candidates``); the same restricted to 100 images (``image_ids=100``: the hybrid
+  mode's kNN over a global-descriptor shortlist); for nested layouts ``--nested-variants``
+  takes the query apart (no inner_hits, one inner hit, 5 images);
 * ANN recall@10 against exact search (brute-force dot products in numpy over the same
   vectors): the fraction of the true 10 nearest (image, keypoint) pairs returned.
 
 Half of each query image's descriptors are noisy copies of one database image's
-descriptors (cosine ~0.9, a matching image) and half are fresh draws (no match).
+descriptors (cosine ~0.9, a matching image) and half are fresh draws (no match).  Timings
+are wall-clock on a shared 2-core machine: ``loadavg_1min`` is recorded beside each, and the
+Elasticsearch CPU and phase times are less sensitive to the load than the wall time.
 
     scripts/services.sh start es
-    python benchmarks/es_layout.py --images 1000 --keypoints 1000
-Writes benchmarks/results/es_layout.json and es_layout.png.  Indices are named
-``bench-es-layout-*`` and deleted afterwards (``--keep`` keeps them).
+    python benchmarks/es_layout.py --images 300 --layouts flat-hnsw nested-hnsw-m12-zstd \\
+        --sweep-candidates 50 150 200 --live-candidates 10 50 100 200
+    python benchmarks/es_layout.py --plot-only
+Results accumulate in benchmarks/results/es_layout.json (one entry per layout and size,
+replaced when re-measured) and es_layout.png.  Indices are named ``bench-es-layout-*`` and
+deleted afterwards (``--keep`` keeps them).
 """
 
 from __future__ import annotations
@@ -94,6 +111,8 @@ LAYOUTS = {
         Layout("nested-hnsw-m8", "nested", "hnsw", m=8, ef_construction=200),
         Layout("nested-hnsw-m12-zstd", "nested", "hnsw", m=12, ef_construction=150, codec="best_compression"),
         Layout("nested-hnsw-jsonkp", "nested", "hnsw", json_keypoints=True),
+        # what ships: delf_es.index.elasticsearch (flat, mappings/*.json), written and queried through it
+        Layout("flat-v1-backend", "backend", "hnsw", codec="best_compression"),
     )
 }
 
@@ -211,7 +230,22 @@ INDEX_SETTINGS = {
 }
 
 
-def create_indices(es: Elasticsearch, layout: Layout) -> list[str]:
+#: The ElasticsearchBackend of a "backend" layout, by layout name.
+_BACKENDS: dict[str, Any] = {}
+BACKEND_MODEL_ID = "efficientnet-lite2/l16x-norm-pca40@bench"
+
+
+def create_indices(es: Elasticsearch, layout: Layout, url: str = "") -> list[str]:
+    if layout.kind == "backend":
+        from delf_es.index.elasticsearch import ElasticsearchBackend, index_names
+        from delf_es.settings import Settings
+
+        alias = f"{PREFIX}{layout.name}"
+        found = es.options(ignore_status=404).indices.get_alias(name=f"{alias},{alias}-keypoints")
+        if found.meta.status == 200:
+            es.indices.delete(index=",".join(found.body))
+        _BACKENDS[layout.name] = ElasticsearchBackend(Settings(es_url=url, index_alias=alias, es_timeout=60.0))
+        return list(index_names(alias, BACKEND_MODEL_ID))
     images = f"{PREFIX}{layout.name}-images"
     names = [images]
     # destructive_requires_name: no wildcards in deletes
@@ -270,6 +304,29 @@ def actions(layout: Layout, names: list[str], database: np.ndarray, seed: int) -
         yield {"_index": names[0], "_id": image_id, "_source": doc}
 
 
+def backend_records(database: np.ndarray, seed: int) -> Iterator[Any]:
+    """The benchmark's images as ImageRecords (same geometry and metadata as ``actions``; no global vector)."""
+    from delf_es.index.base import ImageRecord
+    from delf_es.types import Features
+
+    rng = np.random.default_rng(seed + 1)
+    num_keypoints = database.shape[1]
+    scales = np.array([0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0], np.float32)
+    for i, vectors in enumerate(database):
+        image_id = f"img-{i:07d}"
+        features = Features(
+            image_id=image_id,
+            model_id=BACKEND_MODEL_ID,
+            image_size=(1024, 768),
+            keypoints=(rng.random((num_keypoints, 2)) * np.array([1024, 768])).astype(np.float32),
+            scales=rng.choice(scales, num_keypoints),
+            scores=rng.random(num_keypoints).astype(np.float32),
+            descriptors=np.ascontiguousarray(vectors, np.float32),
+        )
+        metadata = {"source": ("flickr", "web", "museum")[i % 3], "year": 2000 + i % 25}
+        yield ImageRecord(image_id, f"/photos/{image_id}.jpg", metadata, features, "2026-11-22T10:00:00+00:00")
+
+
 def ingest(
     es: Elasticsearch, layout: Layout, names: list[str], database: np.ndarray, seed: int,
     before_merge: Any = None,
@@ -279,15 +336,24 @@ def ingest(
     cpu_before, load_before = es_cpu_millis(es), os.getloadavg()[0]
     start = time.perf_counter()
     failed = 0
-    for ok, item in helpers.streaming_bulk(
-        es.options(request_timeout=600),
-        actions(layout, names, database, seed),
-        chunk_size=chunk,
-        max_chunk_bytes=20 * 1024 * 1024,
-        raise_on_error=False,
-        max_retries=5,
-    ):
-        failed += not ok
+    if layout.kind == "backend":
+        chunk = 50
+        backend = _BACKENDS[layout.name]
+        records = backend_records(database, seed)
+        for first in range(0, len(database), chunk):
+            failed += len(backend.upsert([next(records) for _ in range(min(chunk, len(database) - first))]).failed)
+            if first == 0:  # so the per-file breakdown can be read after the force merge
+                es.indices.put_settings(index=",".join(names), settings={"index.compound_format": False})
+    else:
+        for ok, item in helpers.streaming_bulk(
+            es.options(request_timeout=600),
+            actions(layout, names, database, seed),
+            chunk_size=chunk,
+            max_chunk_bytes=20 * 1024 * 1024,
+            raise_on_error=False,
+            max_retries=5,
+        ):
+            failed += not ok
     es.indices.refresh(index=",".join(names))
     seconds = time.perf_counter() - start
     es_cpu = es_cpu_millis(es) - cpu_before
@@ -405,6 +471,15 @@ def run_query(
     oversample: float, variant: str = "full", restrict: list[str] | None = None,
 ) -> list[list[tuple[float, int, int]]]:
     """Per query descriptor, its best k (similarity, image number, keypoint index)."""
+    if layout.kind == "backend":
+        backend = _BACKENDS[layout.name]
+        backend.num_candidates = num_candidates
+        neighbours = backend.knn(queries, k, image_ids=restrict)
+        found: list[list[tuple[float, int, int]]] = [[] for _ in range(len(queries))]
+        for q, image_id, kp, similarity in zip(neighbours.query_index, neighbours.image_ids,
+                                               neighbours.keypoint_index, neighbours.similarity):
+            found[q].append((float(similarity), int(image_id[4:]), int(kp)))
+        return found
     if layout.kind == "flat":
         filter_path = [
             "responses.hits.hits._score", "responses.hits.hits.fields", "responses.error", "responses.status"
@@ -594,7 +669,8 @@ def plot(result: dict, path: Path) -> None:
 
     runs = sorted(result["runs"], key=lambda r: (r["num_images"], r["layout"]))
     labels = [_label(r) for r in runs]
-    fig, axes = plt.subplots(1, 5, figsize=(30, 5.5))
+    fig, grid = plt.subplots(2, 3, figsize=(22, 11))
+    axes = grid.ravel()
 
     ax = axes[0]
     groups = ["vectors_raw_float", "vectors_quantised", "hnsw_graph", "stored_fields_source_and_id", "doc_values",
@@ -612,7 +688,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(x, labels, rotation=30, fontsize=7)
     ax.set_ylabel("KB per image (1000 keypoints)")
     ax.set_title("Storage after force merge")
-    ax.legend(fontsize=7)
+    ax.set_ylim(0, 1.45 * max(bottom.max(), 240))
+    ax.legend(fontsize=7, loc="upper left", ncol=3)
 
     queried = [r for r in runs if r.get("queries")]
     qx = np.arange(len(queried))
@@ -638,10 +715,10 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("ANN recall@10 vs exact (numpy)")
     ax.legend(fontsize=7)
 
-    ax = axes[4]  # the trade-off: recall against Elasticsearch CPU per descriptor, num_candidates swept
+    ax = axes[4]  # the trade-off: recall against time per descriptor, num_candidates swept
     for r in queried:
         points = sorted(
-            (value["es_cpu_ms_per_descriptor"], value["recall_at_10"], value.get("num_candidates", r["num_candidates"]))
+            (value["per_descriptor_ms"], value["recall_at_10"], value.get("num_candidates", r["num_candidates"]))
             for key, value in r["queries"].items()
             if key == "Q=100" or key.startswith("Q=100,num_candidates=")
         )
@@ -651,9 +728,26 @@ def plot(result: dict, path: Path) -> None:
             for cpu, recall, candidates in points:
                 ax.annotate(str(candidates), (cpu, recall), fontsize=6, color=line.get_color())
     ax.axhline(0.95, color="red", linestyle="--")
-    ax.set_xlabel("Elasticsearch CPU ms per query descriptor (Q=100)")
+    ax.set_xlabel("ms per query descriptor, wall (Q=100; machine load differs between runs)")
     ax.set_ylabel("recall@10")
-    ax.set_title("Recall vs cost, labels = num_candidates")
+    ax.set_title("Recall vs cost after force merge, labels = num_candidates")
+    ax.legend(fontsize=6)
+
+    ax = axes[5]  # the live index: several segments, before the force merge
+    for r in runs:
+        live = r.get("queries_live")
+        if not live:
+            continue
+        points = sorted((value["num_candidates"], value["per_descriptor_ms"], value["recall_at_10"])
+                        for key, value in live.items() if key.startswith("Q=100,"))
+        line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                       label=f"{_label(r).replace(chr(10), ' ')}, segments {live['segments']} {live['segment_unit']}")[0]
+        for candidates, ms, recall in points:
+            ax.annotate(f"r={recall:.2f}", (candidates, ms), fontsize=6, color=line.get_color())
+    ax.set_yscale("log")
+    ax.set_xlabel("num_candidates")
+    ax.set_ylabel("ms per query descriptor, wall (Q=100)")
+    ax.set_title("Live index (before force merge): nested falls off a cliff")
     ax.legend(fontsize=6)
 
     fig.suptitle(f"Elasticsearch {result.get('es_version')}, heap {result.get('es_heap_bytes', 0) >> 20} MB, "
@@ -728,7 +822,7 @@ def main() -> None:
     for name in args.layouts:
         layout = LAYOUTS[name]
         logger.info("layout %s: indexing %d images", name, args.images)
-        names = create_indices(es, layout)
+        names = create_indices(es, layout, args.es_url)
         try:
             entry: dict[str, Any] = {
                 "layout": name, "kind": layout.kind, "index_options": layout.index_type,

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     index_alias: str = "delf-images"
     es_timeout: float = Field(default=10.0, gt=0, description="s, per Elasticsearch request: a dead server fails fast")
     es_knn_num_candidates: int = Field(
-        default=100, ge=1, le=10_000, description="HNSW candidates per kNN search (recall vs latency)"
+        default=300, ge=1, le=10_000, description="HNSW candidates per kNN search (recall vs latency)"
     )
     data_dir: Path = Field(default_factory=default_data_dir)
 

@@ -1,47 +1,66 @@
-"""Elasticsearch index: one document per image, its keypoint vectors nested inside it.
+"""Elasticsearch index: one document per image plus one document per keypoint.
 
 Usage::
 
     backend = ElasticsearchBackend(Settings(es_url="http://127.0.0.1:9200"), model_id=extractor.model_id)
-    report = backend.upsert(records, refresh=True)   # BulkReport: per-item failures, never half an image
+    report = backend.upsert(records, refresh=True)   # BulkReport: per-item failures
     hits = backend.knn(query.descriptors, k=10)       # Neighbours, via _msearch
     backend.close()
 
-Layout (chosen by ``benchmarks/es_layout.py``, numbers in ``benchmarks/results/es_layout.json``):
-the index template ``mappings/images-v1.json`` describes one document per image holding its
-path, metadata, size, model, global descriptor (``global_vector``) and a ``nested`` field
-``keypoints`` whose i-th object holds the i-th local descriptor, so the nested offset
-Elasticsearch returns in ``inner_hits`` is the keypoint index.  Keypoint locations, scales and
-scores are packed float32 arrays (``keypoint_xy`` ...) in ``_source``.  Because an image is ONE
-Elasticsearch document, writing or deleting it is atomic: a crash or a failed item never leaves
-half an image, and a re-upsert replaces keypoints and document together.
+Layout (chosen by ``benchmarks/es_layout.py``; numbers in ``benchmarks/results/es_layout.json``):
 
-Index and alias: the concrete index is ``<alias>-v1-<sha1(model_id)[:12]>``, created on the first
-write (dims taken from the first record) with ``settings.index_alias`` as its write alias;
-everything reads and writes through the alias, so a later reindex can build a new index and swap
-the alias atomically.  The model and dims live in the mapping's ``_meta``.  Writing a record of
-another model_id is refused client-side as a failed item (this build has neither
-``constant_keyword`` nor ingest processors to enforce it server-side).
+* the **images index** (template ``mappings/images-v1.json``, alias ``settings.index_alias``):
+  one document per image with its path, metadata, size, model, global descriptor
+  (``global_vector``), keypoint geometry as packed float32 arrays (``keypoint_xy`` ...), and
+  ``generation`` / ``slot`` naming its live keypoints;
+* the **keypoints index** (``mappings/keypoints-v1.json``, alias ``<alias>-keypoints``): one
+  document per keypoint (``image_id``, ``keypoint`` index, ``generation``, a copy of the image's
+  ``metadata``, ``vector``).  A kNN search returns keypoint documents directly.
 
-kNN: one search per query descriptor, batched through ``_msearch`` (``KNN_SEARCHES_PER_REQUEST``
-per request).  A nested kNN returns the k best *images* (each scored by its best keypoint) with
-``inner_hits`` listing each image's k best keypoints; the union holds the k nearest keypoints
-(an image holding one of them ranks among the k best images), which are kept.  The metadata
-filter and the ``image_ids`` restriction are kNN ``filter`` clauses on the image document, i.e.
-pre-filters: results are the nearest keypoints among the allowed images, never post-filtered
-short lists.  Scores come back as ``(1 + cos) / 2`` (dot_product similarity) and are converted
-back to cosine.
+One document per keypoint was measured 4x cheaper per query descriptor than nested vectors in
+the image document (whose ``inner_hits`` cost as much as the search), and it has no cliff on a
+live index: nested kNN collects ``num_candidates`` distinct *images* per segment, so every
+segment holding fewer images than that is searched exhaustively (50-100 ms per descriptor
+measured on 300 unmerged images).
+
+Consistency without transactions.  Each image has two keypoint *slots*; keypoint ``j`` of slot
+``s`` has ``_id`` ``<key>.<s>.<j>`` (``key`` = 16 characters of a hash of the image id).  A write:
+
+1. writes the new keypoints, with a fresh random ``generation``, into the slot the live version
+   does not use (and deletes that slot's surplus keypoints from an older version);
+2. only if every keypoint was accepted, writes the image document naming the new generation and
+   slot: the commit point;
+3. deletes the previous version's keypoints (best effort: a leftover is never counted, see
+   below, and is deleted by the next write of that image, which knows its count).
+
+A keypoint hit counts only if its ``generation`` equals its image document's (one search of the
+images index per ``knn`` call), so a search sees a whole version of each image or nothing of a
+version: a crash or a rejected keypoint leaves the previous version intact and searchable, never
+half an image.  A delete removes the keypoints, then the image document; interrupted, the image
+stays partly searchable until the delete is retried (deletes are idempotent).  The ``metadata``
+copy on each keypoint makes the metadata filter a kNN pre-filter (correct ``k`` results among
+the allowed images); the ``image_ids`` restriction is a ``terms`` pre-filter on ``image_id``.
+
+Index and aliases: the concrete indices are ``<alias>-v1-<h>`` and ``<alias>-keypoints-v1-<h>``
+(``h`` = 12 hex of sha1(model_id)), created on the first write (dims from the first record) and
+aliased in one atomic ``_aliases`` call; everything goes through the aliases, so a later reindex
+can fill new indices and swap both aliases at once.  Model and dims live in the mappings'
+``_meta``; a record of another model_id is refused client-side as a failed item (this build has
+neither ``constant_keyword`` nor ingest processors to enforce it server-side).
 
 Failures: connection errors, timeouts, HTTP 429 and 5xx become
-:class:`~delf_es.errors.IndexUnavailable` naming the URL; requests time out after
-``settings.es_timeout`` seconds with at most one transport retry, so a dead server fails in
-seconds.  Bulk writes retry only 429-rejected items, with capped exponential backoff.
+:class:`~delf_es.errors.IndexUnavailable` naming the URL.  Requests time out after
+``settings.es_timeout`` s (bulk writes: 6x, at least 60 s, since inserting into the HNSW graph
+costs ~0.3-0.5 ms of CPU per keypoint) with one transport retry, so a dead server fails in
+milliseconds to seconds, never hangs.  Only 429s are retried, with capped exponential backoff
+(0.5, 1, 2 s); bulk items still rejected then raise IndexUnavailable (writes are idempotent).
 
 Elasticsearch build notes (the integ-test-zip of scripts/services.sh): no painless, reindex,
-``_delete_by_query``, ingest processors or ``constant_keyword``; ``GET /`` answers 405, so the
-client's ``info()``/``ping()`` fail (health is ``cluster.health``); dense vectors are left out of
-``_source`` (``index.mapping.exclude_source_vectors``), and vectors are sent as base64 big-endian
-float32, which this version accepts for indexing and queries.
+``_delete_by_query`` (hence deterministic keypoint ids), ingest processors, ``constant_keyword``
+or parent-join; ``GET /`` answers 405, so the client's ``info()``/``ping()`` fail (use
+``cluster.health``); dense vectors are left out of ``_source``
+(``index.mapping.exclude_source_vectors``: a reindex must ask for them); vectors travel as
+base64 big-endian float32, which this version accepts for indexing and queries.
 """
 
 from __future__ import annotations
@@ -51,6 +70,7 @@ import hashlib
 import json
 import logging
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,29 +97,35 @@ __all__ = [
     "RequestRejected",
     "render_template",
     "document_id",
-    "index_name",
+    "keypoint_id",
+    "index_names",
     "MAPPINGS_DIR",
     "SCHEMA",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Versioned index templates; ``images-<SCHEMA>.json`` is the one this module writes.
+#: Versioned index templates: ``images-<SCHEMA>.json`` and ``keypoints-<SCHEMA>.json``.
 MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
 SCHEMA = "v1"
-#: Most keypoints one image may hold (nested objects per document and inner_hits window).
-MAX_KEYPOINTS = 10_000
-#: Elasticsearch's caps on kNN ``k`` / ``num_candidates``.
+#: Suffix of the keypoints alias and index names.
+KEYPOINTS_SUFFIX = "-keypoints"
+#: ``num_candidates`` multiplier for a kNN restricted to ``image_ids``: HNSW search under a
+#: selective filter loses recall (0.81 -> 0.99 at 100 of 300 images for x10, ~2 ms per descriptor).
+RESTRICTED_CANDIDATES_FACTOR = 10
+#: Elasticsearch's caps on kNN ``k`` / ``num_candidates``, and on a search's ``size``.
 MAX_KNN = 10_000
+MAX_RESULT_WINDOW = 10_000
 #: Searches per ``_msearch`` request: large enough to amortise the round trip, small enough to
 #: finish well inside ``es_timeout`` on a loaded node.
 KNN_SEARCHES_PER_REQUEST = 100
-#: Ids per ``mget`` request.
+#: Ids per ``mget`` request; image ids per generation-check search.
 MGET_CHUNK = 500
-#: Bulk chunks, by count and by bytes: an image with 1000 keypoints is ~240 KB of JSON and costs
-#: Elasticsearch ~0.3-0.6 s of CPU to insert into the HNSW graph (benchmarks/es_layout.py), so a
-#: chunk of 10 such images takes seconds on a small node.
-BULK_CHUNK_DOCS = 10
+CHECK_CHUNK = 5_000
+#: Images per write round (one mget, then keypoints, image documents, old keypoints).
+IMAGES_PER_ROUND = 10
+#: Bulk requests, by count and by bytes (a keypoint document is ~250 bytes of JSON).
+BULK_CHUNK_DOCS = 2_000
 BULK_CHUNK_BYTES = 4 * 1024 * 1024
 #: A bulk request may take this many times ``es_timeout`` (at least 60 s): graph insertion is slow,
 #: and a write that times out is retried whole by the caller.
@@ -113,7 +139,9 @@ MAX_ID_BYTES = 512
 _HASHED_ID_PREFIX = "~sha256:"
 _PCA_RE = re.compile(r"-(pca\d+-[0-9a-f]+)@")
 #: Fields of the image document that ``get`` leaves out.
-_BULKY_FIELDS = ["keypoints", "keypoint_xy", "keypoint_scale", "keypoint_score", "global_vector"]
+_BULKY_FIELDS = ["keypoint_xy", "keypoint_scale", "keypoint_score", "global_vector"]
+#: What a write needs to know of the live version of an image.
+_VERSION_FIELDS = ["generation", "slot", "num_keypoints", "other_slot_keypoints"]
 
 
 class RequestRejected(DelfEsError):
@@ -139,8 +167,7 @@ def render_template(
     *,
     model_id: str,
     local_dims: int,
-    global_dims: int | None,
-    max_keypoints: int = MAX_KEYPOINTS,
+    global_dims: int | None = None,
     directory: Path = MAPPINGS_DIR,
 ) -> dict[str, Any]:
     """The index body (``settings``, ``mappings``) of template ``name`` with its parameters filled.
@@ -149,12 +176,7 @@ def render_template(
     numbers); a ``dims`` whose value is None is dropped (Elasticsearch then takes the dimension
     from the first vector); top-level keys starting with ``_`` (comments) are dropped.
     """
-    params = {
-        "model_id": model_id,
-        "local_dims": local_dims,
-        "global_dims": global_dims,
-        "max_keypoints": max_keypoints,
-    }
+    params = {"model_id": model_id, "local_dims": local_dims, "global_dims": global_dims}
     template = json.loads((directory / name).read_text())
 
     def fill(node: Any) -> Any:
@@ -178,17 +200,29 @@ def render_template(
     return {key: fill(value) for key, value in template.items() if not key.startswith("_")}
 
 
-def index_name(alias: str, model_id: str) -> str:
-    """The concrete, versioned index behind ``alias`` for ``model_id``."""
-    return f"{alias}-{SCHEMA}-{hashlib.sha1(model_id.encode()).hexdigest()[:12]}"
+def index_names(alias: str, model_id: str) -> tuple[str, str]:
+    """The concrete, versioned (images, keypoints) indices behind ``alias`` for ``model_id``."""
+    digest = hashlib.sha1(model_id.encode()).hexdigest()[:12]
+    return f"{alias}-{SCHEMA}-{digest}", f"{alias}{KEYPOINTS_SUFFIX}-{SCHEMA}-{digest}"
 
 
 def document_id(image_id: str) -> str:
-    """The Elasticsearch ``_id`` of an image: the image id itself when it fits in 512 bytes,
-    else ``~sha256:<hex>`` of it (the full id stays in the ``image_id`` field)."""
+    """The Elasticsearch ``_id`` of an image document: the image id itself when it fits in 512
+    bytes, else ``~sha256:<hex>`` of it (the full id stays in the ``image_id`` field)."""
     if len(image_id.encode("utf-8")) <= MAX_ID_BYTES and not image_id.startswith(_HASHED_ID_PREFIX):
         return image_id
     return _HASHED_ID_PREFIX + hashlib.sha256(image_id.encode("utf-8")).hexdigest()
+
+
+def _image_key(image_id: str) -> str:
+    """16 url-safe characters (96 bits) of a hash of ``image_id``: short keypoint ids."""
+    digest = hashlib.sha256(image_id.encode("utf-8")).digest()
+    return base64.urlsafe_b64encode(digest[:12]).decode("ascii")
+
+
+def keypoint_id(image_id: str, slot: int, index: int) -> str:
+    """The ``_id`` of keypoint ``index`` of ``image_id`` in ``slot`` (0 or 1)."""
+    return f"{_image_key(image_id)}.{slot}.{index}"
 
 
 def _vector(values: np.ndarray) -> str:
@@ -232,15 +266,38 @@ def _reason(error: Any) -> str:
 
 
 @dataclass(frozen=True)
-class _Index:
-    """The concrete index behind the alias, as recorded in its mapping's ``_meta``."""
+class _Indices:
+    """The concrete indices behind the aliases, as recorded in their mappings' ``_meta``."""
 
-    name: str
+    images: str
+    keypoints: str
     model_id: str
     local_dims: int
     global_dims: int | None
-    quantised_keypoints: bool
     quantised_global: bool
+
+
+@dataclass(frozen=True)
+class _Version:
+    """The live version of an image, from its image document."""
+
+    generation: int
+    slot: int
+    num_keypoints: int
+    other_slot_keypoints: int
+
+
+@dataclass
+class _Write:
+    """One image being written (see the module docstring for the steps)."""
+
+    position: int
+    record: ImageRecord
+    generation: int
+    slot: int
+    surplus_in_slot: int  # keypoints of an older version that may remain in ``slot``
+    previous: _Version | None
+    error: str | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -265,6 +322,7 @@ class ElasticsearchBackend:
             raise ValueError("ElasticsearchBackend needs settings.es_url (or a client)")
         self.settings = settings
         self.alias = settings.index_alias
+        self.keypoints_alias = settings.index_alias + KEYPOINTS_SUFFIX
         self.model_id = model_id
         self.url = _redact(settings.es_url or "(client given)")
         self.timeout = float(settings.es_timeout)
@@ -277,7 +335,7 @@ class ElasticsearchBackend:
             retry_on_timeout=False,
             retry_on_status=(),
         )
-        self._index: _Index | None = None
+        self._indices: _Indices | None = None
 
     # ------------------------------------------------------------------ errors
 
@@ -312,74 +370,86 @@ class ElasticsearchBackend:
             except elastic_transport.TransportError as exc:
                 raise self._unavailable(action, exc) from exc
 
-    # ------------------------------------------------------------------ index and alias
+    # ------------------------------------------------------------------ indices and aliases
 
-    def _load_index(self) -> _Index | None:
-        """Read which index the alias points at, and its ``_meta``; None if there is none."""
-        try:
-            found = self._call(
-                "reading the index", self._client.indices.get, index=self.alias, features="aliases,mappings"
-            )
-        except NotFoundError:
-            self._index = None
+    def _load_indices(self) -> _Indices | None:
+        """Read which indices the aliases point at, and their ``_meta``; None if not both exist."""
+        found = self._call(
+            "reading the index",
+            self._client.indices.get,
+            index=f"{self.alias},{self.keypoints_alias}",
+            features="aliases,mappings",
+            ignore_unavailable=True,
+            allow_no_indices=True,
+        )
+        images = self._behind(found, self.alias)
+        keypoints = self._behind(found, self.keypoints_alias)
+        if images is None or keypoints is None:
+            self._indices = None
             return None
-        name = self._write_index(found)
-        mapping = found[name]["mappings"]
+        mapping = found[images]["mappings"]
         meta = mapping.get("_meta") or {}
         if not meta.get("model_id") or not meta.get("local_dims"):
-            raise RequestRejected(f"{name} (behind {self.alias}) at {self.url} is not a delf-es image index")
-        properties = mapping.get("properties", {})
-        keypoint_type = properties.get("keypoints", {}).get("properties", {}).get("vector", {})
-        global_type = properties.get("global_vector", {})
+            raise RequestRejected(f"{images} (behind {self.alias}) at {self.url} is not a delf-es image index")
+        global_type = mapping.get("properties", {}).get("global_vector", {})
         global_dims = meta.get("global_dims") or global_type.get("dims")
-        self._index = _Index(
-            name=name,
+        self._indices = _Indices(
+            images=images,
+            keypoints=keypoints,
             model_id=str(meta["model_id"]),
             local_dims=int(meta["local_dims"]),
             global_dims=int(global_dims) if global_dims else None,
-            quantised_keypoints=keypoint_type.get("index_options", {}).get("type", "hnsw") != "hnsw",
             quantised_global=global_type.get("index_options", {}).get("type", "hnsw") != "hnsw",
         )
-        return self._index
+        return self._indices
 
-    def _write_index(self, found: Mapping[str, Any]) -> str:
-        if len(found) == 1:
-            return next(iter(found))
-        for name, body in found.items():
-            if body.get("aliases", {}).get(self.alias, {}).get("is_write_index"):
+    def _behind(self, found: Mapping[str, Any], alias: str) -> str | None:
+        """The (write) index that ``alias`` points at, among ``found``."""
+        names = [name for name, body in found.items() if alias in body.get("aliases", {}) or name == alias]
+        if len(names) <= 1:
+            return names[0] if names else None
+        for name in names:
+            if found[name]["aliases"][alias].get("is_write_index"):
                 return name
-        raise RequestRejected(f"alias {self.alias} at {self.url} points at {sorted(found)} and none is its write index")
+        raise RequestRejected(f"alias {alias} at {self.url} points at {sorted(names)} and none is its write index")
 
-    def _current(self) -> _Index | None:
-        return self._index if self._index is not None else self._load_index()
+    def _current(self) -> _Indices | None:
+        return self._indices if self._indices is not None else self._load_indices()
 
-    def _create_index(self, model_id: str, local_dims: int, global_dims: int | None) -> _Index:
-        """Create the versioned index with the alias (idempotent, safe against a concurrent creator)."""
-        name = index_name(self.alias, model_id)
-        body = render_template(model_id=model_id, local_dims=local_dims, global_dims=global_dims)
+    def _create_indices(self, model_id: str, local_dims: int, global_dims: int | None) -> _Indices:
+        """Create both versioned indices and point the aliases at them in one atomic call
+        (idempotent; a concurrent creator of the same model ends with the same indices)."""
+        images, keypoints = index_names(self.alias, model_id)
+        for name, template in ((keypoints, f"keypoints-{SCHEMA}.json"), (images, f"images-{SCHEMA}.json")):
+            body = render_template(template, model_id=model_id, local_dims=local_dims, global_dims=global_dims)
+            try:
+                self._call(f"creating index {name}", self._client.indices.create, index=name, **body)
+                logger.info("created index %s (model %s)", name, model_id)
+            except RequestRejected as exc:
+                if "resource_already_exists_exception" not in exc.message:
+                    raise
         try:
             self._call(
-                f"creating index {name}",
-                self._client.indices.create,
-                index=name,
-                settings=body["settings"],
-                mappings=body["mappings"],
-                aliases={self.alias: {"is_write_index": True}},
+                "pointing the aliases at the new indices",
+                self._client.indices.update_aliases,
+                actions=[
+                    {"add": {"index": images, "alias": self.alias, "is_write_index": True}},
+                    {"add": {"index": keypoints, "alias": self.keypoints_alias, "is_write_index": True}},
+                ],
             )
-            logger.info("created index %s behind alias %s (model %s)", name, self.alias, model_id)
-        except RequestRejected as exc:
-            # Someone else created the index or the alias first: use what is there.
-            if self._load_index() is None:
-                raise exc
-        index = self._load_index()
-        if index is None:
-            raise RequestRejected(f"index {name} was created but alias {self.alias} does not point at it")
-        return index
+        except RequestRejected:
+            # The aliases already point elsewhere (another creator, another model): use that.
+            if self._load_indices() is None:
+                raise
+        indices = self._load_indices()
+        if indices is None:
+            raise RequestRejected(f"indices {images}, {keypoints} were created but the aliases do not point at them")
+        return indices
 
     # ------------------------------------------------------------------ writes
 
-    def _document(self, record: ImageRecord) -> dict[str, Any]:
-        features = record.features
+    def _image_document(self, write: _Write) -> dict[str, Any]:
+        record, features = write.record, write.record.features
         width, height = features.image_size
         pca = _PCA_RE.search(features.model_id)
         doc: dict[str, Any] = {
@@ -392,104 +462,246 @@ class ElasticsearchBackend:
             "model_id": features.model_id,
             "pca_id": pca.group(1) if pca else None,
             "created_at": record.created_at,
-            "keypoints": [{"vector": _vector(row)} for row in features.descriptors],
             "keypoint_xy": _pack(features.keypoints),
             "keypoint_scale": _pack(features.scales),
             "keypoint_score": _pack(features.scores),
+            "generation": write.generation,
+            "slot": write.slot,
+            "other_slot_keypoints": write.previous.num_keypoints if write.previous else 0,
         }
         if len(features.global_desc):
             doc["global_vector"] = _vector(features.global_desc)
         return doc
 
-    def _refusal(self, record: ImageRecord, index: _Index) -> str | None:
-        """Why ``record`` cannot go into ``index``, or None."""
+    def _keypoint_actions(self, write: _Write) -> Iterator[dict[str, Any]]:
+        """Index the new keypoints into ``write.slot``; delete what an older version left there."""
+        record = write.record
+        metadata = dict(record.metadata)
+        n = record.features.num_keypoints
+        for j, row in enumerate(record.features.descriptors):
+            yield {
+                "_op_type": "index",
+                "_index": self.keypoints_alias,
+                "_id": keypoint_id(record.image_id, write.slot, j),
+                "_source": {
+                    "image_id": record.image_id,
+                    "keypoint": j,
+                    "generation": write.generation,
+                    "metadata": metadata,
+                    "vector": _vector(row),
+                },
+            }
+        for j in range(n, write.surplus_in_slot):
+            yield {"_op_type": "delete", "_index": self.keypoints_alias, "_id": keypoint_id(record.image_id, write.slot, j)}
+
+    def _refusal(self, record: ImageRecord, indices: _Indices) -> str | None:
+        """Why ``record`` cannot go into ``indices``, or None."""
         features = record.features
         if self.model_id is not None and features.model_id != self.model_id:
             return f"model_id {features.model_id!r} differs from this backend's model {self.model_id!r}"
-        if features.model_id != index.model_id:
-            return f"model_id {features.model_id!r} differs from the model of index {index.name} ({index.model_id!r})"
-        if features.descriptor_dim != index.local_dims:
-            return f"local descriptors have {features.descriptor_dim} dims, index {index.name} holds {index.local_dims}"
-        if len(features.global_desc) and index.global_dims and len(features.global_desc) != index.global_dims:
+        if features.model_id != indices.model_id:
+            return f"model_id {features.model_id!r} differs from the model of index {indices.images} ({indices.model_id!r})"
+        if features.descriptor_dim != indices.local_dims:
+            return f"local descriptors have {features.descriptor_dim} dims, index {indices.images} holds {indices.local_dims}"
+        if len(features.global_desc) and indices.global_dims and len(features.global_desc) != indices.global_dims:
             return (
                 f"global descriptor has {len(features.global_desc)} dims, "
-                f"index {index.name} holds {index.global_dims}"
+                f"index {indices.images} holds {indices.global_dims}"
             )
-        if features.num_keypoints > MAX_KEYPOINTS:
-            return f"{features.num_keypoints} keypoints, more than the {MAX_KEYPOINTS} an image may hold"
         return None
 
-    def _index_for(self, records: list[ImageRecord]) -> _Index:
-        """The index to write to, created from the first record of the right model if missing."""
-        index = self._load_index()  # re-read on every write: the alias may have been swapped
-        if index is not None:
-            return index
+    def _indices_for(self, records: list[ImageRecord]) -> _Indices:
+        """The indices to write to, created from the first record of the right model if missing."""
+        indices = self._load_indices()  # re-read on every write: the aliases may have been swapped
+        if indices is not None:
+            return indices
         wanted = self.model_id or records[0].features.model_id
         first = next((r.features for r in records if r.features.model_id == wanted), None)
         if first is None:  # every record is of another model: nothing will be written
-            return _Index(index_name(self.alias, wanted), wanted, -1, None, False, False)
+            images, keypoints = index_names(self.alias, wanted)
+            return _Indices(images, keypoints, wanted, -1, None, False)
         global_sizes = (len(r.features.global_desc) for r in records if r.features.model_id == wanted)
         global_dims = next((size for size in global_sizes if size), None)
-        return self._create_index(wanted, first.descriptor_dim, global_dims)
+        return self._create_indices(wanted, first.descriptor_dim, global_dims)
 
     def upsert(self, records: Iterable[ImageRecord], refresh: bool = False) -> BulkReport:
-        """Write images, each replacing any image of the same id (one document: atomic).
+        """Write images, each replacing any image of the same id (all or nothing per image, as
+        searches see it: the previous version stays whole until the new one is complete).
 
         Items are refused (failed, not raised) for another model_id, other descriptor dims, or
-        any error Elasticsearch reports for the document.  Raises IndexUnavailable when the
-        server cannot be reached or still rejects items with 429 after the retries.
+        any error Elasticsearch reports for the image or one of its keypoints; the previous
+        version of a refused image is kept.  An id given twice: the last record wins.
+        Raises IndexUnavailable when the server cannot be reached or still answers 429 after
+        the retries.
         """
         records = list(records)
         if not records:
             return BulkReport()
-        index = self._index_for(records)
+        indices = self._indices_for(records)
         outcome: dict[int, str | None] = {}  # position -> None (written) or error
-        positions: dict[str, list[int]] = {}  # _id -> positions awaiting a bulk result
-
-        def actions() -> Iterator[dict[str, Any]]:
-            for position, record in enumerate(records):
-                refusal = self._refusal(record, index)
-                if refusal is not None:
-                    outcome[position] = refusal
-                    continue
-                doc_id = document_id(record.image_id)
-                positions.setdefault(doc_id, []).append(position)
-                yield {"_op_type": "index", "_index": self.alias, "_id": doc_id, "_source": self._document(record)}
-
-        overloaded = self._bulk("upsert", actions(), positions, outcome)
+        last: dict[str, int] = {}
+        for position, record in enumerate(records):
+            refusal = self._refusal(record, indices)
+            if refusal is not None:
+                outcome[position] = refusal
+            else:
+                last[record.image_id] = position
+        chosen = sorted(last.values())
+        for start in range(0, len(chosen), IMAGES_PER_ROUND):
+            for write in self._write_round([(p, records[p]) for p in chosen[start : start + IMAGES_PER_ROUND]]):
+                outcome[write.position] = write.error
+        for position, record in enumerate(records):  # earlier copies of an id share the last one's fate
+            if position not in outcome:
+                outcome[position] = outcome[last[record.image_id]]
         if refresh:
             self.refresh()
-        return self._report([r.image_id for r in records], outcome, overloaded, "upsert")
+        succeeded = [records[p].image_id for p in sorted(outcome) if outcome[p] is None]
+        failed = [ItemFailure(records[p].image_id, str(outcome[p])) for p in sorted(outcome) if outcome[p] is not None]
+        return BulkReport(succeeded=succeeded, failed=failed)
+
+    def _write_round(self, items: list[tuple[int, ImageRecord]]) -> list[_Write]:
+        """Write a few images: new keypoints, then image documents, then old keypoints."""
+        live = self._versions([record.image_id for _, record in items])
+        writes = []
+        for position, record in items:
+            previous = live.get(record.image_id)
+            writes.append(
+                _Write(
+                    position=position,
+                    record=record,
+                    generation=secrets.randbits(31),
+                    slot=1 - previous.slot if previous else 0,
+                    surplus_in_slot=previous.other_slot_keypoints if previous else 0,
+                    previous=previous,
+                )
+            )
+        # 1. keypoints into the free slot
+        by_id: dict[str, _Write] = {}
+        actions: list[dict[str, Any]] = []
+        for write in writes:
+            for action in self._keypoint_actions(write):
+                by_id[action["_id"]] = write
+                actions.append(action)
+        for action, result, ok in self._bulk("upsert (keypoints)", actions):
+            write = by_id[action["_id"]]
+            if not ok and action["_op_type"] == "index" and write.error is None:
+                write.error = f"keypoint {action['_source']['keypoint']}: {result}"
+        # 2. image documents: the commit point
+        complete = [write for write in writes if write.error is None]
+        documents = [
+            {"_op_type": "index", "_index": self.alias, "_id": document_id(w.record.image_id), "_source": self._image_document(w)}
+            for w in complete
+        ]
+        by_doc = {document_id(w.record.image_id): w for w in complete}
+        for action, result, ok in self._bulk("upsert (images)", documents):
+            if not ok:
+                by_doc[action["_id"]].error = str(result)
+        # 3. the previous version's keypoints, now dead (best effort)
+        dead = [
+            {"_op_type": "delete", "_index": self.keypoints_alias, "_id": keypoint_id(w.record.image_id, w.previous.slot, j)}
+            for w in complete
+            if w.error is None and w.previous is not None
+            for j in range(w.previous.num_keypoints)
+        ]
+        leftovers = sum(not ok for _, _, ok in self._bulk("upsert (old keypoints)", dead))
+        # 4. anything else not of the new generations (left by a writer that died), as of the last refresh
+        committed = {w.record.image_id: w.generation for w in complete if w.error is None}
+        leftovers += self._sweep(committed, {action["_id"] for action in dead})
+        if leftovers:
+            logger.warning("%d dead keypoints could not be deleted; the next write of their images will", leftovers)
+        return writes
+
+    def _sweep(self, keep: Mapping[str, int | None], skip: set[str]) -> int:
+        """Delete the keypoint documents of images ``keep`` whose generation is not the one given
+        (None: every generation), except ids in ``skip``; returns how many could not be deleted.
+        Sees the index as of its last refresh: later strays wait for the next write."""
+        if not keep:
+            return 0
+        clauses = [
+            {"bool": {"filter": [{"term": {"image_id": image_id}}],
+                      "must_not": [] if generation is None else [{"term": {"generation": generation}}]}}
+            for image_id, generation in keep.items()
+        ]
+        body = {"query": {"bool": {"should": clauses, "minimum_should_match": 1}}, "size": MAX_RESULT_WINDOW,
+                "_source": False, "seq_no_primary_term": True}
+        hits_path = "responses.hits.hits."
+        (response,) = self._msearch(
+            self.keypoints_alias, [body], [hits_path + "_id", hits_path + "_seq_no", hits_path + "_primary_term"]
+        )
+        # A hit may be stale: its id may since have been rewritten by the new version (slots reuse
+        # ids), so each delete only applies to the document the search saw (409 otherwise: kept).
+        actions = [
+            {"_op_type": "delete", "_index": self.keypoints_alias, "_id": hit["_id"],
+             "if_seq_no": hit["_seq_no"], "if_primary_term": hit["_primary_term"]}
+            for hit in response.get("hits", {}).get("hits", [])
+            if hit["_id"] not in skip
+        ]
+        return sum(not ok for _, _, ok in self._bulk("sweep", actions))
+
+    def _versions(self, image_ids: list[str]) -> dict[str, _Version]:
+        """The live version of each indexed image among ``image_ids``."""
+        return {
+            doc["_source"]["image_id"]: _Version(
+                generation=int(doc["_source"].get("generation", 0)),
+                slot=int(doc["_source"].get("slot", 0)),
+                num_keypoints=int(doc["_source"].get("num_keypoints", 0)),
+                other_slot_keypoints=int(doc["_source"].get("other_slot_keypoints") or 0),
+            )
+            for doc in self._mget(image_ids, ["image_id", *_VERSION_FIELDS])
+        }
 
     def delete(self, image_ids: Iterable[str], refresh: bool = False) -> BulkReport:
-        """Remove images; an unknown id is a failed item."""
+        """Remove images (keypoints first, then the image document); an unknown id is a failed item."""
         ids = [str(image_id) for image_id in image_ids]
         if not ids:
             return BulkReport()
-        outcome: dict[int, str | None] = {}
         if self._current() is None:
             return BulkReport(failed=[ItemFailure(image_id, "not found") for image_id in ids])
-        positions: dict[str, list[int]] = {}
-
-        def actions() -> Iterator[dict[str, Any]]:
-            for position, image_id in enumerate(ids):
-                doc_id = document_id(image_id)
-                positions.setdefault(doc_id, []).append(position)
-                yield {"_op_type": "delete", "_index": self.alias, "_id": doc_id}
-
-        overloaded = self._bulk("delete", actions(), positions, outcome)
+        outcome: dict[int, str | None] = {}
+        live = self._versions(list(dict.fromkeys(ids)))
+        seen: set[str] = set()
+        targets: list[int] = []
+        for position, image_id in enumerate(ids):
+            if image_id not in live or image_id in seen:
+                outcome[position] = "not found"
+            else:
+                seen.add(image_id)
+                targets.append(position)
+        actions, owner = [], {}
+        for position in targets:
+            version = live[ids[position]]
+            for slot, count in ((version.slot, version.num_keypoints), (1 - version.slot, version.other_slot_keypoints)):
+                for j in range(count):
+                    key = keypoint_id(ids[position], slot, j)
+                    owner[key] = position
+                    actions.append({"_op_type": "delete", "_index": self.keypoints_alias, "_id": key})
+        for action, result, ok in self._bulk("delete (keypoints)", actions):
+            position = owner[action["_id"]]
+            if not ok and outcome.get(position) is None:
+                outcome[position] = str(result)
+        swept = {ids[p]: None for p in targets if p not in outcome}
+        if self._sweep(swept, set(owner)):
+            logger.warning("some stray keypoints of deleted images could not be deleted")
+        documents = [
+            {"_op_type": "delete", "_index": self.alias, "_id": document_id(ids[p])} for p in targets if p not in outcome
+        ]
+        by_doc = {document_id(ids[p]): p for p in targets}
+        for action, result, ok in self._bulk("delete (images)", documents):
+            outcome[by_doc[action["_id"]]] = None if ok else str(result)
         if refresh:
             self.refresh()
-        return self._report(ids, outcome, overloaded, "delete")
+        succeeded = [ids[p] for p in sorted(outcome) if outcome[p] is None]
+        failed = [ItemFailure(ids[p], str(outcome[p])) for p in sorted(outcome) if outcome[p] is not None]
+        return BulkReport(succeeded=succeeded, failed=failed)
 
-    def _bulk(
-        self,
-        action: str,
-        actions: Iterator[dict[str, Any]],
-        positions: dict[str, list[int]],
-        outcome: dict[int, str | None],
-    ) -> int:
-        """Send ``actions`` with streaming_bulk; fill ``outcome``; return how many items stayed 429."""
+    def _bulk(self, action: str, actions: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], str, bool]]:
+        """Send ``actions`` with streaming_bulk; yield (action, error or "", ok) for each.
+
+        A delete of a missing document counts as done.  Items still rejected with 429 or 5xx
+        after the retries raise IndexUnavailable once every other item has been sent."""
+        if not actions:
+            return
+        by_id = {a["_id"]: a for a in actions}
         overloaded = 0
         try:
             for ok, item in helpers.streaming_bulk(
@@ -502,38 +714,25 @@ class ElasticsearchBackend:
                 initial_backoff=INITIAL_BACKOFF,
                 max_backoff=MAX_BACKOFF,
             ):
-                result = next(iter(item.values()))
-                queue = positions.get(str(result.get("_id")))
-                if not queue:  # pragma: no cover - Elasticsearch always echoes the _id
-                    logger.warning("bulk %s: result for unknown id %r", action, result.get("_id"))
-                    continue
-                position = queue.pop(0)
-                if ok:
-                    outcome[position] = None
-                    continue
+                ((op, result),) = item.items()
+                sent = by_id[str(result.get("_id"))]
                 status = result.get("status")
-                if status == 429 or (isinstance(status, int) and status >= 500):
+                if not ok and op == "delete" and (status == 404 or (status == 409 and "if_seq_no" in sent)):
+                    ok = True  # already gone / rewritten since a sweep saw it
+                if not ok and (status == 429 or (isinstance(status, int) and status >= 500)):
                     overloaded += 1
-                if status == 404 and result.get("result") == "not_found":
-                    outcome[position] = "not found"
-                else:
-                    outcome[position] = _reason(result.get("error")) if result.get("error") else f"HTTP {status}"
+                    continue
+                error = "" if ok else (_reason(result["error"]) if result.get("error") else f"HTTP {status}")
+                yield sent, error, ok
         except ApiError as exc:
             raise self._wrap(f"bulk {action}", exc) from exc
         except elastic_transport.TransportError as exc:
             raise self._unavailable(f"bulk {action}", exc) from exc
-        return overloaded
-
-    def _report(self, ids: list[str], outcome: dict[int, str | None], overloaded: int, action: str) -> BulkReport:
         if overloaded:
-            written = sum(error is None for error in outcome.values())
             raise IndexUnavailable(
                 f"Elasticsearch at {self.url} overloaded: {overloaded} {action} item(s) still rejected "
-                f"(429/5xx) after {RETRIES_ON_429} retries; {written} item(s) were written"
+                f"(429/5xx) after {RETRIES_ON_429} retries; writes are idempotent, retry the call"
             )
-        succeeded = [ids[p] for p in sorted(outcome) if outcome[p] is None]
-        failed = [ItemFailure(ids[p], str(outcome[p])) for p in sorted(outcome) if outcome[p] is not None]
-        return BulkReport(succeeded=succeeded, failed=failed)
 
     # ------------------------------------------------------------------ reads
 
@@ -558,7 +757,7 @@ class ElasticsearchBackend:
         )
 
     def _mget(self, image_ids: list[str], source: Any) -> Iterator[dict[str, Any]]:
-        """The found documents among ``image_ids`` (ids of a missing index are not found)."""
+        """The found image documents among ``image_ids`` (none if the index does not exist)."""
         for start in range(0, len(image_ids), MGET_CHUNK):
             chunk = [document_id(image_id) for image_id in image_ids[start : start + MGET_CHUNK]]
             try:
@@ -574,11 +773,10 @@ class ElasticsearchBackend:
     def existing(self, image_ids: Iterable[str]) -> set[str]:
         """The subset of ``image_ids`` that is indexed."""
         wanted = list(dict.fromkeys(str(image_id) for image_id in image_ids))
-        by_doc = {document_id(image_id): image_id for image_id in wanted}
-        return {by_doc[doc["_id"]] for doc in self._mget(wanted, False)}
+        return {doc["_source"]["image_id"] for doc in self._mget(wanted, ["image_id"])}
 
     def count(self) -> int:
-        """Number of indexed images (top-level documents; nested keypoints are not counted)."""
+        """Number of indexed images."""
         try:
             return int(self._call("count", self._client.count, index=self.alias)["count"])
         except NotFoundError:
@@ -601,7 +799,8 @@ class ElasticsearchBackend:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         return int(k)
 
-    def _filters(self, metadata_filter: MetadataFilter | None, image_ids: list[str] | None) -> list[Any]:
+    @staticmethod
+    def _filters(metadata_filter: MetadataFilter | None, image_ids: list[str] | None) -> list[Any]:
         filters: list[Any] = []
         if metadata_filter is not None:
             if not isinstance(metadata_filter, Mapping):
@@ -635,61 +834,65 @@ class ElasticsearchBackend:
             raise FeatureShapeError("descriptors", "(Q, D) array", got)
         restrict = None if image_ids is None else list(dict.fromkeys(str(i) for i in image_ids))
         filters = self._filters(metadata_filter, restrict)
-        index = self._current()
-        if index is None:
+        indices = self._current()
+        if indices is None:
             return Neighbours.empty()
-        if descriptors.shape[1] != index.local_dims:
-            raise FeatureShapeError("descriptors", f"(Q, {index.local_dims})", str(descriptors.shape))
+        if descriptors.shape[1] != indices.local_dims:
+            raise FeatureShapeError("descriptors", f"(Q, {indices.local_dims})", str(descriptors.shape))
         if len(descriptors) == 0 or restrict == []:
             return Neighbours.empty()
         queries = np.ascontiguousarray(descriptors, dtype=np.float32)
-        images = min(k, MAX_KNN)
+        size = min(k, MAX_KNN)
+        candidates = self.num_candidates * (RESTRICTED_CANDIDATES_FACTOR if restrict is not None else 1)
         search: dict[str, Any] = {
-            "field": "keypoints.vector",
-            "k": images,
-            "num_candidates": min(max(self.num_candidates, images), MAX_KNN),
-            "inner_hits": {"size": min(k, MAX_KEYPOINTS), "_source": False},
+            "field": "vector",
+            "k": size,
+            "num_candidates": min(max(candidates, size), MAX_KNN),
         }
         if filters:
             search["filter"] = filters
-        if index.quantised_keypoints:  # re-score candidates with the float vectors: exact similarities
-            search["rescore_vector"] = {"oversample": 1.0}
-        bodies = []
-        for row in queries:
-            bodies.append({"knn": {**search, "query_vector": _vector(row)}, "_source": False,
-                           "docvalue_fields": ["image_id"], "size": images})
-        responses = self._msearch(bodies, [
-            "responses.hits.hits.fields.image_id",
-            "responses.hits.hits.inner_hits.keypoints.hits.hits._score",
-            "responses.hits.hits.inner_hits.keypoints.hits.hits._nested.offset",
-        ])
-        query_index: list[int] = []
-        names: list[str] = []
-        keypoint: list[int] = []
-        similarity: list[float] = []
+        bodies = [
+            {"knn": {**search, "query_vector": _vector(row)}, "_source": False, "stored_fields": "_none_",
+             "size": size, "docvalue_fields": ["image_id", "keypoint", "generation"]}
+            for row in queries
+        ]
+        responses = self._msearch(self.keypoints_alias, bodies, ["responses.hits.hits._score", "responses.hits.hits.fields"])
+        hits: list[tuple[int, float, str, int, int]] = []
         for q, response in enumerate(responses):
-            found: list[tuple[float, str, int]] = []
             for hit in response.get("hits", {}).get("hits", []):
-                image_id = hit["fields"]["image_id"][0]
-                for inner in hit["inner_hits"]["keypoints"]["hits"]["hits"]:
-                    found.append((2.0 * inner["_score"] - 1.0, image_id, int(inner["_nested"]["offset"])))
-            found.sort(key=lambda item: (-item[0], item[1], item[2]))
-            for score, image_id, offset in found[:k]:
-                query_index.append(q)
-                names.append(image_id)
-                keypoint.append(offset)
-                similarity.append(score)
-        if not query_index:
+                fields = hit["fields"]
+                hits.append(
+                    (q, 2.0 * hit["_score"] - 1.0, fields["image_id"][0], int(fields["keypoint"][0]),
+                     int(fields["generation"][0]))
+                )
+        live = self._generations({hit[2] for hit in hits})
+        kept = [hit for hit in hits if live.get(hit[2]) == hit[4]]  # only keypoints of live versions
+        if not kept:
             return Neighbours.empty()
+        kept.sort(key=lambda hit: (hit[0], -hit[1], hit[2], hit[3]))
         return Neighbours(
-            query_index=np.array(query_index, np.int64),
-            image_ids=np.array(names, dtype=object),
-            keypoint_index=np.array(keypoint, np.int64),
-            similarity=np.clip(np.array(similarity, np.float32), -1.0, 1.0),
+            query_index=np.array([hit[0] for hit in kept], np.int64),
+            image_ids=np.array([hit[2] for hit in kept], dtype=object),
+            keypoint_index=np.array([hit[3] for hit in kept], np.int64),
+            similarity=np.clip(np.array([hit[1] for hit in kept], np.float32), -1.0, 1.0),
         )
 
-    def _msearch(self, bodies: list[dict[str, Any]], fields: list[str]) -> list[dict[str, Any]]:
-        """Run searches on the alias through ``_msearch``, in chunks; 429s retried, errors raised."""
+    def _generations(self, image_ids: set[str]) -> dict[str, int]:
+        """The live generation of each of ``image_ids`` that has an image document, as of the last
+        refresh (the point in time kNN searched), read by ``terms`` searches of the images index."""
+        wanted = sorted(image_ids)
+        out: dict[str, int] = {}
+        for start in range(0, len(wanted), CHECK_CHUNK):
+            chunk = wanted[start : start + CHECK_CHUNK]
+            body = {"query": {"terms": {"image_id": chunk}}, "size": len(chunk), "_source": False,
+                    "stored_fields": "_none_", "docvalue_fields": ["image_id", "generation"]}
+            (response,) = self._msearch(self.alias, [body], ["responses.hits.hits.fields"])
+            for hit in response.get("hits", {}).get("hits", []):
+                out[hit["fields"]["image_id"][0]] = int(hit["fields"].get("generation", [-1])[0])
+        return out
+
+    def _msearch(self, index: str, bodies: list[dict[str, Any]], fields: list[str]) -> list[dict[str, Any]]:
+        """Run searches on ``index`` through ``_msearch``, in chunks; 429s retried, errors raised."""
         filter_path = ["responses.status", "responses.error"] + fields
         out: list[dict[str, Any]] = []
         for start in range(0, len(bodies), KNN_SEARCHES_PER_REQUEST):
@@ -699,9 +902,9 @@ class ElasticsearchBackend:
             for attempt in range(RETRIES_ON_429 + 1):
                 searches: list[dict[str, Any]] = []
                 for i in pending:
-                    searches += [{"index": self.alias}, chunk[i]]
+                    searches += [{"index": index}, chunk[i]]
                 try:
-                    answer = self._call("kNN search", self._client.msearch, searches=searches, filter_path=filter_path)
+                    answer = self._call("search", self._client.msearch, searches=searches, filter_path=filter_path)
                 except RequestRejected as exc:  # our bodies are well-formed: the caller's filter is not
                     if exc.status == 400:
                         raise UnsupportedFilter(f"{exc.message} (check the metadata filter)", "filter") from exc
@@ -729,7 +932,7 @@ class ElasticsearchBackend:
         """The delf-es error for one failed search of an ``_msearch``."""
         where = f"Elasticsearch at {self.url}"
         if status == 429 or status >= 500:
-            return IndexUnavailable(f"{where} unavailable (kNN search, HTTP {status}): {_reason(error)}")
+            return IndexUnavailable(f"{where} unavailable (search, HTTP {status}): {_reason(error)}")
         if status == 400:  # our bodies are well-formed: the caller's filter is not
             return UnsupportedFilter(f"{where} refused the search: {_reason(error)}", "filter")
         return RequestRejected(f"{where} refused the search (HTTP {status}): {_reason(error)}", status)
@@ -743,15 +946,13 @@ class ElasticsearchBackend:
             got = str(vector.shape) if isinstance(vector, np.ndarray) else type(vector).__name__
             raise FeatureShapeError("vector", "(G,) array", got)
         filters = self._filters(metadata_filter, None)
-        index = self._current()
-        if index is None:
+        indices = self._current()
+        if indices is not None and indices.global_dims is None:  # no global vector yet when last read
+            indices = self._load_indices()
+        if indices is None or indices.global_dims is None:
             return []
-        if index.global_dims is None:  # the first images had no global descriptor: look again
-            index = self._load_index()
-            if index is None or index.global_dims is None:
-                return []
-        if len(vector) != index.global_dims:
-            raise FeatureShapeError("vector", f"({index.global_dims},)", str(vector.shape))
+        if len(vector) != indices.global_dims:
+            raise FeatureShapeError("vector", f"({indices.global_dims},)", str(vector.shape))
         size = min(k, MAX_KNN)
         search: dict[str, Any] = {
             "field": "global_vector",
@@ -761,10 +962,11 @@ class ElasticsearchBackend:
         }
         if filters:
             search["filter"] = filters
-        if index.quantised_global:
+        if indices.quantised_global:  # re-score the int8 candidates with the float vectors: exact cosines
             search["rescore_vector"] = {"oversample": 2.0}
         (response,) = self._msearch(
-            [{"knn": search, "_source": False, "docvalue_fields": ["image_id"], "size": size}],
+            self.alias,
+            [{"knn": search, "_source": False, "stored_fields": "_none_", "docvalue_fields": ["image_id"], "size": size}],
             ["responses.hits.hits.fields.image_id", "responses.hits.hits._score"],
         )
         return [
@@ -776,10 +978,13 @@ class ElasticsearchBackend:
 
     def refresh(self) -> None:
         """Make all writes visible to search."""
-        try:
-            self._call("refresh", self._client.indices.refresh, index=self.alias)
-        except NotFoundError:
-            pass
+        self._call(
+            "refresh",
+            self._client.indices.refresh,
+            index=f"{self.alias},{self.keypoints_alias}",
+            ignore_unavailable=True,
+            allow_no_indices=True,
+        )
 
     def close(self) -> None:
         """Close the client if this backend built it.  Idempotent."""

@@ -82,7 +82,7 @@ def make_elasticsearch(tmp_path: Path) -> Iterator[Backend]:
     finally:
         backend.close()
         client = Elasticsearch(url, request_timeout=30)
-        found = client.options(ignore_status=404).indices.get_alias(name=alias)
+        found = client.options(ignore_status=404).indices.get_alias(name=f"{alias},{alias}-keypoints")
         if found.meta.status == 200:
             client.indices.delete(index=",".join(found.body))
         client.close()
