@@ -145,7 +145,8 @@ def test_first_write_creates_versioned_indices_behind_the_aliases_with_the_templ
         settings = client.indices.get_settings(index=template)[template]["settings"]["index"]
         assert (settings["number_of_replicas"], settings["codec"]) == ("0", "best_compression")
     vector = client.indices.get_mapping(index=keypoints)[keypoints]["mappings"]["properties"]["vector"]
-    assert (vector["dims"], vector["similarity"], vector["index_options"]["type"]) == (LOCAL_DIM, "dot_product", "hnsw")
+    assert (vector["dims"], vector["similarity"], vector["index_options"]["type"]) == (LOCAL_DIM, "cosine", "hnsw")
+    assert vector["element_type"] == "byte"
     # one image document, one document per keypoint
     assert client.count(index=alias)["count"] == 1
     assert client.count(index=f"{alias}-keypoints")["count"] == 20
@@ -228,7 +229,7 @@ def test_malformed_metadata_filter_raises_unsupported_filter(backend):
 @pytest.mark.integration
 def test_bulk_with_one_bad_document_reports_exactly_that_item(backend):
     assert backend.upsert([record("seed", metadata={"year": 2020})], refresh=True).ok
-    not_unit = unit_rows(np.random.default_rng(7), 20, LOCAL_DIM) * 2.0  # dot_product needs unit vectors
+    not_unit = unit_rows(np.random.default_rng(7), 20, LOCAL_DIM) * 2.0  # refused client-side, as embedded does
     report = backend.upsert(
         [
             record("good-1", seed=1, metadata={"year": 2021}),
@@ -285,7 +286,8 @@ def test_keypoints_of_an_uncommitted_version_are_never_returned(backend, service
     client = Elasticsearch(services.es_url)
     for j, row in enumerate(dead.features.descriptors):
         client.index(index=f"{alias}-keypoints", id=keypoint_id("a", 1, j), document={
-            "image_id": "a", "keypoint": j, "generation": 7, "metadata": {}, "vector": row.tolist()})
+            "image_id": "a", "keypoint": j, "generation": 7, "metadata": {},
+            "vector": es_backend.int8_codes(row[None])[0].tolist()})
     client.indices.refresh(index=f"{alias}-keypoints")
     client.close()
     assert not set(backend.knn(dead.features.descriptors, 1).image_ids)  # only "a" exists, and not that version
@@ -297,11 +299,14 @@ def test_keypoints_of_an_uncommitted_version_are_never_returned(backend, service
 
 
 @pytest.mark.integration
-def test_replacement_rejected_by_elasticsearch_keeps_the_previous_version_whole(backend, services, alias):
+def test_replacement_rejected_by_elasticsearch_keeps_the_previous_version_whole(backend, services, alias, monkeypatch):
     live = record("a", 20, seed=1)
     assert backend.upsert([live], refresh=True).ok
     descriptors = unit_rows(np.random.default_rng(5), 20, LOCAL_DIM)
-    descriptors[13] *= 3.0  # one keypoint Elasticsearch refuses (dot_product needs unit vectors)
+    # One keypoint Elasticsearch itself refuses (cosine of a zero vector), past the client-side
+    # check switched off here, so the server's mid-bulk rejection path is what is tested.
+    descriptors[13] = 0.0
+    monkeypatch.setattr(es_backend, "non_unit_rows", lambda rows: None)
     report = backend.upsert([record("a", 20, seed=2, descriptors=descriptors)], refresh=True)
     assert [f.item_id for f in report.failed] == ["a"]
     assert "keypoint 13" in report.failed[0].error
