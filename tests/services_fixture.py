@@ -54,11 +54,15 @@ class Services:
     started_by_session: tuple[str, ...]  # subset of ("es", "redis"); stopped at session end
 
 
-def run_services_script(action: str, target: str = "all", timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """Run scripts/services.sh ACTION TARGET and return the completed process (never raises on exit code)."""
+def run_services_script(
+    action: str, target: str = "all", timeout: float = START_TIMEOUT_S, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run scripts/services.sh ACTION TARGET (with ``env`` added to the environment, e.g. another
+    port) and return the completed process (never raises on exit code)."""
     try:
         return subprocess.run(
             ["bash", str(SERVICES_SCRIPT), action, target],
+            env={**os.environ, **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -7,6 +7,7 @@ the same as the default's.
 from __future__ import annotations
 
 import io
+import socket
 import time
 import uuid
 
@@ -178,33 +179,45 @@ def test_bulk_add_reports_each_bad_item_and_keeps_the_rest(engine, tmp_path):
     assert again.succeeded == [] and again.failed == []
 
 
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.integration
 def test_search_stays_correct_when_redis_is_flushed_or_stopped(services, extractor, tmp_path):
+    """On a Redis of its own (started and stopped by the same script on a free port), so the
+    shared one (a Celery broker for other tests) is never flushed or stopped."""
     import redis
 
     from services_fixture import run_services_script
 
+    port = {"DELF_ES_REDIS_PORT": str(unused_port())}
+    started = run_services_script("start", "redis", env=port)
+    assert started.returncode == 0, started.stderr
+    redis_url = f"redis://127.0.0.1:{port['DELF_ES_REDIS_PORT']}/0"
     alias = f"test-redis-{uuid.uuid4().hex[:8]}"
-    settings = Settings(**FAST, es_url=services.es_url, redis_url=services.redis_url, index_alias=alias)
-    with DelfEs(settings, extractor=extractor) as engine:
-        for path in PHOTOS:
-            engine.add_image(str(shared(path)))
-        engine.backend.refresh()
-        query = str(shared(KEY))
-        expected = [(h["id"], h["inliers"]) for h in engine.search_image(query)]
-        assert expected[0][0] == query
-        redis.Redis.from_url(services.redis_url).flushall()
-        assert [(h["id"], h["inliers"]) for h in engine.search_image(query)] == expected
-        # refilled on the miss
-        assert redis.Redis.from_url(services.redis_url).dbsize() > 0
-        stopped = run_services_script("stop", "redis")
-        assert stopped.returncode == 0, stopped.stderr
-        try:
-            started = time.monotonic()
+    settings = Settings(**FAST, es_url=services.es_url, redis_url=redis_url, index_alias=alias)
+    try:
+        with DelfEs(settings, extractor=extractor) as engine:
+            for path in PHOTOS:
+                engine.add_image(str(shared(path)))
+            engine.backend.refresh()
+            query = str(shared(KEY))
+            expected = [(h["id"], h["inliers"]) for h in engine.search_image(query)]
+            assert expected[0][0] == query
+            assert redis.Redis.from_url(redis_url).dbsize() == len(PHOTOS)  # filled on add
+            redis.Redis.from_url(redis_url).flushall()
             assert [(h["id"], h["inliers"]) for h in engine.search_image(query)] == expected
-            assert time.monotonic() - started < 60, "a stopped Redis must not stall search"
-        finally:
-            assert run_services_script("start", "redis").returncode == 0
+            assert redis.Redis.from_url(redis_url).dbsize() > 0  # refilled on the miss
+            stopped = run_services_script("stop", "redis", env=port)
+            assert stopped.returncode == 0, stopped.stderr
+            began = time.monotonic()
+            assert [(h["id"], h["inliers"]) for h in engine.search_image(query)] == expected
+            assert time.monotonic() - began < 60, "a stopped Redis must not stall search"
+    finally:
+        run_services_script("stop", "redis", env=port)
         from elasticsearch import Elasticsearch
 
         drop_indices(Elasticsearch(services.es_url), f"{alias}*")
