@@ -1,9 +1,14 @@
-"""Keypoint-location cache for verification: Redis when configured, else in-process.
+"""Keypoint cache for verification: Redis when configured, else in-process.
 
-Cache-aside: the search reads locations of its shortlisted images from here, asks the
-index for the misses and writes them back; ``add`` fills it.  Keys carry the model
-id, so locations of another model never answer.  A cache that is down is a miss,
-never an error: search falls back to the index and stays correct.
+Cache-aside: the search reads the keypoint locations (and, when it matches descriptors
+itself, the int8 descriptor codes) of its shortlisted images from here, asks the index for
+the misses and writes them back; ``add`` fills the locations.  Keys carry a namespace: the
+model id for locations, :func:`codes_namespace` of it for codes, so arrays of another model
+never answer.  A cache that is down is a miss, never an error: search falls back to the
+index and stays correct.
+
+Values are self-describing 2-D arrays: a 4-byte header (dtype code, column count) + the raw
+little-endian rows.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ log = logging.getLogger(__name__)
 
 class LocationCache(Protocol):
     def get_many(self, model_id: str, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
-        """Cached (N, 2) float32 px locations of those ids that are cached."""
+        """Cached arrays of those ids that are cached: (N, 2) float32 px locations under a
+        model id, (N, D) int8 codes under its :func:`codes_namespace`."""
         ...
 
     def put_many(self, model_id: str, locations: Mapping[str, np.ndarray]) -> None: ...
@@ -29,12 +35,27 @@ class LocationCache(Protocol):
     def delete(self, model_id: str, image_ids: Iterable[str]) -> None: ...
 
 
-def _encode(locations: np.ndarray) -> bytes:
-    return np.ascontiguousarray(locations, dtype=np.float32).tobytes()
+_DTYPES = {b"f": np.dtype("<f4"), b"b": np.dtype("i1")}
+
+
+def codes_namespace(model_id: str) -> str:
+    """Namespace of the int8 descriptor codes of ``model_id``'s images."""
+    return f"{model_id}#codes"
+
+
+def _encode(array: np.ndarray) -> bytes:
+    """(N, C) float32 or int8 array -> header + raw rows."""
+    kind = b"b" if array.dtype == np.int8 else b"f"
+    rows = np.ascontiguousarray(array, dtype=_DTYPES[kind])
+    columns = rows.shape[1] if rows.ndim == 2 else 2
+    return kind + columns.to_bytes(3, "little") + rows.tobytes()
 
 
 def _decode(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.float32).reshape(-1, 2).copy()
+    kind, columns = data[:1], int.from_bytes(data[1:4], "little")
+    if kind not in _DTYPES or columns <= 0:
+        raise ValueError("not a delf-es cache value")
+    return np.frombuffer(data, dtype=_DTYPES[kind], offset=4).reshape(-1, columns).copy()
 
 
 class MemoryLocationCache:
@@ -70,14 +91,14 @@ class MemoryLocationCache:
 
 
 class RedisLocationCache:
-    """Locations in Redis as raw float32 bytes under ``<prefix>:<model_id>:<image_id>``.
+    """Arrays in Redis (see the module docstring) under ``<prefix>:<namespace>:<image_id>``.
 
     Every Redis error is logged (at most once per ``warn_every`` s) and treated as a miss,
     with short socket timeouts so a stopped server costs milliseconds, not a hang.
     """
 
     def __init__(
-        self, url: str, prefix: str = "delf-es:kp", ttl_seconds: int | None = None,
+        self, url: str, prefix: str = "delf-es:kp2", ttl_seconds: int | None = None,
         socket_timeout: float = 0.5, warn_every: float = 30.0,
     ) -> None:
         import redis
@@ -110,7 +131,14 @@ class RedisLocationCache:
         except self._errors as error:
             self._warn(error)
             return {}
-        return {i: _decode(v) for i, v in zip(ids, values) if v is not None}
+        out = {}
+        for image_id, value in zip(ids, values):
+            if value is not None:
+                try:
+                    out[image_id] = _decode(value)
+                except ValueError:  # written by another version of delf-es: a miss
+                    continue
+        return out
 
     def put_many(self, model_id: str, locations: Mapping[str, np.ndarray]) -> None:
         if not locations:

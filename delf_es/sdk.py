@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache
+from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache, codes_namespace
 from delf_es.errors import DelfEsError, ItemFailure
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
@@ -92,6 +92,12 @@ class DelfEs:
     def searcher(self) -> Searcher:
         return Searcher(self.backend, self.cache, self.settings, self.model_id)
 
+    def _cache_written(self, model_id: str, locations: Mapping[str, np.ndarray]) -> None:
+        """After a write: cache the new locations; drop cached codes of a replaced version
+        (read again on demand: they are 5x the locations' size, so not cached on add)."""
+        self.cache.put_many(model_id, locations)
+        self.cache.delete(codes_namespace(model_id), list(locations))
+
     # ------------------------------------------------------------------ image-match API
 
     def add_image(
@@ -131,7 +137,7 @@ class DelfEs:
         report = self.backend.upsert([record], refresh=refresh_after)
         if not report.ok:
             raise InvalidRequest(f"{record.image_id}: {report.failed[0].error}")
-        self.cache.put_many(features.model_id, {record.image_id: features.keypoints})
+        self._cache_written(features.model_id, {record.image_id: features.keypoints})
         return record.image_id
 
     def add_features_bulk(
@@ -148,7 +154,7 @@ class DelfEs:
             succeeded.extend(report.succeeded)
             failed.extend(report.failed)
             written = set(report.succeeded)
-            self.cache.put_many(batch[0].features.model_id,
+            self._cache_written(batch[0].features.model_id,
                                 {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
             batch.clear()
 
@@ -206,6 +212,7 @@ class DelfEs:
 
         report = self.backend.delete([image_id], refresh=refresh_after)
         self.cache.delete(self.model_id, [image_id])
+        self.cache.delete(codes_namespace(self.model_id), [image_id])
         if not report.ok:
             raise ImageNotFound(image_id)
 
@@ -236,7 +243,7 @@ class DelfEs:
                 succeeded.extend(report.succeeded)
                 failed.extend(report.failed)
                 written = set(report.succeeded)
-                self.cache.put_many(self.model_id, {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
+                self._cache_written(self.model_id, {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
                 batch.clear()
 
         for item in tqdm(items, disable=not progress, desc="indexing", unit="img"):

@@ -7,8 +7,14 @@
    - ``hybrid``: the two rankings interleaved;
 2. keypoint locations of the shortlisted images from the cache (misses read from the index
    and written back);
-3. the kNN pairs (query keypoint, database keypoint) of each image, made one-to-one, go
-   through RANSAC; images are ranked by inliers, then votes, then global similarity.
+3. correspondences (``correspondences``), then RANSAC; images are ranked by inliers, then
+   votes, then global similarity:
+   - ``knn``: the kNN pairs (query keypoint, database keypoint) of each image, made one-to-one
+     (shortlisted images without pairs get a kNN restricted to them);
+   - ``matching``: the query's descriptors matched to the image's stored int8 codes (mutual
+     nearest neighbours above ``knn_min_similarity``), codes read like the locations
+     (cache, then index).  With the global shortlist no keypoint kNN runs at all, which is
+     what makes Elasticsearch fast (one kNN search instead of one per query descriptor).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from delf_es.cache import LocationCache
+from delf_es.cache import LocationCache, codes_namespace
+from delf_es.index.codes import decode_codes
 from delf_es.index.base import Backend, MetadataFilter, Neighbours
 from delf_es.settings import Settings
 from delf_es.types import Features, SearchHit
@@ -67,15 +74,22 @@ class Searcher:
                 candidates[image_id].global_similarity = similarity
                 global_order.append(image_id)
         shortlist = _interleave([local_order, global_order], s.shortlist_size)
+        matching = s.correspondences == "matching"
         without_pairs = [i for i in shortlist if not candidates[i].query_index]
-        if without_pairs and len(descriptors):
+        if without_pairs and len(descriptors) and not matching:
             restricted = self.backend.knn(descriptors, s.knn_k, metadata_filter, image_ids=without_pairs)
             self._collect(restricted, candidates, count_votes=True)
-        locations = self._locations(shortlist)
+        locations = self._cached(self.model_id, shortlist, self.backend.keypoints)
+        codes = self._cached(codes_namespace(self.model_id), shortlist, self.backend.descriptor_codes) if matching else {}
         hits = []
         for image_id in shortlist:
             candidate = candidates[image_id]
-            inliers = self._verify(query, candidate, locations.get(image_id))
+            if matching:
+                q_idx, db_idx = mutual_matches(descriptors, codes.get(image_id), s.knn_min_similarity)
+                candidate.votes = max(candidate.votes, len(q_idx))
+                inliers = self._ransac(query, q_idx, db_idx, locations.get(image_id))
+            else:
+                inliers = self._verify(query, candidate, locations.get(image_id))
             hits.append(SearchHit(image_id=image_id, score=float(inliers), inliers=inliers,
                                   votes=candidate.votes, global_similarity=candidate.global_similarity))
         hits.sort(key=lambda h: (-h.inliers, -h.votes, -np.nan_to_num(h.global_similarity, nan=-2.0), tie_break(h.image_id)))
@@ -99,12 +113,13 @@ class Searcher:
             if count_votes:
                 candidate.votes += int(len(np.unique(query_index[group])))
 
-    def _locations(self, image_ids: list[str]) -> dict[str, np.ndarray]:
-        found = self.cache.get_many(self.model_id, image_ids)
+    def _cached(self, namespace: str, image_ids: list[str], read) -> dict[str, np.ndarray]:
+        """Arrays of ``image_ids`` from the cache; misses read with ``read`` and written back."""
+        found = self.cache.get_many(namespace, image_ids)
         missing = [i for i in image_ids if i not in found]
         if missing:
-            fetched = self.backend.keypoints(missing)
-            self.cache.put_many(self.model_id, fetched)
+            fetched = read(missing)
+            self.cache.put_many(namespace, fetched)
             found.update(fetched)
         return found
 
@@ -115,6 +130,11 @@ class Searcher:
             np.concatenate(candidate.query_index), np.concatenate(candidate.keypoint_index),
             np.concatenate(candidate.similarity),
         )
+        return self._ransac(query, q_idx, db_idx, locations)
+
+    def _ransac(self, query: Features, q_idx: np.ndarray, db_idx: np.ndarray, locations: np.ndarray | None) -> int:
+        if locations is None or not len(q_idx):
+            return 0
         valid = db_idx < len(locations)
         q_idx, db_idx = q_idx[valid], db_idx[valid]
         s = self.settings
@@ -141,6 +161,19 @@ def one_to_one(query_index: np.ndarray, keypoint_index: np.ndarray, similarity: 
     _, first = np.unique(d, return_index=True)
     first.sort()
     return q[first], d[first]
+
+
+def mutual_matches(query: np.ndarray, codes: np.ndarray | None, min_similarity: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours between (Q, D) unit ``query`` descriptors and an image's (N, D)
+    int8 ``codes``, cosine at least ``min_similarity``: (query index, keypoint index) arrays."""
+    if codes is None or not len(codes) or not len(query):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    similarity = query @ decode_codes(codes).T
+    best_keypoint = similarity.argmax(axis=1)
+    best_query = similarity.argmax(axis=0)
+    q = np.arange(len(query))
+    keep = (best_query[best_keypoint] == q) & (similarity[q, best_keypoint] >= min_similarity)
+    return q[keep], best_keypoint[keep]
 
 
 def _interleave(rankings: list[list[str]], size: int) -> list[str]:

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     # --- search -------------------------------------------------------------------
     shortlist_mode: str = Field(default="hybrid", description="'hybrid' (both, interleaved; best measured), 'local' (keypoint votes) or 'global' (DELG)")
     shortlist_size: int = Field(default=100, ge=1, description="images verified per query")
+    correspondences: str = Field(
+        default="knn",
+        description="'knn': RANSAC on the kNN pairs of each shortlisted image; 'matching': match the query's "
+        "descriptors to each shortlisted image's stored int8 codes (mutual nearest neighbours), so the "
+        "global shortlist needs no keypoint kNN at all",
+    )
     knn_k: int = Field(default=10, ge=1, description="database keypoints fetched per query descriptor")
     knn_min_similarity: float = Field(default=0.595, ge=-1, le=1, description="cosine; 0.595 = L2 0.9 between unit vectors")
     query_max_descriptors: int = Field(default=1000, ge=1, description="strongest query keypoints used for kNN")
@@ -107,6 +113,13 @@ class Settings(BaseSettings):
     def _shortlist_known(cls, value: str) -> str:
         if value not in ("local", "global", "hybrid"):
             raise ValueError("shortlist_mode must be 'local', 'global' or 'hybrid'")
+        return value
+
+    @field_validator("correspondences")
+    @classmethod
+    def _correspondences_known(cls, value: str) -> str:
+        if value not in ("knn", "matching"):
+            raise ValueError("correspondences must be 'knn' or 'matching'")
         return value
 
     @field_validator("ransac_model")

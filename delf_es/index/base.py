@@ -149,6 +149,11 @@ class Backend(Protocol):
         """Stored keypoint locations, (N, 2) float32 px per image (missing ids are left out)."""
         ...
 
+    def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored descriptors as (N, D) int8 codes (:func:`~delf_es.index.codes.int8_codes`) per
+        image, rows in keypoint order (missing ids are left out)."""
+        ...
+
     def refresh(self) -> None:
         """Make all writes visible to search."""
         ...

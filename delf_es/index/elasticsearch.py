@@ -93,6 +93,7 @@ from delf_es.errors import (
     ItemFailure,
     UnsupportedFilter,
 )
+from delf_es.index.codes import int8_codes
 from delf_es.index.base import BulkReport, ImageRecord, MetadataFilter, Neighbours, StoredImage
 from delf_es.settings import Settings
 
@@ -145,7 +146,7 @@ UNIT_NORM_TOLERANCE = 1e-3
 _HASHED_ID_PREFIX = "~sha256:"
 _PCA_RE = re.compile(r"-(pca\d+-[0-9a-f]+)@")
 #: Fields of the image document that ``get`` leaves out.
-_BULKY_FIELDS = ["keypoint_xy", "keypoint_scale", "keypoint_score", "global_vector"]
+_BULKY_FIELDS = ["keypoint_xy", "keypoint_scale", "keypoint_score", "keypoint_codes", "global_vector"]
 #: What a write needs to know of the live version of an image.
 _VERSION_FIELDS = ["generation", "slot", "num_keypoints", "other_slot_keypoints"]
 
@@ -234,18 +235,6 @@ def keypoint_id(image_id: str, slot: int, index: int) -> str:
 def _vector(values: np.ndarray) -> str:
     """A float32 vector in Elasticsearch's base64 form (big-endian float32)."""
     return base64.b64encode(np.asarray(values, ">f4").tobytes()).decode("ascii")
-
-
-def int8_codes(descriptors: np.ndarray) -> np.ndarray:
-    """(N, D) float rows -> (N, D) int8 codes, each row scaled so its largest |component| is 127.
-
-    The keypoint field compares by cosine, which ignores each vector's scale, so every row gets
-    the whole int8 range (for unit 40-d PCA descriptors: about 2x the resolution of a fixed x127).
-    An all-zero row stays zero (cosine then scores it 0.5, i.e. cosine 0)."""
-    rows = np.asarray(descriptors, np.float32)
-    peak = np.abs(rows).max(axis=1, keepdims=True)
-    scale = np.divide(127.0, peak, out=np.zeros_like(peak), where=peak > 0)
-    return np.clip(np.rint(rows * scale), -127, 127).astype(np.int8)
 
 
 def non_unit_rows(descriptors: np.ndarray) -> str | None:
@@ -500,6 +489,7 @@ class ElasticsearchBackend:
             "keypoint_xy": _pack(features.keypoints),
             "keypoint_scale": _pack(features.scales),
             "keypoint_score": _pack(features.scores),
+            "keypoint_codes": base64.b64encode(int8_codes(features.descriptors).tobytes()).decode("ascii"),
             "generation": write.generation,
             "slot": write.slot,
             "other_slot_keypoints": write.previous.num_keypoints if write.previous else 0,
@@ -828,6 +818,20 @@ class ElasticsearchBackend:
             doc["_source"]["image_id"]: _unpack(doc["_source"].get("keypoint_xy"), 2)
             for doc in self._mget(wanted, ["image_id", "keypoint_xy"])
         }
+
+    def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored descriptors as (N, D) int8 codes (:func:`~delf_es.index.codes.int8_codes`) per
+        image; unknown ids left out.  Read from the image documents (one ``mget`` per 500 ids),
+        not from the keypoint documents: one document per image instead of N."""
+        wanted = list(dict.fromkeys(str(image_id) for image_id in image_ids))
+        indices = self._current()
+        if indices is None or not wanted:
+            return {}
+        out = {}
+        for doc in self._mget(wanted, ["image_id", "keypoint_codes"]):
+            raw = base64.b64decode(doc["_source"].get("keypoint_codes") or "")
+            out[doc["_source"]["image_id"]] = np.frombuffer(raw, np.int8).reshape(-1, indices.local_dims).copy()
+        return out
 
     # ------------------------------------------------------------------ search
 

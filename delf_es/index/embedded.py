@@ -67,6 +67,7 @@ from delf_es.errors import (
     ItemFailure,
     ModelMismatch,
 )
+from delf_es.index.codes import int8_codes
 from delf_es.index.base import BulkReport, ImageRecord, MetadataFilter, Neighbours, StoredImage
 from delf_es.index.filters import compile_filter
 from delf_es.types import Features
@@ -696,6 +697,22 @@ class EmbeddedBackend:
                     f"SELECT image_id, keypoints FROM images WHERE image_id IN ({marks})", chunk
                 ):
                     out[image_id] = _unblob(blob, 2)
+        return out
+
+    def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored descriptors as (N, D) int8 codes (as the Elasticsearch backend stores them, so
+        both backends match alike); unknown ids left out."""
+        wanted = list(dict.fromkeys(image_ids))
+        out: dict[str, np.ndarray] = {}
+        with self._reading():
+            conn = self._reader()
+            for start in range(0, len(wanted), _SQL_CHUNK):
+                chunk = wanted[start : start + _SQL_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for image_id, blob in conn.execute(
+                    f"SELECT image_id, descriptors FROM images WHERE image_id IN ({marks})", chunk
+                ):
+                    out[image_id] = int8_codes(_unblob(blob, self._local_dim or 0))
         return out
 
     def _matching_rows(

@@ -13,6 +13,7 @@ import pytest
 
 from delf_es.errors import BulkIndexFailed, FeatureShapeError, ImageNotFound
 from delf_es.index.base import Backend, BulkReport, Neighbours
+from delf_es.index.codes import int8_codes
 
 # ---- helpers ---------------------------------------------------------------------------
 
@@ -123,6 +124,20 @@ def test_keypoints_returns_stored_locations_and_leaves_out_unknown_ids(backend, 
     for record in records:
         assert locations[record.image_id].dtype == np.float32
         np.testing.assert_allclose(locations[record.image_id], record.features.keypoints)
+
+
+def test_descriptor_codes_are_the_int8_codes_of_the_stored_descriptors(backend, synth):
+    records = [synth.record("a", 20, seed=1), synth.record("b", 5, seed=2), synth.record("blank", 0, seed=3)]
+    backend.upsert(records, refresh=True)
+    codes = backend.descriptor_codes(["a", "b", "blank", "missing"])
+    assert set(codes) == {"a", "b", "blank"}
+    for record in records[:2]:
+        assert codes[record.image_id].dtype == np.int8
+        np.testing.assert_array_equal(codes[record.image_id], int8_codes(record.features.descriptors))
+    assert codes["blank"].shape[0] == 0
+    replaced = synth.record("a", 7, seed=9)
+    backend.upsert([replaced], refresh=True)
+    np.testing.assert_array_equal(backend.descriptor_codes(["a"])["a"], int8_codes(replaced.features.descriptors))
 
 
 def test_get_unknown_id_raises_image_not_found(backend):

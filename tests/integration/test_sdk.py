@@ -98,6 +98,18 @@ def test_modified_copies_find_their_original_first(indexed, variant):
     assert hits and hits[0]["id"] == str(shared(KEY)), [(h["id"], h["inliers"]) for h in hits]
 
 
+def test_global_shortlist_with_descriptor_matching_finds_a_crop_first(indexed):
+    """correspondences='matching': no keypoint kNN; codes come from the index, then the cache."""
+    indexed.settings = indexed.settings.model_copy(update={"shortlist_mode": "global", "correspondences": "matching"})
+    image = Image.open(shared(KEY)).convert("RGB")
+    width, height = image.size
+    crop = _jpeg_bytes(image.crop((width // 4, height // 5, width * 3 // 4, height * 4 // 5)))
+    for _ in range(2):  # cold, then cached codes
+        hits = indexed.search_image(crop, bytestream=True)
+        assert hits[0]["id"] == str(shared(KEY)) and hits[0]["inliers"] >= 20, [(h["id"], h["inliers"]) for h in hits]
+        assert all(h["inliers"] < hits[0]["inliers"] / 2 for h in hits[1:])
+
+
 def test_quarter_turn_is_found_with_all_orientations(indexed):
     turned = Image.open(shared(KEY)).convert("RGB").transpose(Image.Transpose.ROTATE_90)
     hits = indexed.search_image(_jpeg_bytes(turned), bytestream=True, all_orientations=True)

@@ -49,3 +49,20 @@ def test_redis_cache_round_trip(services):
     cache.delete("model", ["x", "y"])
     assert cache.get_many("model", ["x", "y"]) == {}
     cache.close()
+
+
+def test_values_describe_their_dtype_and_width_so_codes_round_trip():
+    from delf_es.cache import _decode, _encode, codes_namespace
+
+    codes = np.arange(-60, 60, dtype=np.int8).reshape(3, 40)
+    locations = np.arange(8, dtype=np.float32).reshape(4, 2)
+    for array in (codes, locations, np.zeros((0, 2), np.float32)):
+        back = _decode(_encode(array))
+        assert back.dtype == array.dtype and back.shape == array.shape
+        np.testing.assert_array_equal(back, array)
+    with pytest.raises(ValueError):
+        _decode(b"\x00\x00\x00\x00garbage")
+    cache = MemoryLocationCache()
+    cache.put_many(codes_namespace("m"), {"img": codes})
+    assert cache.get_many("m", ["img"]) == {}  # locations and codes never answer for each other
+    np.testing.assert_array_equal(cache.get_many(codes_namespace("m"), ["img"])["img"], codes)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from delf_es.cache import MemoryLocationCache
+from delf_es.cache import MemoryLocationCache, codes_namespace
 from delf_es.index.base import ImageRecord
 from delf_es.index.embedded import EmbeddedBackend
-from delf_es.search import Searcher, _interleave, one_to_one
+from delf_es.index.codes import int8_codes
+from delf_es.search import Searcher, _interleave, mutual_matches, one_to_one
 from delf_es.settings import Settings
 from delf_es.types import Features
 
@@ -60,10 +61,11 @@ def searcher(backend, **overrides):
     return Searcher(backend, MemoryLocationCache(), settings, MODEL)
 
 
+@pytest.mark.parametrize("correspondences", ["knn", "matching"])
 @pytest.mark.parametrize("mode", ["local", "global", "hybrid"])
-def test_target_is_ranked_first_with_most_inliers(scene, mode):
+def test_target_is_ranked_first_with_most_inliers(scene, mode, correspondences):
     backend, query = scene
-    hits = searcher(backend, shortlist_mode=mode).search(query)
+    hits = searcher(backend, shortlist_mode=mode, correspondences=correspondences).search(query)
     assert hits[0].image_id == "target"
     assert hits[0].inliers >= 150, hits[0]
     assert all(h.inliers < 20 for h in hits[1:])
@@ -73,6 +75,32 @@ def test_global_shortlist_gets_correspondences_from_a_restricted_knn(scene):
     backend, query = scene
     hits = searcher(backend, shortlist_mode="global", shortlist_size=1).search(query)
     assert [h.image_id for h in hits] == ["target"] and hits[0].votes > 100
+
+
+def test_global_shortlist_with_matching_runs_no_keypoint_knn(scene, monkeypatch):
+    backend, query = scene
+    search = searcher(backend, shortlist_mode="global", correspondences="matching")
+
+    def no_knn(*args, **kwargs):
+        raise AssertionError("keypoint kNN called")
+
+    monkeypatch.setattr(backend, "knn", no_knn)
+    hits = search.search(query)
+    assert hits[0].image_id == "target" and hits[0].inliers >= 150
+    # the codes were cached on the miss, under their own namespace
+    cached = search.cache.get_many(codes_namespace(MODEL), ["target"])["target"]
+    np.testing.assert_array_equal(cached, backend.descriptor_codes(["target"])["target"])
+    assert search.search(query)[0].inliers == hits[0].inliers  # from the cache now
+
+
+def test_mutual_matches_keeps_mutual_pairs_above_the_threshold():
+    rng = np.random.default_rng(0)
+    db = unit(rng, 50, 40)
+    query = np.r_[db[[3, 7, 7]], unit(rng, 5, 40)]  # 7 twice: only one of the two is mutual
+    q, d = mutual_matches(query, int8_codes(db), 0.9)
+    assert list(zip(q.tolist(), d.tolist())) == [(0, 3), (1, 7)]
+    assert mutual_matches(query, None, 0.9)[0].size == 0
+    assert mutual_matches(query, np.zeros((0, 40), np.int8), 0.9)[0].size == 0
 
 
 def test_metadata_filter_excludes_the_target(scene):
