@@ -260,12 +260,13 @@ def batches(data: RealData, start: int, stop: int, size: int = 64) -> Iterator[l
 
 
 def measure_modes(engine: DelfEs, timer: StageTimer, queries: list[Features], modes: list[str]) -> dict:
-    """Search latency for each shortlist mode, on the same index."""
+    """Search latency for each ``shortlist_mode[/correspondences]``, on the same index."""
     base = engine.settings
     out = {}
     try:
         for mode in modes:
-            engine.settings = base.model_copy(update={"shortlist_mode": mode})
+            shortlist, _, correspondences = mode.partition("/")
+            engine.settings = base.model_copy(update={"shortlist_mode": shortlist, "correspondences": correspondences or "knn"})
             out[mode] = measure_search(engine, timer, queries)
     finally:
         engine.settings = base
@@ -295,7 +296,8 @@ def run_backend(kind: str, data: RealData, sizes: list[int], settings: Settings,
     timer.wrap(engine.backend, "knn", "keypoint_knn")
     timer.wrap(engine.backend, "global_knn", "global_knn")
     timer.wrap(engine.backend, "keypoints", "locations_from_index")
-    timer.wrap(cache, "get_many", "locations_from_cache")
+    timer.wrap(engine.backend, "descriptor_codes", "codes_from_index")
+    timer.wrap(cache, "get_many", "locations_and_codes_from_cache")
     run.update({"backend": kind, "alias": alias, "kept": args.keep, "sizes": []})
     indexed = sizes[-1] if args.reuse else 0
     if args.reuse:
@@ -410,7 +412,8 @@ def main() -> None:
     parser.add_argument("--es-url", default=os.environ.get("DELF_ES_ES_URL", "http://127.0.0.1:9200"))
     parser.add_argument("--redis-url", default=os.environ.get("DELF_ES_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--force-merge", action="store_true", help="also measure Elasticsearch merged to one segment")
-    parser.add_argument("--modes", nargs="+", default=["hybrid", "local", "global"], help="shortlist modes to time")
+    parser.add_argument("--modes", nargs="+", default=["hybrid", "local", "global", "global/matching", "hybrid/matching"],
+                        help="shortlist_mode[/correspondences] settings to time")
     parser.add_argument("--keep", action="store_true", help="keep the index (and cache) for a later --reuse")
     parser.add_argument("--reuse", metavar="ALIAS", help="measure an index kept by --keep (holds the largest size)")
     parser.add_argument("--out", type=Path, default=RESULTS / "search_speed.json")
@@ -435,6 +438,7 @@ def main() -> None:
                  "global_noise_norm": GLOBAL_NOISE_NORM, "jitter_px": JITTER_PX,
                  "replication": "image i = photo i mod 311 + noise (copy i // 311); copy 0 = the photo"},
         "settings": json.loads(settings.model_dump_json(include={"shortlist_mode", "shortlist_size", "knn_k", "query_max_descriptors",
+                                                                 "correspondences", "knn_min_similarity",
                                                                  "es_knn_num_candidates", "ransac_model", "ransac_max_iters"})),
         "machine": {"cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
         "runs": [],

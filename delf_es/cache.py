@@ -93,12 +93,14 @@ class MemoryLocationCache:
 class RedisLocationCache:
     """Arrays in Redis (see the module docstring) under ``<prefix>:<namespace>:<image_id>``.
 
+    Entries expire after ``ttl_seconds`` (30 days), so a Redis with ``maxmemory-policy
+    volatile-lru`` (scripts/services.sh) evicts cache entries, never a queue sharing it.
     Every Redis error is logged (at most once per ``warn_every`` s) and treated as a miss,
     with short socket timeouts so a stopped server costs milliseconds, not a hang.
     """
 
     def __init__(
-        self, url: str, prefix: str = "delf-es:kp2", ttl_seconds: int | None = None,
+        self, url: str, prefix: str = "delf-es:kp2", ttl_seconds: int | None = 30 * 24 * 3600,
         socket_timeout: float = 0.5, warn_every: float = 30.0,
     ) -> None:
         import redis

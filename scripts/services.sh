@@ -569,6 +569,9 @@ logfile $REDIS_LOG
 dir $REDIS_STATE
 save ""
 appendonly no
+# With a maxmemory set, evict only keys with a TTL: the keypoint cache's entries expire,
+# Celery's queues do not (they share this server).
+maxmemory-policy volatile-lru
 EOF
     local deadline=$((SECONDS + REDIS_START_TIMEOUT))
     until redis_ping; do
