@@ -8,7 +8,8 @@
 2. keypoint locations of the shortlisted images from the cache (misses read from the index
    and written back);
 3. the kNN pairs (query keypoint, database keypoint) of each image, made one-to-one, go
-   through RANSAC; images are ranked by inliers, then votes, then global similarity.
+   through RANSAC; images are ranked by inliers, then votes, then global similarity
+   (``rank_by``: other final orders, see :func:`rank_key`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class Searcher:
             inliers = self._verify(query, candidate, locations.get(image_id))
             hits.append(SearchHit(image_id=image_id, score=float(inliers), inliers=inliers,
                                   votes=candidate.votes, global_similarity=candidate.global_similarity))
-        hits.sort(key=lambda h: (-h.inliers, -h.votes, -np.nan_to_num(h.global_similarity, nan=-2.0), tie_break(h.image_id)))
+        hits.sort(key=rank_key(s))
         return hits[:limit] if limit else hits
 
     def _collect(self, neighbours: Neighbours, candidates: dict[str, _Candidate], count_votes: bool = True) -> None:
@@ -121,6 +122,32 @@ class Searcher:
         _, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
                                  s.ransac_confidence, s.ransac_max_iters, s.ransac_seed)
         return int(mask.sum())
+
+
+def rank_key(s: Settings):
+    """Sort key of the final ranking (``rank_by``), best first.
+
+    - ``inliers``: inliers, then votes, then global similarity;
+    - ``verified-then-global`` (DELG's rule): hits with at least ``min_inliers`` inliers
+      first, by inliers; the rest below them by global similarity (unknown = lowest), so
+      a true match with too few inliers is not ranked among chance inliers by their count;
+    - ``inliers+global``: inliers + ``rank_global_weight`` x global cosine (unknown = -1).
+    """
+    def global_sim(h: SearchHit) -> float:
+        return float(np.nan_to_num(h.global_similarity, nan=-2.0))
+
+    if s.rank_by == "verified-then-global":
+        def key(h: SearchHit):
+            verified = h.inliers >= s.min_inliers
+            return (not verified, -h.inliers if verified else 0, -global_sim(h), -h.inliers, -h.votes, tie_break(h.image_id))
+    elif s.rank_by == "inliers+global":
+        def key(h: SearchHit):
+            combined = h.inliers + s.rank_global_weight * max(global_sim(h), -1.0)
+            return (-combined, -h.votes, tie_break(h.image_id))
+    else:
+        def key(h: SearchHit):
+            return (-h.inliers, -h.votes, -global_sim(h), tie_break(h.image_id))
+    return key
 
 
 def tie_break(image_id: str) -> str:
