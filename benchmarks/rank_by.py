@@ -2,7 +2,7 @@
 
 The final sort only reorders the verified shortlist, so every rule can be scored on the hits a
 ``delf-es eval`` run stored per query (image id, inliers, votes, global cosine), through the
-same :func:`delf_es.search.rank_key` the search uses.  Protocol:
+same :func:`delf_es.search.rank_hits` the search uses.  Protocol:
 
 - ``inliers`` (the rule so far) and ``verified-then-global`` (DELG's rule, no free parameter:
   ``min_inliers`` = 12 comes from the pairs set) are chosen a priori and scored on all queries;
@@ -26,7 +26,7 @@ import numpy as np
 
 from delf_es.eval.gt import load_ground_truth
 from delf_es.eval.metrics import score_ranking
-from delf_es.search import rank_key
+from delf_es.search import rank_hits
 from delf_es.settings import Settings
 from delf_es.types import SearchHit
 
@@ -39,7 +39,7 @@ def query_aps(result: dict, gt, settings: Settings) -> dict[str, float]:
     out = {}
     for row in result["per_query"]:
         hits = [SearchHit(i, float(n), n, v, float("nan") if g is None else g) for i, n, v, g in row["hits"]]
-        ranking = [h.image_id for h in sorted(hits, key=rank_key(settings))]
+        ranking = [h.image_id for h in rank_hits(hits, settings)]
         q = queries[row["query_id"]]
         out[q.id] = score_ranking(q.id, ranking, set(q.positives), set(q.junk)).ap
     return out

@@ -9,7 +9,7 @@
    and written back);
 3. the kNN pairs (query keypoint, database keypoint) of each image, made one-to-one, go
    through RANSAC; images are ranked by inliers, then votes, then global similarity
-   (``rank_by``: other final orders, see :func:`rank_key`).
+   (``rank_by``: other final orders, see :func:`rank_hits`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -79,7 +79,7 @@ class Searcher:
             inliers = self._verify(query, candidate, locations.get(image_id))
             hits.append(SearchHit(image_id=image_id, score=float(inliers), inliers=inliers,
                                   votes=candidate.votes, global_similarity=candidate.global_similarity))
-        hits.sort(key=rank_key(s))
+        hits = rank_hits(hits, s)
         return hits[:limit] if limit else hits
 
     def _collect(self, neighbours: Neighbours, candidates: dict[str, _Candidate], count_votes: bool = True) -> None:
@@ -124,30 +124,33 @@ class Searcher:
         return int(mask.sum())
 
 
-def rank_key(s: Settings):
-    """Sort key of the final ranking (``rank_by``), best first.
+def rank_hits(hits: list[SearchHit], s: Settings) -> list[SearchHit]:
+    """The final order (``rank_by``), best first; ``score`` is what the rule ranks by.
 
-    - ``inliers``: inliers, then votes, then global similarity;
+    - ``inliers``: inliers, then votes, then global similarity (score = inliers);
     - ``verified-then-global`` (DELG's rule): hits with at least ``min_inliers`` inliers
-      first, by inliers; the rest below them by global similarity (unknown = lowest), so
-      a true match with too few inliers is not ranked among chance inliers by their count;
-    - ``inliers+global``: inliers + ``rank_global_weight`` x global cosine (unknown = -1).
+      first, by inliers; the rest below them by global similarity, unknown last (score =
+      inliers);
+    - ``inliers+global``: inliers + ``rank_global_weight`` x global cosine.  A hit the
+      global kNN did not return (unknown similarity) gets the lowest similarity it did
+      return: the kNN returns the most similar images, so that is an upper bound.
     """
-    def global_sim(h: SearchHit) -> float:
-        return float(np.nan_to_num(h.global_similarity, nan=-2.0))
+    known = [h.global_similarity for h in hits if np.isfinite(h.global_similarity)]
+    floor = min(known) if known else 0.0
 
+    def global_sim(h: SearchHit, unknown: float) -> float:
+        return float(h.global_similarity) if np.isfinite(h.global_similarity) else unknown
+
+    if s.rank_by == "inliers+global":
+        hits = [replace(h, score=h.inliers + s.rank_global_weight * global_sim(h, floor)) for h in hits]
+        return sorted(hits, key=lambda h: (-h.score, -h.inliers, -h.votes, tie_break(h.image_id)))
     if s.rank_by == "verified-then-global":
         def key(h: SearchHit):
             verified = h.inliers >= s.min_inliers
-            return (not verified, -h.inliers if verified else 0, -global_sim(h), -h.inliers, -h.votes, tie_break(h.image_id))
-    elif s.rank_by == "inliers+global":
-        def key(h: SearchHit):
-            combined = h.inliers + s.rank_global_weight * max(global_sim(h), -1.0)
-            return (-combined, -h.votes, tie_break(h.image_id))
-    else:
-        def key(h: SearchHit):
-            return (-h.inliers, -h.votes, -global_sim(h), tie_break(h.image_id))
-    return key
+            return (not verified, -h.inliers if verified else 0, -global_sim(h, -2.0), -h.inliers, -h.votes,
+                    tie_break(h.image_id))
+        return sorted(hits, key=key)
+    return sorted(hits, key=lambda h: (-h.inliers, -h.votes, -global_sim(h, -2.0), tie_break(h.image_id)))
 
 
 def tie_break(image_id: str) -> str:

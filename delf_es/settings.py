@@ -74,11 +74,14 @@ class Settings(BaseSettings):
     query_max_descriptors: int = Field(default=1000, ge=1, description="strongest query keypoints used for kNN")
     min_inliers: int = Field(default=12, ge=0, description="verified inliers for a hit to count as a match")
     rank_by: str = Field(
-        default="inliers",
-        description="final order: 'inliers', 'verified-then-global' (>= min_inliers by inliers, the rest by global "
-        "similarity) or 'inliers+global' (inliers + rank_global_weight x global cosine)",
+        default="inliers+global",
+        description="final order: 'inliers+global' (inliers + rank_global_weight x global cosine; best measured, "
+        "benchmarks/rank_by.py), 'inliers' or 'verified-then-global' (>= min_inliers by inliers, the rest by global similarity)",
     )
-    rank_global_weight: float = Field(default=0.0, ge=0, description="weight of the global cosine for rank_by='inliers+global'")
+    rank_global_weight: float = Field(
+        default=50.0, ge=0, description="inliers one unit of global cosine is worth (rank_by='inliers+global'); "
+        "chosen on each half of the paris250 queries, identical in both folds"
+    )
 
     # --- index and services -----------------------------------------------------
     es_url: str | None = None
