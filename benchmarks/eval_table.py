@@ -36,7 +36,8 @@ ROWS = {
     "delf-es-verify-magsac": ("verification", "OpenCV USAC_MAGSAC homography instead of pydegensac"),
     "delf-es-verify-affine": ("verification", "affine RANSAC (OpenCV)"),
     "delf-es-verify-fundamental": ("verification", "fundamental matrix (pydegensac)"),
-    "delf-es-backend-elasticsearch": ("backend", "Elasticsearch backend (int8 HNSW kNN), default settings of its run"),
+    "delf-es-backend-elasticsearch": ("backend", "Elasticsearch backend (int8 HNSW kNN), ranked by inliers: compare with "
+                                      "the 'rank by inliers' row (embedded)"),
     "anchor-global-gem": ("anchor", "anchor: global GeM of the same forward pass, cosine, no verification"),
     "anchor-delf-demo-kdtree": ("anchor", "anchor: classic DELF demo (one cKDTree over all database descriptors, RANSAC on every candidate)"),
     "anchor-sift-magsac": ("anchor", "anchor: RootSIFT (2000 kp) + ratio test + OpenCV USAC_MAGSAC, brute force"),
@@ -126,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--session-start", default="0000", help="UTC ISO time; rows measured after it are 'this run'")
     parser.add_argument("--out", default="benchmarks/results/eval_paris250.json")
+    parser.add_argument("--readme", help="replace the table between <!-- eval-table --> markers in this file")
     args = parser.parse_args()
     rows = [r for label, (group, text) in ROWS.items() if (r := row(label, group, text)) is not None]
     out = {
@@ -142,7 +144,13 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     plot(rows, args.session_start, Path(args.out).with_suffix(".png"))
-    print(markdown(rows, args.session_start))
+    table = markdown(rows, args.session_start)
+    print(table)
+    if args.readme:
+        readme = Path(args.readme).read_text()
+        start, end = "<!-- eval-table -->\n", "<!-- /eval-table -->"
+        before, rest = readme.split(start, 1)
+        Path(args.readme).write_text(before + start + table + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
