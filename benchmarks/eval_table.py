@@ -57,9 +57,9 @@ def row(label: str, group: str, description: str) -> dict | None:
     if not path.is_file():
         return None
     r = json.loads(path.read_text())
-    loadavg = r.get("loadavg_end") or r.get("loadavg")
-    if r.get("timestamp"):
-        stamp, source = r["timestamp"], "run"
+    loadavg = r.get("loadavg_end") or r.get("loadavg") or (r.get("machine") or {}).get("load_average_1_5_15min_at_end")
+    if r.get("timestamp") or r.get("finished"):  # anchors (benchmarks/anchors/common.py) write "finished", UTC
+        stamp, source = r.get("timestamp") or r["finished"] + "Z", "run"
     else:
         stamp, source = committed_at(path), "commit of the result file (run is older)"
     settings = r.get("settings") or {}
@@ -94,6 +94,8 @@ def markdown(rows: list[dict], session_start: str) -> str:
             when += " (earlier run, commit date)"
         elif r["timestamp"] >= session_start:
             when += " (this run)"
+        else:
+            when += " (earlier run)"
         name = r["configuration"] if r["group"] in ("default", "anchor") else "&nbsp; " + r["configuration"]
         lines.append(f"| {name} | {fmt(r['mAP'])} | {fmt(r['R@1'])} | {fmt(r['R@10'])} | {extract} | "
                      f"{fmt(r['search_ms_median'], 0 if (r['search_ms_median'] or 0) >= 10 else 1)} | {load} | {when} |")
