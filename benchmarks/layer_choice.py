@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -167,6 +168,8 @@ def main() -> None:
         "extraction_seconds_per_image_median": extract_s,
         "descriptor_storage": "float16 on disk between extraction and scoring",
         "results": results,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_end": list(os.getloadavg()),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ HPatches 'v_dogman' (image 1 vs 2..6, H_1_k maps 1 -> k) and the 15 EVD extreme-
 pairs (evd/h/NAME.txt maps image 1 -> image 2; checked on one pair).  True pairs should get
 many inliers with a small reprojection error under the given homography; false pairs
 (every EVD image 1 against the next scene's image 2, and dogman 1 against EVD images) few.
-For each verifier: pydegensac homography / fundamental, OpenCV affine, OpenCV USAC_MAGSAC
-homography.
+For each verifier of ``delf_es.verify.estimate_model``: pydegensac homography / fundamental,
+OpenCV affine, OpenCV USAC_MAGSAC homography (``homography-magsac``).
 
     python benchmarks/verification_pairs.py  ->  benchmarks/results/verification_pairs.json (+ .png)
 """
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from delf_es.features import Extractor
@@ -30,19 +30,11 @@ from delf_es.verify import estimate_model, match_descriptors, reprojection_error
 PAIRS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pairs"
 
 
-def magsac(points_a: np.ndarray, points_b: np.ndarray, px: float) -> np.ndarray:
-    if len(points_a) < 4:
-        return np.zeros(len(points_a), bool)
-    cv2.setRNGSeed(0)
-    _, mask = cv2.findHomography(points_a, points_b, cv2.USAC_MAGSAC, px, maxIters=2000, confidence=0.999)
-    return np.zeros(len(points_a), bool) if mask is None else mask.ravel().astype(bool)
-
-
 VERIFIERS = {
     "pydegensac-homography": lambda a, b, px: estimate_model(a, b, "homography", px, 0.999, 2000, 0),
     "pydegensac-fundamental": lambda a, b, px: estimate_model(a, b, "fundamental", px, 0.999, 2000, 0),
     "opencv-affine": lambda a, b, px: estimate_model(a, b, "affine", px, 0.999, 2000, 0),
-    "opencv-magsac-homography": lambda a, b, px: (None, magsac(a, b, px)),
+    "opencv-magsac-homography": lambda a, b, px: estimate_model(a, b, "homography-magsac", px, 0.999, 2000, 0),
 }
 
 
@@ -114,6 +106,7 @@ def main() -> None:
     out = {"benchmark": "verification_pairs", "model_id": extractor.model_id, "ransac_px": args.px,
            "evd_homography_direction": evd_direction,
            "matching": f"mutual NN, L2 < {settings.match_max_distance}", "summary": summary, "rows": rows,
+           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg": list(os.getloadavg()),
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -179,7 +179,7 @@ class DelfEs:
     ) -> list[dict[str, Any]]:
         """Images showing the same object or place as the query, best first.
 
-        Returns dicts with ``id``, ``path``, ``score`` (verified inliers), ``dist`` (share of
+        Returns dicts with ``id``, ``path``, ``score`` (what ``rank_by`` ranks by), ``dist`` (share of
         the query's keypoints without a verified match: 0 = all, 1 = none), ``metadata``,
         ``inliers``, ``votes`` and ``global_similarity``; only hits with at least
         ``min_inliers`` (default: settings) verified inliers are matches.
@@ -190,10 +190,10 @@ class DelfEs:
         for variant in pixels:
             query = self.extractor.extract(variant, image_id="<query>")
             for hit in self.searcher().search(query, metadata_filter=pre_filter):
-                if hit.image_id not in best or hit.inliers > best[hit.image_id][0].inliers:
+                if hit.image_id not in best or hit.score > best[hit.image_id][0].score:
                     best[hit.image_id] = (hit, query.num_keypoints)
         threshold = self.settings.min_inliers if min_inliers is None else min_inliers
-        hits = sorted(best.values(), key=lambda p: (-p[0].inliers, -p[0].votes, p[0].image_id))
+        hits = sorted(best.values(), key=lambda p: (-p[0].score, -p[0].inliers, -p[0].votes, p[0].image_id))
         hits = [(h, n) for h, n in hits if h.inliers >= threshold][:limit]
         stored = {i: self._get_or_none(i) for i in (h.image_id for h, _ in hits)}
         return [_result(h, n, stored[h.image_id]) for h, n in hits if stored[h.image_id] is not None]
@@ -360,7 +360,7 @@ def _result(hit: SearchHit, query_keypoints: int, stored: StoredImage) -> dict[s
     return {
         "id": hit.image_id,
         "path": stored.path,
-        "score": float(hit.inliers or 0),
+        "score": float(hit.score),
         "dist": 1.0 - min(1.0, (hit.inliers or 0) / max(1, query_keypoints)),
         "metadata": stored.metadata,
         "inliers": int(hit.inliers or 0),

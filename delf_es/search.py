@@ -7,14 +7,15 @@
    - ``hybrid``: the two rankings interleaved;
 2. keypoint locations of the shortlisted images from the cache (misses read from the index
    and written back);
-3. correspondences (``correspondences``), then RANSAC; images are ranked by inliers, then
-   votes, then global similarity:
+3. correspondences (``correspondences``), then RANSAC; images are ranked by ``rank_by``
+   (see :func:`rank_hits`):
    - ``knn``: the kNN pairs (query keypoint, database keypoint) of each image, made one-to-one
      (shortlisted images without pairs get a kNN restricted to them);
    - ``matching``: the query's descriptors matched to the image's stored int8 codes (mutual
      nearest neighbours above ``knn_min_similarity``), codes read like the locations
-     (cache, then index).  With the global shortlist no keypoint kNN runs at all, which is
-     what makes Elasticsearch fast (one kNN search instead of one per query descriptor).
+     (cache, then index).  With the global shortlist no keypoint kNN runs at all (one kNN
+     search instead of one per query descriptor), but matching costs CPU here instead: a
+     1000 x 1000 product and two argmaxes per shortlisted image (benchmarks/search_speed.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -87,7 +88,7 @@ class Searcher:
         # on a busy machine made them 25x slower (72 ms vs 2.7 ms measured on 2 loaded cores).
         with threadpool_limits(limits=1, user_api="blas"):
             hits = self._verify_all(query, descriptors, shortlist, candidates, locations, codes)
-        hits.sort(key=lambda h: (-h.inliers, -h.votes, -np.nan_to_num(h.global_similarity, nan=-2.0), tie_break(h.image_id)))
+        hits = rank_hits(hits, s)
         return hits[:limit] if limit else hits
 
     def _verify_all(self, query: Features, descriptors: np.ndarray, shortlist: list[str],
@@ -154,6 +155,35 @@ class Searcher:
         _, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
                                  s.ransac_confidence, s.ransac_max_iters, s.ransac_seed)
         return int(mask.sum())
+
+
+def rank_hits(hits: list[SearchHit], s: Settings) -> list[SearchHit]:
+    """The final order (``rank_by``), best first; ``score`` is what the rule ranks by.
+
+    - ``inliers``: inliers, then votes, then global similarity (score = inliers);
+    - ``verified-then-global`` (DELG's rule): hits with at least ``min_inliers`` inliers
+      first, by inliers; the rest below them by global similarity, unknown last (score =
+      inliers);
+    - ``inliers+global``: inliers + ``rank_global_weight`` x global cosine.  A hit the
+      global kNN did not return (unknown similarity) gets the lowest similarity it did
+      return: the kNN returns the most similar images, so that is an upper bound.
+    """
+    known = [h.global_similarity for h in hits if np.isfinite(h.global_similarity)]
+    floor = min(known) if known else 0.0
+
+    def global_sim(h: SearchHit, unknown: float) -> float:
+        return float(h.global_similarity) if np.isfinite(h.global_similarity) else unknown
+
+    if s.rank_by == "inliers+global":
+        hits = [replace(h, score=h.inliers + s.rank_global_weight * global_sim(h, floor)) for h in hits]
+        return sorted(hits, key=lambda h: (-h.score, -h.inliers, -h.votes, tie_break(h.image_id)))
+    if s.rank_by == "verified-then-global":
+        def key(h: SearchHit):
+            verified = h.inliers >= s.min_inliers
+            return (not verified, -h.inliers if verified else 0, -global_sim(h, -2.0), -h.inliers, -h.votes,
+                    tie_break(h.image_id))
+        return sorted(hits, key=key)
+    return sorted(hits, key=lambda h: (-h.inliers, -h.votes, -global_sim(h, -2.0), tie_break(h.image_id)))
 
 
 def tie_break(image_id: str) -> str:

@@ -57,7 +57,10 @@ class Settings(BaseSettings):
     # --- matching and verification --------------------------------------------
     match_max_distance: float = Field(default=0.9, gt=0, description="L2 between unit descriptors")
     match_mutual: bool = True
-    ransac_model: str = Field(default="homography", description="'homography', 'fundamental' or 'affine'")
+    ransac_model: str = Field(
+        default="homography",
+        description="'homography' (pydegensac), 'fundamental' (pydegensac), 'affine' (OpenCV) or 'homography-magsac' (OpenCV USAC_MAGSAC)",
+    )
     ransac_px: float = Field(default=12.0, gt=0, description="inlier reprojection threshold, px")
     ransac_confidence: float = Field(default=0.999, gt=0, lt=1)
     ransac_max_iters: int = Field(default=2000, gt=0)
@@ -76,6 +79,15 @@ class Settings(BaseSettings):
     knn_min_similarity: float = Field(default=0.595, ge=-1, le=1, description="cosine; 0.595 = L2 0.9 between unit vectors")
     query_max_descriptors: int = Field(default=1000, ge=1, description="strongest query keypoints used for kNN")
     min_inliers: int = Field(default=12, ge=0, description="verified inliers for a hit to count as a match")
+    rank_by: str = Field(
+        default="inliers+global",
+        description="final order: 'inliers+global' (inliers + rank_global_weight x global cosine; best measured, "
+        "benchmarks/rank_by.py), 'inliers' or 'verified-then-global' (>= min_inliers by inliers, the rest by global similarity)",
+    )
+    rank_global_weight: float = Field(
+        default=50.0, ge=0, description="inliers one unit of global cosine is worth (rank_by='inliers+global'); "
+        "chosen on each half of the paris250 queries, identical in both folds"
+    )
 
     # --- index and services -----------------------------------------------------
     es_url: str | None = None
@@ -122,9 +134,16 @@ class Settings(BaseSettings):
             raise ValueError("correspondences must be 'knn' or 'matching'")
         return value
 
+    @field_validator("rank_by")
+    @classmethod
+    def _rank_known(cls, value: str) -> str:
+        if value not in ("inliers", "verified-then-global", "inliers+global"):
+            raise ValueError("rank_by must be 'inliers', 'verified-then-global' or 'inliers+global'")
+        return value
+
     @field_validator("ransac_model")
     @classmethod
     def _ransac_known(cls, value: str) -> str:
-        if value not in ("homography", "fundamental", "affine"):
-            raise ValueError("ransac_model must be 'homography', 'fundamental' or 'affine'")
+        if value not in ("homography", "fundamental", "affine", "homography-magsac"):
+            raise ValueError("ransac_model must be 'homography', 'fundamental', 'affine' or 'homography-magsac'")
         return value

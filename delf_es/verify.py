@@ -55,7 +55,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Minimal sample size of each model kind; fewer correspondences -> no model.
-MIN_CORRESPONDENCES: dict[str, int] = {"homography": 4, "fundamental": 8, "affine": 3}
+MIN_CORRESPONDENCES: dict[str, int] = {"homography": 4, "fundamental": 8, "affine": 3, "homography-magsac": 4}
 MODEL_KINDS: tuple[str, ...] = tuple(MIN_CORRESPONDENCES)
 
 # Distance-matrix entries computed per block (float32: 64 MB).  1000 x 1000 is one block.
@@ -173,6 +173,12 @@ def _fit(kind: str, pa: np.ndarray, pb: np.ndarray, px: float, conf: float, iter
         model, mask = pydegensac.findHomography(pa, pb, px, conf, iters, seed=_degensac_seed(seed))
     elif kind == "fundamental":
         model, mask = pydegensac.findFundamentalMatrix(pa, pb, px, conf, iters, seed=_degensac_seed(seed))
+    elif kind == "homography-magsac":
+        # OpenCV's USAC draws from its own generator seeded by UsacParams.randomGeneratorState
+        # (0 unless set), so the same points give the same inliers whatever ``seed`` says.
+        model, mask = cv2.findHomography(
+            pa, pb, cv2.USAC_MAGSAC, px, maxIters=iters, confidence=conf
+        )
     else:
         if seed >= 0:
             cv2.setRNGSeed(int(seed) % (_MAX_SEED + 1))
@@ -197,14 +203,16 @@ def estimate_model(
     """Robustly fit a model mapping ``points_a`` to ``points_b``.
 
     ``"homography"`` and ``"fundamental"`` use pydegensac (DEGENSAC with local
-    optimisation, Sampson-type error); ``"affine"`` uses
+    optimisation, Sampson-type error); ``"homography-magsac"`` uses OpenCV's
+    ``cv2.findHomography(method=cv2.USAC_MAGSAC)`` (MAGSAC++, ``px_threshold`` as its
+    maximum sigma; deterministic); ``"affine"`` uses
     ``cv2.estimateAffine2D(method=cv2.RANSAC)`` (reprojection error) with its default
     Levenberg-Marquardt refinement.  Rows with non-finite coordinates are never inliers.
 
     Args:
         points_a: (K, 2) px (x, y) in image A.
         points_b: (K, 2) px (x, y) in image B; row k corresponds to row k of A.
-        kind: "homography", "fundamental" or "affine".
+        kind: "homography", "fundamental", "affine" or "homography-magsac".
         px_threshold: inlier threshold, px.
         confidence: RANSAC confidence in (0, 1) (early stop).
         max_iters: maximum RANSAC iterations.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the PCA artifacts shipped in delf_es/weights/ (one per backbone's default
-# local layer): 40 dims, fitted on the photos listed by scripts/training_images.sh
-# (Debian opencv-doc / visp-images-data and scikit-image data; no evaluation image).
-#   scripts/fit_default_pca.sh [backbone ...]
+# local layer): 40 dims (DIMS=128 for the 128-d ablation artifact), fitted on the photos
+# listed by scripts/training_images.sh (Debian opencv-doc / visp-images-data and
+# scikit-image data; no evaluation image).  Runs this checkout's code (python -m).
+#   [DIMS=40] scripts/fit_default_pca.sh [backbone ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 list=$(mktemp)
@@ -10,9 +11,11 @@ trap 'rm -f "$list"' EXIT
 scripts/training_images.sh > "$list"
 backbones=("$@")
 [ ${#backbones[@]} -gt 0 ] || backbones=(efficientnet-lite2 efficientnet-lite0 mobilenetv2)
+dims=${DIMS:-40}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 for backbone in "${backbones[@]}"; do
   layer=$(python3 -c "from delf_es.model.registry import get_preset; print(get_preset('$backbone').local_layer)")
-  delf-es --backbone "$backbone" --no-pca fit-pca "@$list" --dims 40 \
-    --out "delf_es/weights/pca-$backbone-$layer-norm-40.npz" \
+  python3 -m delf_es.cli --backbone "$backbone" --no-pca fit-pca "@$list" --dims "$dims" \
+    --out "delf_es/weights/pca-$backbone-$layer-norm-$dims.npz" \
     --fitted-on "$(wc -l < "$list") photos from scripts/training_images.sh: Debian opencv-doc samples, visp-images-data sequences, scikit-image data"
 done

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -59,6 +60,8 @@ def main() -> None:
         "extract_s_per_image_median": statistics.median(timed.seconds) if timed.seconds else None,
         "search_ms_median": statistics.median(search_ms),
         "model_id": extractor.model_id,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_end": list(os.getloadavg()),
         "per_query": per_query,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import subprocess
 import tempfile
@@ -74,8 +75,9 @@ def evaluate(
     """Run the benchmark; returns (and writes to ``out_dir/<label>.json``) the result."""
     gt = load_ground_truth(gt_path)
     extractor = extractor or Extractor(settings)
-    timed = TimedExtractor(extractor, FeatureCache(cache_dir, extractor.model_id), settings)
+    timed = TimedExtractor(extractor, FeatureCache(cache_dir, extractor.model_id, settings), settings)
     items = database_items(gt, distractors)
+    loadavg_start = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="delf-es-eval-") as scratch:
         index_settings = settings.model_copy(update={"data_dir": Path(scratch)}) if not settings.es_url else \
             settings.model_copy(update={"index_alias": f"eval-{uuid.uuid4().hex[:8]}"})
@@ -104,6 +106,8 @@ def evaluate(
                 per_query.append({
                     **asdict(score), "kind": query.kind, "num_positives": len(query.positives),
                     "top10": [(h.image_id, h.inliers, h.votes) for h in hits[:10]],
+                    # every ranked hit, so other final orders can be scored offline (benchmarks/rank_by.py)
+                    "hits": [(h.image_id, h.inliers, h.votes, _finite(h.global_similarity)) for h in hits],
                     "query_keypoints": feats.num_keypoints, "search_ms": search_ms[-1],
                 })
         finally:
@@ -112,6 +116,9 @@ def evaluate(
             engine.close()
     result = {
         "label": label,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_start": loadavg_start,
+        "loadavg_end": list(os.getloadavg()),
         "gt": str(gt_path),
         "set": gt.name,
         "database_images": len(gt.database),
@@ -133,6 +140,10 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{label}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else round(float(value), 5)
 
 
 def _drop_es_index(settings: Settings) -> None:

@@ -146,3 +146,55 @@ def test_one_to_one_keeps_the_most_similar_pair_per_keypoint():
 def test_interleave_merges_rankings_without_duplicates():
     assert _interleave([["a", "b", "c"], ["b", "d"]], 3) == ["a", "b", "d"]
     assert _interleave([[], []], 5) == []
+
+
+def _hits():
+    from delf_es.types import SearchHit
+
+    return [
+        SearchHit("many-inliers", 30.0, 30, 5, 0.2),
+        SearchHit("few-inliers-close-globally", 5.0, 5, 9, 0.9),
+        SearchHit("just-verified", 13.0, 13, 1, 0.1),
+        SearchHit("nothing-known", 0.0, 0, 0, float("nan")),
+        SearchHit("chance-inliers", 11.0, 11, 3, 0.5),
+    ]
+
+
+@pytest.mark.parametrize(
+    "rank_by, weight, expected",
+    [
+        ("inliers", 0.0, ["many-inliers", "just-verified", "chance-inliers", "few-inliers-close-globally", "nothing-known"]),
+        # verified (>= 12 inliers) by inliers, then the rest by global similarity, unknown last
+        ("verified-then-global", 0.0,
+         ["many-inliers", "just-verified", "few-inliers-close-globally", "chance-inliers", "nothing-known"]),
+        # 5 + 20 * 0.9 = 23 beats 11 + 20 * 0.5 = 21 and 13 + 20 * 0.1 = 15; unknown = lowest known (0.1)
+        ("inliers+global", 20.0,
+         ["many-inliers", "few-inliers-close-globally", "chance-inliers", "just-verified", "nothing-known"]),
+    ],
+)
+def test_rank_by_orders_the_final_hits(rank_by, weight, expected):
+    from delf_es.search import rank_hits
+
+    settings = Settings(rank_by=rank_by, rank_global_weight=weight, min_inliers=12)
+    ranked = rank_hits(_hits(), settings)
+    assert [h.image_id for h in ranked] == expected
+    if rank_by == "inliers+global":
+        assert [h.score for h in ranked] == [34.0, 23.0, 21.0, 15.0, 2.0]
+    else:
+        assert [h.score for h in ranked] == [float(h.inliers) for h in ranked]
+
+
+def test_unknown_global_similarity_counts_as_the_lowest_returned():
+    from delf_es.search import rank_hits
+    from delf_es.types import SearchHit
+
+    hits = [SearchHit("local-only", 20.0, 20, 50, float("nan")), SearchHit("global", 0.0, 0, 0, 0.3),
+            SearchHit("global-low", 0.0, 0, 0, 0.25)]
+    ranked = rank_hits(hits, Settings(rank_by="inliers+global", rank_global_weight=50.0))
+    # 20 + 50 * 0.25 = 32.5 > 50 * 0.3 = 15: a verified image outside the global top list is not buried
+    assert [h.image_id for h in ranked] == ["local-only", "global", "global-low"]
+
+
+def test_unknown_rank_by_is_refused():
+    with pytest.raises(ValueError, match="rank_by"):
+        Settings(rank_by="votes")

@@ -17,7 +17,7 @@ from delf_es.verify import (
     verify,
 )
 
-KINDS = ("homography", "fundamental", "affine")
+KINDS = ("homography", "fundamental", "affine", "homography-magsac")
 TRUE_H = np.array([[0.92, 0.12, 35.0], [-0.08, 1.05, -18.0], [1.5e-4, -1.0e-4, 1.0]])
 TRUE_AFFINE = np.array([[0.85, 0.2, 40.0], [-0.15, 1.1, -25.0], [0.0, 0.0, 1.0]])
 W, H = 640, 480
@@ -216,7 +216,7 @@ def test_non_finite_points_are_ignored_and_never_inliers(kind):
     np.testing.assert_array_equal(mask, np.arange(100) >= 85)
 
 
-@pytest.mark.parametrize("kind, model", [("homography", TRUE_H), ("affine", TRUE_AFFINE)])
+@pytest.mark.parametrize("kind, model", [("homography", TRUE_H), ("affine", TRUE_AFFINE), ("homography-magsac", TRUE_H)])
 def test_known_transform_is_recovered_despite_half_outliers(kind, model):
     pa, pb, truth = synthetic_pairs(model, n=200, outlier_ratio=0.5)
     found, mask = estimate_model(pa, pb, kind, **RANSAC)
@@ -250,7 +250,9 @@ def test_fundamental_matrix_of_a_two_view_scene_keeps_many_inliers():
     assert abs(np.linalg.norm(found) - 1.0) < 1e-9
 
 
-@pytest.mark.parametrize("kind, limit", [("homography", 0.05), ("affine", 0.05), ("fundamental", 0.25)])
+@pytest.mark.parametrize(
+    "kind, limit", [("homography", 0.05), ("affine", 0.05), ("fundamental", 0.25), ("homography-magsac", 0.05)]
+)
 def test_unrelated_random_points_give_few_inliers(kind, limit):
     rng = np.random.default_rng(11)
     pa = rng.uniform([0, 0], [W, H], size=(200, 2))

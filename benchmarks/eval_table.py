@@ -1,0 +1,159 @@
+"""Collect every anchor and ablation run on paris250 + wallpapers into one file, a bar chart and the README table.
+
+Reads ``benchmarks/results/eval/*.json`` (written by ``delf-es eval`` and ``benchmarks/anchors/``),
+writes ``benchmarks/results/eval_paris250.json`` and ``eval_paris250.png``, prints the markdown
+table.  Every row keeps when it was measured: ``timestamp`` from the run itself, or, for runs
+older than that field, the date of the commit that last changed the file (``timestamp_source``
+says which), and the load average the run recorded (``None`` when it did not).
+
+    python benchmarks/eval_table.py [--session-start 2026-11-22T04:50:00Z]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+RESULTS = Path("benchmarks/results/eval")
+
+# label -> (group, what differs from the default); order = table order
+ROWS = {
+    "delf-es-default": ("default", "**delf-es default**: Lite2 expand layer, 7 scales, 1000 kp, PCA 40, hybrid shortlist 100, "
+                        "pydegensac homography 12 px, rank by inliers + 50 x global cosine"),
+    "delf-es-rank-inliers": ("ranking", "rank by inliers (then votes, global)"),
+    "delf-es-rank-verified-then-global": ("ranking", "rank: >= 12 inliers by inliers, the rest by global cosine (DELG)"),
+    "delf-es-backbone-lite0": ("extraction", "backbone EfficientNet-Lite0 (its own PCA 40)"),
+    "delf-es-backbone-mobilenetv2": ("extraction", "backbone MobileNetV2 (its own PCA 40)"),
+    "delf-es-scales-3": ("extraction", "3 scales (0.7071, 1, 1.4142) instead of 7"),
+    "delf-es-keypoints-300": ("extraction", "300 keypoints per image (database and query) instead of 1000"),
+    "delf-es-pca-128": ("extraction", "PCA 128 instead of 40 (same training photos)"),
+    "delf-es-query-300": ("search", "300 strongest query descriptors for kNN (database keeps 1000)"),
+    "delf-es-shortlist-local": ("search", "shortlist by keypoint votes only"),
+    "delf-es-shortlist-global": ("search", "shortlist by global descriptor only"),
+    "delf-es-verify-magsac": ("verification", "OpenCV USAC_MAGSAC homography instead of pydegensac"),
+    "delf-es-verify-affine": ("verification", "affine RANSAC (OpenCV)"),
+    "delf-es-verify-fundamental": ("verification", "fundamental matrix (pydegensac)"),
+    "delf-es-backend-elasticsearch": ("backend", "Elasticsearch backend (int8 HNSW kNN), ranked by inliers: compare with "
+                                      "the 'rank by inliers' row (embedded)"),
+    "anchor-global-gem": ("anchor", "anchor: global GeM of the same forward pass, cosine, no verification"),
+    "anchor-delf-demo-kdtree": ("anchor", "anchor: classic DELF demo (one cKDTree over all database descriptors, RANSAC on every candidate)"),
+    "anchor-sift-magsac": ("anchor", "anchor: RootSIFT (2000 kp) + ratio test + OpenCV USAC_MAGSAC, brute force"),
+    "anchor-goldberg": ("anchor", "anchor: image-match Goldberg signature"),
+}
+COLOURS = {"default": "#1f77b4", "ranking": "#17becf", "extraction": "#2ca02c", "search": "#98df8a",
+           "verification": "#ff7f0e", "backend": "#9467bd", "anchor": "#7f7f7f"}
+
+
+def committed_at(path: Path) -> str | None:
+    out = subprocess.run(["git", "log", "-1", "--format=%cI", "--", str(path)], capture_output=True, text=True).stdout.strip()
+    return out or None
+
+
+def row(label: str, group: str, description: str) -> dict | None:
+    path = RESULTS / f"{label}.json"
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())
+    loadavg = r.get("loadavg_end") or r.get("loadavg") or (r.get("machine") or {}).get("load_average_1_5_15min_at_end")
+    if r.get("timestamp") or r.get("finished"):  # anchors (benchmarks/anchors/common.py) write "finished", UTC
+        stamp, source = r.get("timestamp") or r["finished"] + "Z", "run"
+    else:
+        stamp, source = committed_at(path), "commit of the result file (run is older)"
+    settings = r.get("settings") or {}
+    return {
+        "label": label, "group": group, "configuration": description,
+        "mAP": r.get("mAP"), "R@1": r.get("R@1"), "R@5": r.get("R@5"), "R@10": r.get("R@10"),
+        "extract_s_per_image_median": r.get("extract_s_per_image_median"),
+        "extracted_this_run": r.get("extracted_this_run", r.get("extract_timed_images")),
+        "search_ms_median": r.get("search_ms_median"),
+        "loadavg_start": r.get("loadavg_start"), "loadavg_end": loadavg,
+        "timestamp": stamp, "timestamp_source": source,
+        "commit": r.get("commit"), "backend": r.get("backend"), "model_id": r.get("model_id"),
+        "rank_by": settings.get("rank_by", "inliers" if label.startswith("delf-es") else None),
+        "file": str(path),
+    }
+
+
+def fmt(value, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(rows: list[dict], session_start: str) -> str:
+    lines = ["| configuration | mAP | R@1 | R@10 | extraction s/img (median) | search ms/query (median) | load avg (1 min, end) | measured |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        extract = fmt(r["extract_s_per_image_median"], 2) if r["extracted_this_run"] else "cached"
+        if r["group"] == "anchor" and r["extract_s_per_image_median"] is not None:
+            extract = fmt(r["extract_s_per_image_median"], 2)
+        load = fmt(r["loadavg_end"][0]) if r["loadavg_end"] else "—"
+        when = r["timestamp"][:16].replace("T", " ") if r["timestamp"] else "—"
+        if r["timestamp_source"] != "run":
+            when += " (earlier run, commit date)"
+        elif r["timestamp"] >= session_start:
+            when += " (this run)"
+        else:
+            when += " (earlier run)"
+        name = r["configuration"] if r["group"] in ("default", "anchor") else "&nbsp; " + r["configuration"]
+        lines.append(f"| {name} | {fmt(r['mAP'])} | {fmt(r['R@1'])} | {fmt(r['R@10'])} | {extract} | "
+                     f"{fmt(r['search_ms_median'], 0 if (r['search_ms_median'] or 0) >= 10 else 1)} | {load} | {when} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], session_start: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(rows) + 1.2))
+    names = [r["label"] for r in rows][::-1]
+    values = [r["mAP"] or 0 for r in rows][::-1]
+    bars = ax.barh(names, values, color=[COLOURS[r["group"]] for r in rows][::-1])
+    for bar, r in zip(bars, rows[::-1]):
+        old = r["timestamp_source"] != "run" or (r["timestamp"] or "") < session_start
+        if old:
+            bar.set_hatch("//")
+        ax.text(bar.get_width() + 0.5, bar.get_y() + bar.get_height() / 2, f"{r['mAP']:.1f}", va="center", fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("mAP (%), paris250 + 61 wallpaper distractors; hatched = earlier run")
+    ax.set_title("delf-es ablations and anchors")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--session-start", default="0000", help="UTC ISO time; rows measured after it are 'this run'")
+    parser.add_argument("--out", default="benchmarks/results/eval_paris250.json")
+    parser.add_argument("--readme", help="replace the table between <!-- eval-table --> markers in this file")
+    args = parser.parse_args()
+    rows = [r for label, (group, text) in ROWS.items() if (r := row(label, group, text)) is not None]
+    out = {
+        "benchmark": "eval_paris250",
+        "gt": "../shared/data/paris250/gt.json",
+        "distractors": "../shared/data/distractors/wallpapers",
+        "metric": "mAP as the Revisited Oxford/Paris compute_ap (junk removed), recall@k in %",
+        "learned_parts": "PCA 40 / 128 fitted on the 65 photos of scripts/training_images.sh (Debian opencv-doc, "
+                         "visp-images-data, scikit-image data); no attention head (keypoints scored by descriptor norm); "
+                         "rank_global_weight 50 chosen on each half of the paris250 queries (benchmarks/results/rank_by.json)",
+        "session_start": args.session_start,
+        "collected": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+    }
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    plot(rows, args.session_start, Path(args.out).with_suffix(".png"))
+    table = markdown(rows, args.session_start)
+    print(table)
+    if args.readme:
+        readme = Path(args.readme).read_text()
+        start, end = "<!-- eval-table -->\n", "<!-- /eval-table -->"
+        before, rest = readme.split(start, 1)
+        Path(args.readme).write_text(before + start + table + "\n" + end + rest.split(end, 1)[1])
+
+
+if __name__ == "__main__":
+    main()
