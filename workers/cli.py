@@ -1,0 +1,81 @@
+"""``delf-es worker | enqueue | failures | reindex | kibana-import``: the operations commands
+(registered on the main typer app by :func:`register`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from delf_es.errors import DelfEsError
+
+
+def register(app: typer.Typer) -> None:
+    from delf_es.cli import State, console, expand_inputs, fail, progress
+
+    @app.command()
+    def worker(
+        queues: str = typer.Option("extract,index", help="queues to consume: extract (decode + features), index (bulk writes)"),
+        concurrency: int = typer.Option(0, help="worker processes (0 = one per CPU core)"),
+        pool: str = typer.Option("prefork", help="prefork (default) or solo (one task at a time, in-process)"),
+        beat: bool = typer.Option(False, "--beat", help="also run the beat schedule (straggler flush, nightly reindex check)"),
+        loglevel: str = typer.Option("info"),
+    ) -> None:
+        """Start a Celery worker of the fleet (Redis and Elasticsearch from DELF_ES_* settings)."""
+        from workers.celery_app import make_app
+
+        try:
+            celery_app = make_app(State.settings())
+        except ValueError as error:
+            fail(error)
+        argv = ["worker", "-Q", queues, "-c", str(concurrency or os.cpu_count() or 1), "-P", pool,
+                "--loglevel", loglevel, "-n", f"delf-{os.getpid()}@%h"]
+        celery_app.worker_main(argv + (["-B"] if beat else []))
+
+    @app.command()
+    def enqueue(
+        inputs: list[str] = typer.Argument(..., help="image files, folders, URLs or @list.txt"),
+        metadata: Optional[str] = typer.Option(None, help="JSON object stored with every image"),
+        wait: bool = typer.Option(True, help="follow the job until every image is indexed or failed"),
+        timeout: Optional[float] = typer.Option(None, help="give up waiting after this many seconds"),
+    ) -> None:
+        """Submit images to the worker fleet; the progress bar follows indexing, not submission."""
+        from workers.client import Submitter
+
+        extra = json.loads(metadata) if metadata else {}
+        paths = expand_inputs(inputs)
+        with Submitter(State.settings()) as submitter:
+            job = submitter.submit([(p, extra) for p in paths])
+            console.print(f"job {job}: {len(paths)} images queued")
+            if not wait:
+                print(json.dumps({"job": job, "total": len(paths)}))
+                return
+            with progress() as bar:
+                task = bar.add_task("indexed", total=len(paths))
+                try:
+                    final = submitter.wait(
+                        job, timeout=timeout,
+                        on_progress=lambda p: bar.update(task, completed=p.done + len(p.failed)),
+                    )
+                except TimeoutError as error:
+                    fail(error)
+        for image_id, error in sorted(final.failed.items()):
+            console.print(f"[yellow]failed[/yellow] {image_id}: {error}")
+        print(json.dumps({"job": job, "total": final.total, "indexed": final.done, "failed": len(final.failed)}))
+        if final.failed:
+            raise typer.Exit(code=1)
+
+    @app.command()
+    def failures(limit: int = typer.Option(100)) -> None:
+        """Images the workers could not index, newest first, with the error (JSON)."""
+        from delf_es.sdk import DelfEs
+
+        try:
+            with DelfEs(State.settings()) as sdk:
+                found = sdk.failures(limit)
+        except DelfEsError as error:
+            fail(error)
+        print(json.dumps(found, indent=2))
