@@ -79,3 +79,54 @@ def register(app: typer.Typer) -> None:
         except DelfEsError as error:
             fail(error)
         print(json.dumps(found, indent=2))
+
+    @app.command()
+    def reindex(
+        backbone: Optional[str] = typer.Option(None, help="backbone of the new index (default: the current settings')"),
+        pca: Optional[Path] = typer.Option(None, help="PCA artifact of the new index (a path the workers can read)"),
+        no_pca: bool = typer.Option(False, "--no-pca", help="raw descriptors"),
+        attention_weights: Optional[Path] = typer.Option(None, help="trained attention head of the new index"),
+        delete_old: bool = typer.Option(False, "--delete-old", help="delete the old indices after the swap (default: keep)"),
+        allow_missing: bool = typer.Option(False, "--allow-missing", help="swap even if images failed (they are listed)"),
+        force: bool = typer.Option(False, "--force", help="rebuild even if the live index is already of this model"),
+        discard_other_builds: bool = typer.Option(False, "--discard-other-builds", help="delete an unfinished build of another model"),
+        timeout: Optional[float] = typer.Option(None, help="give up waiting for the workers after this many seconds"),
+    ) -> None:
+        """Rebuild the index for a new model/PCA through the workers, check counts, swap the alias
+        atomically (zero downtime).  Resumable: rerun after an interruption."""
+        from delf_es.features import Extractor
+        from workers.client import Submitter
+        from workers.reindex import Reindexer, ReindexError
+
+        model = {k: v for k, v in State.overrides.items() if k in ("backbone", "backbone_weights", "pca_path", "use_pca")}
+        if backbone:
+            model["backbone"] = backbone
+        if pca:
+            model["pca_path"] = str(pca.resolve())
+        if no_pca:
+            model["use_pca"] = False
+        if attention_weights:
+            model["attention_weights"] = str(attention_weights.resolve())
+        try:
+            settings = State.settings()
+            model_id = Extractor(State.settings(**model)).model_id
+            with Submitter(settings) as submitter:
+                reindexer = Reindexer(settings, submitter, model, model_id)
+                console.print(f"reindexing {settings.index_alias} for model {model_id}")
+                with progress() as bar:
+                    task = bar.add_task("re-extracted", total=None)
+                    result = reindexer.run(
+                        delete_old=delete_old, allow_missing=allow_missing, force=force,
+                        discard_other=discard_other_builds, timeout=timeout,
+                        on_progress=lambda p: bar.update(task, total=p.total, completed=p.done + len(p.failed)),
+                    )
+                reindexer.close()
+        except (DelfEsError, ReindexError, ValueError, TimeoutError) as error:
+            fail(error)
+        for image_id, error in sorted(result.failed.items()):
+            console.print(f"[yellow]failed[/yellow] {image_id}: {error}")
+        print(json.dumps(result.as_dict()))
+        if result.state == "incomplete":
+            console.print(f"[red]not swapped:[/red] {result.target_count} of {result.source_count} images rebuilt; "
+                          "rerun to resume, or --allow-missing")
+            raise typer.Exit(code=1)

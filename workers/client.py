@@ -20,12 +20,15 @@ from workers.celery_app import EXTRACT_QUEUE, make_app
 from workers.store import JobProgress, Store
 
 
-def _item(entry: Any) -> tuple[str, dict[str, Any]]:
+def _item(entry: Any) -> tuple[str, tuple[str, dict[str, Any]]]:
+    """(image id, (source path/URL, metadata)) of a path, a (path, metadata) pair or a dict with
+    ``path`` and optional ``image_id`` (default: the path) and ``metadata``."""
     if isinstance(entry, tuple) and len(entry) == 2:
-        return str(entry[0]), dict(entry[1] or {})
+        return str(entry[0]), (str(entry[0]), dict(entry[1] or {}))
     if isinstance(entry, Mapping):
-        return str(entry["path"]), dict(entry.get("metadata") or {})
-    return str(entry), {}
+        path = str(entry["path"])
+        return str(entry.get("image_id") or path), (path, dict(entry.get("metadata") or {}))
+    return str(entry), (str(entry), {})
 
 
 class Submitter:
@@ -59,8 +62,8 @@ class Submitter:
         job_id = job_id or uuid.uuid4().hex
         self.store.start_job(job_id, len(entries))
         with self.app.producer_or_acquire() as producer:
-            for path, metadata in entries:
-                message = {"source": path, "image_id": path, "metadata": metadata, "job": job_id,
+            for image_id, (path, metadata) in entries:
+                message = {"source": path, "image_id": image_id, "metadata": metadata, "job": job_id,
                            "alias": alias, "failures": failures, "model": dict(model) if model else None}
                 self.app.send_task("delf.extract", args=[message], queue=EXTRACT_QUEUE, producer=producer)
         return job_id
