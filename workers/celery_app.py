@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Celery
 from celery.schedules import crontab
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from delf_es.settings import Settings
 
@@ -117,8 +117,11 @@ def make_app(settings: Settings) -> Celery:
     visibility = float(settings.worker_visibility_timeout)
     app = Celery("delf-es", broker=url, backend=url, set_as_current=False)
     app.conf.update(
-        task_queues=(Queue(EXTRACT_QUEUE), Queue(INDEX_QUEUE)),
+        # one exchange and routing key per queue: sharing one would copy every message to both queues
+        task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (EXTRACT_QUEUE, INDEX_QUEUE)),
         task_default_queue=EXTRACT_QUEUE,
+        task_default_exchange=EXTRACT_QUEUE,
+        task_default_routing_key=EXTRACT_QUEUE,
         task_routes={
             "delf.extract": {"queue": EXTRACT_QUEUE},
             "delf.flush": {"queue": INDEX_QUEUE},

@@ -8,7 +8,8 @@ Keys (all under ``<namespace>:delf:``):
 * ``waiters:<key>`` set of job ids to notify when ``key`` is written or fails;
 * ``lock``     string  token of the one index writer (expires after ``worker_lock_ttl``);
 * ``job:<id>:total`` / ``job:<id>:done`` (set of image ids) / ``job:<id>:failed`` (hash id -> error);
-* ``stats``    hash  summed seconds of decode / extract / write and counts (benchmarks read it).
+* ``stats``    hash  summed seconds of decode / extract / write and counts;
+* ``timings:<decode|extract|write>`` list  latest per-image / per-batch seconds (benchmarks read them).
 
 A *key* is ``<alias>|<model_id>|<image_id>``: the idempotency key of a task (``model_id`` names
 the backbone, head and PCA).  Staging and finishing are Lua scripts, so a duplicate message
@@ -27,6 +28,8 @@ from delf_es.types import Features
 
 #: Jobs and their progress are kept this long after their last update, s.
 JOB_TTL_S = 7 * 24 * 3600
+#: Per-item durations kept for ``timings`` (benchmarks and monitoring read the latest).
+TIMINGS_KEPT = 10_000
 
 _STAGE = """
 local ns = ARGV[1]
@@ -219,11 +222,22 @@ class Store:
                 pipe.hincrbyfloat(self.prefix + "stats", name, float(value))
             pipe.execute()
 
+    def add_timings(self, **seconds: float) -> None:
+        """Append per-item durations (capped lists ``timings:<name>``, the latest TIMINGS_KEPT)."""
+        with self.redis.pipeline() as pipe:
+            for name, value in seconds.items():
+                pipe.rpush(f"{self.prefix}timings:{name}", float(value))
+                pipe.ltrim(f"{self.prefix}timings:{name}", -TIMINGS_KEPT, -1)
+            pipe.execute()
+
+    def timings(self, name: str) -> list[float]:
+        return [float(v) for v in self.redis.lrange(f"{self.prefix}timings:{name}", 0, -1)]
+
     def stats(self) -> dict[str, float]:
         return {k.decode(): float(v) for k, v in self.redis.hgetall(self.prefix + "stats").items()}
 
     def reset_stats(self) -> None:
-        self.redis.delete(self.prefix + "stats")
+        self.redis.delete(self.prefix + "stats", *(f"{self.prefix}timings:{n}" for n in ("decode", "extract", "write", "batch_size")))
 
     def keys(self) -> Iterable[bytes]:
         """Every key of this namespace's state (tests delete them)."""

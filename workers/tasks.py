@@ -123,6 +123,7 @@ def run_extract(task, item: dict[str, Any]) -> dict[str, Any]:
     )
     ctx.store.stage(staged, item.get("job"))
     ctx.store.add_stats(decode_s=decoded - started, extract_s=extracted - decoded, extracted=1)
+    ctx.store.add_timings(decode=decoded - started, extract=extracted - decoded)
     task.app.send_task("delf.flush")
     return {"image_id": image_id, "status": "staged", "model_id": features.model_id,
             "keypoints": features.num_keypoints, "decode_s": decoded - started, "extract_s": extracted - decoded}
@@ -166,7 +167,9 @@ def _drain(ctx, token: str) -> int:
             log.warning("lost the writer's lock mid-batch; the next writer rewrites the batch (idempotent)")
             return written
         ok = sum(1 for _, _, error in outcomes if not error)
-        store.add_stats(write_s=time.perf_counter() - started, written=ok, batches=1)
+        elapsed = time.perf_counter() - started
+        store.add_stats(write_s=elapsed, written=ok, batches=1)
+        store.add_timings(write=elapsed, batch_size=len(outcomes))
         written += ok
 
 
