@@ -130,3 +130,21 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]not swapped:[/red] {result.target_count} of {result.source_count} images rebuilt; "
                           "rerun to resume, or --allow-missing")
             raise typer.Exit(code=1)
+
+    @app.command("kibana-import")
+    def kibana_import(
+        url: str = typer.Argument(..., help="Kibana base URL, e.g. http://localhost:5601"),
+        alias: Optional[str] = typer.Option(None, help="image alias the data views use (default: settings' index_alias)"),
+        user: Optional[str] = typer.Option(None, help="basic-auth user (Kibana with security on)"),
+        password: Optional[str] = typer.Option(None, envvar="DELF_ES_KIBANA_PASSWORD"),
+    ) -> None:
+        """Load the data views and the operations dashboard (mappings/kibana/) into Kibana."""
+        from workers.kibana import import_saved_objects
+
+        try:
+            answer = import_saved_objects(url, alias or State.settings().index_alias,
+                                          auth=(user, password or "") if user else None)
+        except RuntimeError as error:
+            fail(error)
+        console.print(f"imported {answer.get('successCount', 0)} saved objects into {url}")
+        print(json.dumps(answer))
