@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -94,6 +95,10 @@ def test_reindex_to_a_new_model_swaps_the_alias_with_zero_failed_searches_and_eq
         [sys.executable, "-m", "delf_es.cli", "reindex", "--backbone", "mobilenetv2", "--timeout", "600"],
         cwd=REPO_ROOT, env=fleet.env, capture_output=True, text=True, timeout=900,
     )
+    # keep searching until the new index has served a few searches (a loaded machine searches slowly)
+    deadline = time.monotonic() + 180
+    while outcomes["ok"].count(new_extractor.model_id) < 2 and not outcomes["failed"] and time.monotonic() < deadline:
+        time.sleep(0.5)
     stop.set()
     thread.join(timeout=60)
     backend.close()
@@ -117,3 +122,19 @@ def test_reindex_to_a_new_model_swaps_the_alias_with_zero_failed_searches_and_eq
     assert all(fleet.es.indices.exists(index=name) for name in old_indices)  # kept (no --delete-old)
     images = whole_images(fleet.es, fleet.alias)
     assert sorted(images) == sorted(paths) and all(n == live and n > 0 for n, live in images.values())
+
+    # The beat schedule's path: the workers are configured for Lite0, the live index is now
+    # MobileNetV2, so a tick starts a rebuild; once its job is done the next tick swaps back.
+    with Submitter(fleet.settings) as submitter:
+        back = Reindexer(fleet.settings, submitter, None, old_extractor.model_id)
+        first = back.tick(delete_old=True)
+        assert first.state == "building" and first.source_count == N
+        state = json.loads(submitter.store.redis.get(back._state_key))
+        submitter.wait(state["job"], timeout=600)
+        second = back.tick(delete_old=True)
+        third = back.tick()
+        back.close()
+    assert third.state == "up-to-date"
+    assert second.state == "swapped" and second.source_count == second.target_count == N
+    assert second.deleted_old and not any(fleet.es.indices.exists(index=name) for name in second.old_indices)
+    assert live_model(fleet) == old_extractor.model_id
