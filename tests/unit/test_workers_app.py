@@ -72,3 +72,13 @@ def test_job_progress_is_finished_when_every_image_is_done_or_failed():
     assert not JobProgress("j", 3, 2, {}).finished
     assert JobProgress("j", 3, 2, {"x": "InvalidImage"}).finished
     assert not JobProgress("j", 0, 0, {}).finished
+
+
+def test_add_image_without_waiting_takes_only_a_path_the_workers_can_read():
+    from delf_es.sdk import DelfEs, InvalidRequest
+
+    sdk = DelfEs(Settings(redis_url="redis://127.0.0.1:1/3"))
+    with pytest.raises(InvalidRequest, match="wait=False"):
+        sdk.add_image(b"\xff\xd8 jpeg bytes", bytestream=True, wait=False)
+    with pytest.raises(InvalidRequest, match="wait=False"):
+        sdk.add_image("name.jpg", img="other.jpg", wait=False)
