@@ -378,5 +378,16 @@ def demo(out: Path = typer.Option(Path("out"), help="folder for the demo's index
                       "figure": str(figure)}))
 
 
+def _register_operations() -> None:
+    """Worker fleet and operations commands (workers/cli.py); absent if the package is not installed."""
+    try:
+        from workers.cli import register
+    except ImportError:  # pragma: no cover - e.g. installed without the workers package
+        return
+    register(app)
+
+
+_register_operations()
+
 if __name__ == "__main__":  # pragma: no cover
     app()

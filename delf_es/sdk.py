@@ -107,8 +107,10 @@ class DelfEs:
         bytestream: bool = False,
         metadata: Mapping[str, Any] | None = None,
         refresh_after: bool = False,
+        wait: bool = True,
     ) -> str:
-        """Index one image and return its id (the stored name).
+        """Index one image and return its id (the stored name); with ``wait=False``, queue it for
+        the worker fleet (``workers/``) and return the task id (follow it with :meth:`task_status`).
 
         Args:
             path: file path or http(s) URL of the image; with ``img`` given, the name it is
@@ -116,8 +118,14 @@ class DelfEs:
             img: the image itself: a path/URL, or raw bytes when ``bytestream=True``.
             metadata: JSON-able mapping stored with the image and usable in ``pre_filter``.
             refresh_after: make the image searchable before returning.
+            wait: False = hand the work to the workers (needs Redis; path/URL only, the workers
+                must be able to read it).
         Re-adding an id replaces the image; it never duplicates.
         """
+        if not wait:
+            if bytestream or img is not None or not isinstance(path, (str, Path)):
+                raise InvalidRequest("wait=False takes a path or URL the workers can read (no bytes, no img)")
+            return self._submitter().submit_one(_check_id(str(path)), _check_metadata(metadata))
         name, image = self.load(path, img, bytestream)
         features = self.extractor.extract(image.pixels, image_id=name)
         return self.add_features(features, path=name, metadata=metadata, refresh_after=refresh_after)
@@ -267,9 +275,41 @@ class DelfEs:
     def count(self) -> int:
         return self.backend.count()
 
+    # ------------------------------------------------------------------ worker fleet
+
+    def _submitter(self):
+        if getattr(self, "_workers", None) is None:
+            from workers.client import Submitter
+
+            self._workers = Submitter(self.settings)
+        return self._workers
+
+    def task_status(self, task_id: str) -> dict[str, Any]:
+        """State of an ``add_image(..., wait=False)`` task: ``{"state": "pending" | "indexed" |
+        "failed", "error": str | None}`` (indexed = written; searchable after the next refresh)."""
+        progress = self._submitter().progress(task_id)
+        if progress.done:
+            return {"state": "indexed", "error": None}
+        if progress.failed:
+            return {"state": "failed", "error": next(iter(progress.failed.values()))}
+        return {"state": "pending", "error": None}
+
+    def failures(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """Images the workers could not index (undecodable, refused), newest first, with the error."""
+        if not self.settings.es_url:
+            return []
+        from elasticsearch import Elasticsearch
+
+        from delf_es.index.failures import FailureLog, failures_index
+
+        with Elasticsearch(self.settings.es_url, request_timeout=self.settings.es_timeout) as client:
+            return [f.__dict__ for f in FailureLog(client, failures_index(self.settings.index_alias)).list(limit)]
+
     def close(self) -> None:
         if self._backend is not None:
             self._backend.close()
+        if getattr(self, "_workers", None) is not None:
+            self._workers.close()
         close = getattr(self.cache, "close", None)
         if close:
             close()

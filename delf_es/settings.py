@@ -99,6 +99,20 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=default_data_dir)
 
+    # --- workers (Celery; see workers/) -------------------------------------------
+    worker_redis_url: str | None = Field(
+        default=None, description="Celery broker, result backend and staging; None = redis_url"
+    )
+    worker_namespace: str = Field(
+        default="delf-es", min_length=1, description="prefix of every Redis key the workers use (isolates fleets)"
+    )
+    worker_index_batch: int = Field(default=32, ge=1, description="images per bulk write of the index queue")
+    worker_visibility_timeout: float = Field(
+        default=3600.0, gt=0, description="s; a task of a worker that died unacknowledged is redelivered after this"
+    )
+    worker_lock_ttl: float = Field(default=300.0, gt=0, description="s; the index writer's lock outlives a dead writer this long")
+    worker_max_retries: int = Field(default=8, ge=0, description="retries (exponential backoff) on index/Redis outages")
+
     @field_validator("scales", "global_scales")
     @classmethod
     def _scales_positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:

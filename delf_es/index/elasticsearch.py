@@ -898,17 +898,25 @@ class ElasticsearchBackend:
              "size": size, "docvalue_fields": ["image_id", "keypoint", "generation"]}
             for row in queries
         ]
-        responses = self._msearch(self.keypoints_alias, bodies, ["responses.hits.hits._score", "responses.hits.hits.fields"])
-        hits: list[tuple[int, float, str, int, int]] = []
+        responses = self._msearch(
+            self.keypoints_alias, bodies,
+            ["responses.hits.hits._index", "responses.hits.hits._score", "responses.hits.hits.fields"],
+        )
+        hits: list[tuple[int, float, str, int, int, str]] = []
         for q, response in enumerate(responses):
             for hit in response.get("hits", {}).get("hits", []):
                 fields = hit["fields"]
                 hits.append(
                     (q, 2.0 * hit["_score"] - 1.0, fields["image_id"][0], int(fields["keypoint"][0]),
-                     int(fields["generation"][0]))
+                     int(fields["generation"][0]), hit.get("_index", ""))
                 )
-        live = self._generations({hit[2] for hit in hits})
-        kept = [hit for hit in hits if live.get(hit[2]) == hit[4]]  # only keypoints of live versions
+        # Generations are read from the images index paired with the keypoints index a hit came
+        # from: a search straddling an alias swap (reindex) checks old keypoints against old images.
+        live: dict[tuple[str, str], int] = {}
+        for source in {hit[5] for hit in hits}:
+            found = self._generations({hit[2] for hit in hits if hit[5] == source}, self._paired_images(source))
+            live.update({(source, image_id): generation for image_id, generation in found.items()})
+        kept = [hit[:5] for hit in hits if live.get((hit[5], hit[2])) == hit[4]]  # only keypoints of live versions
         if not kept:
             return Neighbours.empty()
         kept.sort(key=lambda hit: (hit[0], -hit[1], hit[2], hit[3]))
@@ -919,16 +927,22 @@ class ElasticsearchBackend:
             similarity=np.clip(np.array([hit[1] for hit in kept], np.float32), -1.0, 1.0),
         )
 
-    def _generations(self, image_ids: set[str]) -> dict[str, int]:
+    def _paired_images(self, keypoints_index: str) -> str:
+        """The concrete images index created with ``keypoints_index`` (the alias if unknown)."""
+        head, sep, tail = keypoints_index.rpartition(f"{KEYPOINTS_SUFFIX}-{SCHEMA}-")
+        return f"{head}-{SCHEMA}-{tail}" if sep and head else self.alias
+
+    def _generations(self, image_ids: set[str], index: str | None = None) -> dict[str, int]:
         """The live generation of each of ``image_ids`` that has an image document, as of the last
-        refresh (the point in time kNN searched), read by ``terms`` searches of the images index."""
+        refresh (the point in time kNN searched), read by ``terms`` searches of the images index
+        (``index``, default the alias)."""
         wanted = sorted(image_ids)
         out: dict[str, int] = {}
         for start in range(0, len(wanted), CHECK_CHUNK):
             chunk = wanted[start : start + CHECK_CHUNK]
             body = {"query": {"terms": {"image_id": chunk}}, "size": len(chunk), "_source": False,
                     "stored_fields": "_none_", "docvalue_fields": ["image_id", "generation"]}
-            (response,) = self._msearch(self.alias, [body], ["responses.hits.hits.fields"])
+            (response,) = self._msearch(index or self.alias, [body], ["responses.hits.hits.fields"])
             for hit in response.get("hits", {}).get("hits", []):
                 out[hit["fields"]["image_id"][0]] = int(hit["fields"].get("generation", [-1])[0])
         return out

@@ -1,0 +1,209 @@
+"""The tasks: ``delf.extract`` (one image -> staged features) and ``delf.flush`` (staged -> index).
+
+An extract task message is a dict (JSON)::
+
+    {"source": "photos/a.jpg" or "https://...", "image_id": "photos/a.jpg", "metadata": {...},
+     "job": "<job id>", "alias": null or "<index alias>", "failures": null or "<failures index>",
+     "model": null or {"backbone": ..., "pca_path": ..., ...}}   # Settings overrides of the model
+
+Idempotency: the work is keyed by alias + model id (backbone, head, PCA) + image id
+(:func:`workers.store.staging_key`).  A redelivered or duplicated message re-stages the same
+key, which enters the write queue once; the write itself is the Elasticsearch backend's upsert,
+which replaces an image by id and publishes it through the image document's generation (an
+image appears whole or not at all).  So N submitted images end as exactly N indexed images.
+
+Failures: IndexUnavailable and Redis connection errors are retried with exponential backoff
+(2 s, 4 s ... capped at 5 min, ``worker_max_retries`` times); an input that cannot be decoded
+or fetched (4xx) is recorded as failed in its job and in ``<alias>-failures``, never retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import redis.exceptions
+from celery import Celery
+
+from delf_es.errors import DelfEsError, FetchFailed, IndexUnavailable, InvalidImage, UnsafeURL
+from delf_es.index.base import ImageRecord
+from delf_es.index.failures import FailedImage, failures_index, now
+from delf_es.settings import Settings
+from workers.store import Staged, staging_key
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (IndexUnavailable, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+BACKOFF_S = 2
+BACKOFF_MAX_S = 300
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def register(app: Celery, settings: Settings) -> None:
+    """Register the tasks on ``app`` (their retry policy comes from ``settings``)."""
+    retry = dict(
+        autoretry_for=RETRYABLE, retry_backoff=BACKOFF_S, retry_backoff_max=BACKOFF_MAX_S, retry_jitter=True,
+        max_retries=settings.worker_max_retries, acks_late=True, reject_on_worker_lost=True,
+    )
+
+    @app.task(bind=True, name="delf.extract", **retry)
+    def extract(self, item: dict[str, Any]) -> dict[str, Any]:
+        return run_extract(self, item)
+
+    @app.task(bind=True, name="delf.flush", **retry)
+    def flush(self) -> int:
+        return run_flush(self)
+
+    @app.task(bind=True, name="delf.reindex_tick", **retry)
+    def reindex_tick(self) -> dict[str, Any]:
+        from workers.reindex import tick
+
+        return tick(self.app).as_dict()
+
+
+# ---------------------------------------------------------------------------------- extract
+
+
+def _give_up(ctx, item: dict[str, Any], stage: str, exc: BaseException, model_id: str = "") -> dict[str, Any]:
+    """Record an image that will not be indexed (job + failures index); no retry."""
+    image_id = item["image_id"]
+    log.warning("%s failed at %s: %s", image_id, stage, exc)
+    failures = item.get("failures") or failures_index(ctx.settings.index_alias)
+    ctx.failure_log(failures).record(
+        [FailedImage(image_id, str(item.get("source", image_id)), stage, type(exc).__name__, str(exc), model_id, now())]
+    )
+    ctx.store.fail(item.get("job"), image_id, _error(exc))
+    return {"image_id": image_id, "status": "failed", "stage": stage, "error": _error(exc)}
+
+
+def _load(source: str, settings: Settings):
+    from delf_es.imageio import load_image, load_image_from_url
+
+    return load_image_from_url(source, settings) if "://" in source else load_image(source, settings)
+
+
+def run_extract(task, item: dict[str, Any]) -> dict[str, Any]:
+    ctx = task.app.delf
+    settings = ctx.settings
+    image_id = str(item["image_id"])
+    source = str(item.get("source") or image_id)
+    try:
+        extractor = ctx.extractor(item.get("model"))
+    except DelfEsError as exc:  # missing weights / PCA: a configuration error, visible per image
+        return _give_up(ctx, item, "extract", exc)
+    started = time.perf_counter()
+    try:
+        image = _load(source, settings)
+    except (InvalidImage, UnsafeURL) as exc:
+        return _give_up(ctx, item, "decode", exc, extractor.model_id)
+    except FetchFailed as exc:
+        transient = exc.status is None or exc.status == 429 or exc.status >= 500
+        if transient and task.request.retries < settings.worker_max_retries:
+            raise task.retry(exc=exc, countdown=min(BACKOFF_MAX_S, BACKOFF_S * 2**task.request.retries))
+        return _give_up(ctx, item, "decode", exc, extractor.model_id)
+    decoded = time.perf_counter()
+    try:
+        features = extractor.extract(image.pixels, image_id=image_id)
+    except Exception as exc:  # noqa: BLE001 - one bad image must not stall its job: record it
+        return _give_up(ctx, item, "extract", exc, extractor.model_id)
+    extracted = time.perf_counter()
+    alias = item.get("alias") or settings.index_alias
+    staged = Staged(
+        key=staging_key(alias, features.model_id, image_id),
+        alias=alias,
+        path=source,
+        metadata=dict(item.get("metadata") or {}),
+        failures=item.get("failures") or failures_index(settings.index_alias),
+        features=features,
+    )
+    ctx.store.stage(staged, item.get("job"))
+    ctx.store.add_stats(decode_s=decoded - started, extract_s=extracted - decoded, extracted=1)
+    ctx.store.add_timings(decode=decoded - started, extract=extracted - decoded)
+    task.app.send_task("delf.flush")
+    return {"image_id": image_id, "status": "staged", "model_id": features.model_id,
+            "keypoints": features.num_keypoints, "decode_s": decoded - started, "extract_s": extracted - decoded}
+
+
+# ---------------------------------------------------------------------------------- flush
+
+
+def run_flush(task) -> int:
+    """Drain the staged features in batches while holding the writer's lock; returns images
+    written.  A flush that finds the lock taken leaves the work to its holder (who looks again
+    after releasing it), or, if the holder may be dead, retries once the lock could have expired."""
+    ctx = task.app.delf
+    store, settings = ctx.store, ctx.settings
+    token = uuid.uuid4().hex
+    written = 0
+    while True:
+        if not store.acquire(token, settings.worker_lock_ttl):
+            wait = max(1.0, min(10.0, settings.worker_lock_ttl / 3))
+            if store.ready_count() and store.claim_retry(wait):
+                raise task.retry(countdown=wait, max_retries=None)
+            return written
+        try:
+            written += _drain(ctx, token)
+        finally:
+            store.release(token)
+        if not store.ready_count():  # staged while we released: ours to write
+            return written
+
+
+def _drain(ctx, token: str) -> int:
+    store, settings = ctx.store, ctx.settings
+    written = 0
+    while True:
+        batch = store.peek(settings.worker_index_batch)
+        if not batch or not store.renew(token, settings.worker_lock_ttl):
+            return written
+        started = time.perf_counter()
+        outcomes = _write(ctx, batch)
+        if not store.finish(token, outcomes):
+            log.warning("lost the writer's lock mid-batch; the next writer rewrites the batch (idempotent)")
+            return written
+        ok = sum(1 for _, _, error in outcomes if not error)
+        elapsed = time.perf_counter() - started
+        store.add_stats(write_s=elapsed, written=ok, batches=1)
+        store.add_timings(write=elapsed, batch_size=len(outcomes))
+        written += ok
+
+
+def _write(ctx, batch: list[tuple[str, bytes | None]]) -> list[tuple[str, str, str]]:
+    """Upsert one batch, grouped by (alias, model); (key, image_id, error or '') per item, in order."""
+    errors: dict[str, str] = {}
+    groups: dict[tuple[str, str], list[Staged]] = {}
+    image_of: dict[str, str] = {}
+    for key, payload in batch:
+        image_of[key] = key.split("|", 2)[2]  # alias|model_id|image_id
+        if payload is None:
+            errors[key] = "staged features vanished; submit the image again"
+            continue
+        staged = Staged.decode(key, payload)
+        groups.setdefault((staged.alias, staged.features.model_id), []).append(staged)
+    for (alias, model_id), items in groups.items():
+        backend = ctx.backend(alias, model_id)
+        created = now()
+        report = backend.upsert(  # IndexUnavailable propagates: the task retries, the batch stays staged
+            [ImageRecord(s.features.image_id, s.path, s.metadata, s.features, created) for s in items], refresh=False
+        )
+        failed = {f.item_id: f.error for f in report.failed}
+        by_failures: dict[str, list[Staged]] = {}
+        for s in items:
+            by_failures.setdefault(s.failures, []).append(s)
+            if s.features.image_id in failed:
+                errors[s.key] = "index refused: " + failed[s.features.image_id]
+        for index, members in by_failures.items():
+            log_ = ctx.failure_log(index)
+            log_.record([FailedImage(s.features.image_id, s.path, "index", "BulkIndexFailed", failed[s.features.image_id],
+                                     model_id, created) for s in members if s.features.image_id in failed])
+            log_.clear([s.features.image_id for s in members if s.features.image_id not in failed])
+        cache = ctx.location_cache
+        if cache is not None:
+            cache.put_many(model_id, {s.features.image_id: s.features.keypoints for s in items
+                                      if s.features.image_id not in failed})
+    return [(key, image_of[key], errors.get(key, "")) for key, _ in batch]
