@@ -27,6 +27,7 @@ from typing import Any
 import redis.exceptions
 from celery import Celery
 
+from delf_es.cache import codes_namespace
 from delf_es.errors import DelfEsError, FetchFailed, IndexUnavailable, InvalidImage, UnsafeURL
 from delf_es.index.base import ImageRecord
 from delf_es.index.failures import FailedImage, failures_index, now
@@ -204,6 +205,7 @@ def _write(ctx, batch: list[tuple[str, bytes | None]]) -> list[tuple[str, str, s
             log_.clear([s.features.image_id for s in members if s.features.image_id not in failed])
         cache = ctx.location_cache
         if cache is not None:
-            cache.put_many(model_id, {s.features.image_id: s.features.keypoints for s in items
-                                      if s.features.image_id not in failed})
+            written = {s.features.image_id: s.features.keypoints for s in items if s.features.image_id not in failed}
+            cache.put_many(model_id, written)
+            cache.delete(codes_namespace(model_id), list(written))  # codes of a replaced version
     return [(key, image_of[key], errors.get(key, "")) for key, _ in batch]
