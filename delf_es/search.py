@@ -64,19 +64,20 @@ class Searcher:
         candidates: dict[str, _Candidate] = defaultdict(_Candidate)
         descriptors = query.descriptors[: s.query_max_descriptors]
         local_order: list[str] = []
-        if s.shortlist_mode in ("local", "hybrid") and len(descriptors):
+        shortlist_mode, correspondences = s.search_plan()
+        if shortlist_mode in ("local", "hybrid") and len(descriptors):
             self._collect(self.backend.knn(descriptors, s.knn_k, metadata_filter), candidates)
             local_order = sorted(
                 candidates,
                 key=lambda i: (-candidates[i].votes, -float(sum(x.sum() for x in candidates[i].similarity)), tie_break(i)),
             )
         global_order: list[str] = []
-        if s.shortlist_mode in ("global", "hybrid") and query.global_desc.size:
+        if shortlist_mode in ("global", "hybrid") and query.global_desc.size:
             for image_id, similarity in self.backend.global_knn(query.global_desc, s.shortlist_size, metadata_filter):
                 candidates[image_id].global_similarity = similarity
                 global_order.append(image_id)
         shortlist = _interleave([local_order, global_order], s.shortlist_size)
-        matching = s.correspondences == "matching"
+        matching = correspondences == "matching"
         without_pairs = [i for i in shortlist if not candidates[i].query_index]
         if without_pairs and len(descriptors) and not matching:
             restricted = self.backend.knn(descriptors, s.knn_k, metadata_filter, image_ids=without_pairs)
@@ -95,7 +96,7 @@ class Searcher:
                     candidates: dict[str, _Candidate], locations: dict[str, np.ndarray],
                     codes: dict[str, np.ndarray]) -> list[SearchHit]:
         s = self.settings
-        matching = s.correspondences == "matching"
+        matching = s.search_plan()[1] == "matching"
         hits = []
         for image_id in shortlist:
             candidate = candidates[image_id]

@@ -198,3 +198,13 @@ def test_unknown_global_similarity_counts_as_the_lowest_returned():
 def test_unknown_rank_by_is_refused():
     with pytest.raises(ValueError, match="rank_by"):
         Settings(rank_by="votes")
+
+
+def test_unset_search_plan_is_the_backends_measured_best():
+    assert Settings().search_plan() == ("hybrid", "knn")
+    assert Settings(es_url="http://127.0.0.1:9200").search_plan() == ("global", "matching")
+    explicit = Settings(es_url="http://127.0.0.1:9200", shortlist_mode="hybrid", correspondences="knn")
+    assert explicit.search_plan() == ("hybrid", "knn")
+    assert Settings(correspondences="matching").search_plan() == ("hybrid", "matching")
+    with pytest.raises(ValueError):
+        Settings(correspondences="nearest")
