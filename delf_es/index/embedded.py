@@ -686,33 +686,24 @@ class EmbeddedBackend:
 
     def keypoints(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored keypoint locations, (N, 2) float32 (x, y) px per image; unknown ids left out."""
-        wanted = list(dict.fromkeys(image_ids))
-        out: dict[str, np.ndarray] = {}
-        with self._reading():
-            conn = self._reader()
-            for start in range(0, len(wanted), _SQL_CHUNK):
-                chunk = wanted[start : start + _SQL_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                for image_id, blob in conn.execute(
-                    f"SELECT image_id, keypoints FROM images WHERE image_id IN ({marks})", chunk
-                ):
-                    out[image_id] = _unblob(blob, 2)
-        return out
+        return {image_id: _unblob(blob, 2) for image_id, blob in self._blobs("keypoints", image_ids)}
 
     def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored descriptors as (N, D) int8 codes (as the Elasticsearch backend stores them, so
         both backends match alike); unknown ids left out."""
+        return {image_id: int8_codes(_unblob(blob, self._local_dim or 0))
+                for image_id, blob in self._blobs("descriptors", image_ids)}
+
+    def _blobs(self, column: str, image_ids: Iterable[str]) -> list[tuple[str, bytes]]:
+        """(image id, ``column`` blob) of the stored images among ``image_ids``."""
         wanted = list(dict.fromkeys(image_ids))
-        out: dict[str, np.ndarray] = {}
+        out: list[tuple[str, bytes]] = []
         with self._reading():
             conn = self._reader()
             for start in range(0, len(wanted), _SQL_CHUNK):
                 chunk = wanted[start : start + _SQL_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                for image_id, blob in conn.execute(
-                    f"SELECT image_id, descriptors FROM images WHERE image_id IN ({marks})", chunk
-                ):
-                    out[image_id] = int8_codes(_unblob(blob, self._local_dim or 0))
+                out += conn.execute(f"SELECT image_id, {column} FROM images WHERE image_id IN ({marks})", chunk).fetchall()
         return out
 
     def _matching_rows(
