@@ -38,6 +38,7 @@ ROWS = {
     "delf-es-verify-fundamental": ("verification", "fundamental matrix (pydegensac)"),
     "delf-es-backend-elasticsearch": ("backend", "Elasticsearch backend (int8 HNSW kNN), ranked by inliers: compare with "
                                       "the 'rank by inliers' row (embedded)"),
+    "delf-es-backend-elasticsearch-default": ("backend", "Elasticsearch backend (int8 HNSW kNN), default settings"),
     "anchor-global-gem": ("anchor", "anchor: global GeM of the same forward pass, cosine, no verification"),
     "anchor-delf-demo-kdtree": ("anchor", "anchor: classic DELF demo (one cKDTree over all database descriptors, RANSAC on every candidate)"),
     "anchor-sift-magsac": ("anchor", "anchor: RootSIFT (2000 kp) + ratio test + OpenCV USAC_MAGSAC, brute force"),

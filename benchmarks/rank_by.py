@@ -10,7 +10,8 @@ same :func:`delf_es.search.rank_hits` the search uses.  Protocol:
   id order) and reported on the other half, both ways (2-fold); its all-query number is the
   mean of the two held-out halves' APs, never a number tuned on the queries it reports.
 
-    python benchmarks/rank_by.py benchmarks/results/eval/delf-es-default.json
+    delf-es eval GT --distractors DIR --config benchmarks/configs/rank-inliers.json --label delf-es-rank-inliers --hits
+    python benchmarks/rank_by.py benchmarks/results/eval/delf-es-rank-inliers.json
 Writes benchmarks/results/rank_by.json.
 """
 
@@ -47,7 +48,7 @@ def query_aps(result: dict, gt, settings: Settings) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("result", help="eval JSON with per-query hits (delf_es.eval.run, this commit or later)")
+    parser.add_argument("result", help="eval JSON written with --hits")
     parser.add_argument("--out", default="benchmarks/results/rank_by.json")
     args = parser.parse_args()
     result = json.loads(Path(args.result).read_text())

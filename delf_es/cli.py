@@ -321,6 +321,7 @@ def eval_command(
     out: Path = typer.Option(Path("benchmarks/results/eval"), help="folder for JSON and plots"),
     cache: Optional[Path] = typer.Option(None, help="feature cache folder (default: <data_dir>/features)"),
     figures: bool = typer.Option(True, help="write the AP plot and the worst-queries figure"),
+    hits: bool = typer.Option(False, help="store every ranked hit per query (for benchmarks/rank_by.py)"),
 ) -> None:
     """Evaluate retrieval on a gt.json set: mAP (Revisited Oxford/Paris), R@1/5/10, timings."""
     from delf_es.eval.gt import load_ground_truth
@@ -338,7 +339,8 @@ def eval_command(
         fail(ValueError("--backend is embedded or elasticsearch"))
     settings = State.settings(**extra)
     try:
-        result = evaluate(gt_json, distractors, settings, out, cache or settings.data_dir / "features", label=label)
+        result = evaluate(gt_json, distractors, settings, out, cache or settings.data_dir / "features", label=label,
+                          keep_hits=hits)
         if figures:
             ap_bars(result, out / f"{label}-ap.png")
             from delf_es.features import Extractor

@@ -54,7 +54,6 @@ class FeatureCache:
 
     def __init__(self, root: Path, model_id: str, settings: Settings | None = None) -> None:
         self.directory = Path(root) / (cache_name(model_id, settings) if settings else model_id.replace("/", "_"))
-        self.directory.mkdir(parents=True, exist_ok=True)
         default_k = Settings.model_fields["max_feature_num"].default
         self.keep = settings.max_feature_num if settings else default_k
         # fewer keypoints than the default: the default cache's prefix is the same features

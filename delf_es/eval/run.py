@@ -71,6 +71,7 @@ def evaluate(
     label: str = "delf-es",
     extractor: Extractor | None = None,
     keep_index: bool = False,
+    keep_hits: bool = False,
 ) -> dict:
     """Run the benchmark; returns (and writes to ``out_dir/<label>.json``) the result."""
     gt = load_ground_truth(gt_path)
@@ -106,8 +107,9 @@ def evaluate(
                 per_query.append({
                     **asdict(score), "kind": query.kind, "num_positives": len(query.positives),
                     "top10": [(h.image_id, h.inliers, h.votes) for h in hits[:10]],
-                    # every ranked hit, so other final orders can be scored offline (benchmarks/rank_by.py)
-                    "hits": [(h.image_id, h.inliers, h.votes, _finite(h.global_similarity)) for h in hits],
+                    # every ranked hit (keep_hits), so other final orders can be scored offline (benchmarks/rank_by.py)
+                    **({"hits": [(h.image_id, h.inliers, h.votes, _finite(h.global_similarity)) for h in hits]}
+                       if keep_hits else {}),
                     "query_keypoints": feats.num_keypoints, "search_ms": search_ms[-1],
                 })
         finally:
@@ -138,8 +140,15 @@ def evaluate(
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{label}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out_dir / f"{label}.json").write_text(dump_result(result))
     return result
+
+
+def dump_result(result: dict) -> str:
+    """JSON with one line per query (hit lists would otherwise take six lines per hit)."""
+    head = json.dumps({k: v for k, v in result.items() if k != "per_query"}, indent=2, default=str)
+    rows = ",\n".join("    " + json.dumps(row, default=str) for row in result.get("per_query", []))
+    return head[:-2] + ',\n  "per_query": [\n' + rows + "\n  ]\n}\n"
 
 
 def _finite(value: float) -> float | None:

@@ -30,7 +30,7 @@ def tiny_set(tmp_path_factory):
 def test_evaluate_scores_records_and_reuses_the_feature_cache(tiny_set, tmp_path):
     settings = Settings(scales=(0.5, 1.0), global_scales=(1.0,), shortlist_size=10)
     cache = tmp_path / "features"
-    first = evaluate(tiny_set, [], settings, tmp_path / "out", cache, label="first")
+    first = evaluate(tiny_set, [], settings, tmp_path / "out", cache, label="first", keep_hits=True)
     assert first["mAP"] == pytest.approx(100.0) and first["R@1"] == 100.0
     assert first["extracted_this_run"] == 5  # 4 database images + 1 query
     assert first["timestamp"] and len(first["loadavg_end"]) == 3
@@ -43,6 +43,7 @@ def test_evaluate_scores_records_and_reuses_the_feature_cache(tiny_set, tmp_path
         again = evaluate(tiny_set, [], settings.model_copy(update=change), tmp_path / "out", cache, label="again")
         assert again["extracted_this_run"] == 0
         assert again["mAP"] == pytest.approx(100.0)
+        assert "hits" not in again["per_query"][0]
     # another pyramid is another cache
     other = evaluate(tiny_set, [], settings.model_copy(update={"scales": (1.0,)}), tmp_path / "out", cache, label="other")
     assert other["extracted_this_run"] == 5
