@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces the PCA artifacts shipped in delf_es/weights/ (one per backbone's default
-# local layer): 40 dims, fitted on the photos listed by scripts/training_images.sh
-# (Debian opencv-doc / visp-images-data and scikit-image data; no evaluation image).
-#   scripts/fit_default_pca.sh [backbone ...]
+# local layer and keypoint scoring): 40 dims, fitted on the photos listed by
+# scripts/training_images.sh (Debian opencv-doc / visp-images-data and scikit-image data;
+# no evaluation image).  Keypoints are selected by descriptor norm ('norm' PCAs) or, for
+# backbones with a shipped attention head, by that head ('attention' PCAs).
+#   scripts/fit_default_pca.sh [backbone ...]          (SCORING=norm|attention|both, default both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 list=$(mktemp)
@@ -12,7 +14,11 @@ backbones=("$@")
 [ ${#backbones[@]} -gt 0 ] || backbones=(efficientnet-lite2 efficientnet-lite0 mobilenetv2)
 for backbone in "${backbones[@]}"; do
   layer=$(python3 -c "from delf_es.model.registry import get_preset; print(get_preset('$backbone').local_layer)")
-  delf-es --backbone "$backbone" --no-pca fit-pca "@$list" --dims 40 \
-    --out "delf_es/weights/pca-$backbone-$layer-norm-40.npz" \
-    --fitted-on "$(wc -l < "$list") photos from scripts/training_images.sh: Debian opencv-doc samples, visp-images-data sequences, scikit-image data"
+  for scoring in norm attention; do
+    [ "${SCORING:-both}" = both ] || [ "${SCORING:-both}" = "$scoring" ] || continue
+    if [ "$scoring" = attention ] && [ ! -f "delf_es/weights/attention-$backbone-$layer.pt" ]; then continue; fi
+    python -m delf_es.cli --backbone "$backbone" --scoring "$scoring" --no-pca fit-pca "@$list" --dims 40 \
+      --out "delf_es/weights/pca-$backbone-$layer-$scoring-40.npz" \
+      --fitted-on "$(wc -l < "$list") photos from scripts/training_images.sh: Debian opencv-doc samples, visp-images-data sequences, scikit-image data; keypoints selected by $scoring scores"
+  done
 done

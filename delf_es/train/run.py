@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -39,7 +40,9 @@ def run_attention_training(
     # the frozen backbone only: scoring is irrelevant while caching, 'norm' avoids loading a head
     model, meta = build_model(settings.model_copy(update={"scoring": "norm"}))
     model = model.to(memory_format=torch.channels_last)
+    started = time.perf_counter()
     cache = build_view_cache(train_set, model, meta, views, cache_root, settings)
+    cache_seconds = time.perf_counter() - started  # ~0 when the cache is reused
     provenance = {
         "backbone": meta.backbone,
         "local_layer": meta.local_layer,
@@ -49,6 +52,7 @@ def run_attention_training(
         "views": {"per_image": views.views_per_image, "sizes": list(views.sizes), "crop_range": list(views.crop_range),
                   "holdout": views.holdout, "seed": views.seed},
         "command": command,
+        "view_cache_seconds": round(cache_seconds, 1),
         "torch_threads": torch.get_num_threads(),
         "loadavg_start": list(os.getloadavg()),
     }
