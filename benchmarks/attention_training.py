@@ -69,7 +69,8 @@ def plot(summary: dict, out: Path) -> None:
         axis.set_xlabel("epoch")
         axis.legend()
     runs = summary["runs"]
-    axes[2].bar([r["scoring"] for r in runs], [r["mAP"] for r in runs], color=["grey", "tab:orange"][: len(runs)])
+    axes[2].bar([r["label"].replace("scoring-", "") for r in runs], [r["mAP"] for r in runs],
+                color=["lightgrey", "grey", "tab:orange"][-len(runs):])
     for index, run in enumerate(runs):
         axes[2].text(index, run["mAP"] + 0.5, f"{run['mAP']:.1f}", ha="center")
     axes[2].set_ylim(0, 100)
@@ -86,21 +87,33 @@ def main() -> None:
     parser.add_argument("--head", type=Path, default=default_attention_path("efficientnet-lite2", "expand"))
     parser.add_argument("--cache", type=Path, default=None, help="feature cache (default: <data_dir>/features)")
     parser.add_argument("--out", type=Path, default=RESULTS / "attention_training.json")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="JSON settings overrides for both compared runs (e.g. a cheaper pyramid)")
+    parser.add_argument("--reference-cache", type=Path, default=None,
+                        help="also score norm at default settings from this (already filled) feature cache")
     args = parser.parse_args()
-    base = Settings(es_url=None, redis_url=None)
+    overrides = json.loads(args.config.read_text()) if args.config else {}
+    base = Settings(es_url=None, redis_url=None, **overrides)
+    # the feature cache is keyed by model id only: other extraction settings need their own folder
     cache = args.cache or base.data_dir / "features"
     head_record = json.loads(args.head.with_suffix(".json").read_text())
-    runs = [
-        run_eval("scoring-norm", base.model_copy(update={"scoring": "norm"}), args.gt, args.distractors, cache),
-        run_eval("scoring-attention", base.model_copy(update={"scoring": "attention", "attention_weights": args.head}),
+    suffix = f"-{args.config.stem}" if args.config else ""
+    runs = []
+    if args.reference_cache:
+        reference = Settings(es_url=None, redis_url=None, scoring="norm")
+        runs.append(run_eval("scoring-norm-default", reference, args.gt, args.distractors, args.reference_cache))
+    runs += [
+        run_eval(f"scoring-norm{suffix}", base.model_copy(update={"scoring": "norm"}), args.gt, args.distractors, cache),
+        run_eval(f"scoring-attention{suffix}", base.model_copy(update={"scoring": "attention", "attention_weights": args.head}),
                  args.gt, args.distractors, cache),
     ]
-    norm, trained = runs
+    norm, trained = runs[-2:]
     deltas = [trained["per_query_ap"][q] - ap for q, ap in norm["per_query_ap"].items()]
     summary = {
         "what": "mAP with keypoints scored by descriptor norm vs by the trained attention head (same run, same search settings)",
         "gt": str(args.gt),
         "distractors": [str(d) for d in args.distractors],
+        "settings_overrides_of_compared_runs": overrides,
         "training": {
             "head": str(args.head),
             "data": head_record.get("data"),

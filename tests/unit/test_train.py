@@ -154,3 +154,31 @@ def test_train_cli_attention(tiny_set, tmp_path):
     assert json.loads(result.stdout[result.stdout.index("{"):])["epochs"] == 2 and (tmp_path / "head.pt").is_file()
     bad = runner.invoke(app, ["train", "attention", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "not found" in bad.output
+
+
+def test_shipped_head_is_the_default(extractor):
+    from delf_es.model.delf import default_attention_path
+    from delf_es.model.weights import file_digest
+
+    head = default_attention_path("efficientnet-lite2", "expand")
+    assert head.is_file(), "the trained head ships with the package"
+    meta = extractor.meta  # Settings() defaults: scoring 'auto'
+    assert meta.scoring == "attention" and meta.attention_digest == file_digest(head)
+    assert f"-attention-{meta.attention_digest}-" in extractor.model_id and "-norm-" not in extractor.model_id
+    assert extractor.pca.provenance.scoring == "attention"  # PCA refitted on the head's keypoints
+    assert "trained by delf-es" in meta.attention_provenance
+    norm = build_model(Settings(scoring="norm"))[1]
+    assert norm.scoring == "norm" and norm.attention_digest == ""
+
+
+def test_attention_command_draws_the_score_map(tmp_path):
+    from skimage import data
+
+    image = tmp_path / "coffee.jpg"
+    Image.fromarray(data.coffee()).save(image)
+    result = CliRunner().invoke(app, ["--scales", "0.7071,1.0", "attention", str(image), "--out", str(tmp_path / "heat.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["scoring"] == "attention" and report["keypoints"] > 0
+    assert report["score_map"] == [26, 38]  # 600x400 at scale 1 -> 608x416 level -> stride-16 cells
+    assert Image.open(tmp_path / "heat.png").size[0] > 600
