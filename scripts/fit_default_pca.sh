@@ -16,8 +16,13 @@ for backbone in "${backbones[@]}"; do
   layer=$(python3 -c "from delf_es.model.registry import get_preset; print(get_preset('$backbone').local_layer)")
   for scoring in norm attention; do
     [ "${SCORING:-both}" = both ] || [ "${SCORING:-both}" = "$scoring" ] || continue
-    if [ "$scoring" = attention ] && [ ! -f "delf_es/weights/attention-$backbone-$layer.pt" ]; then continue; fi
-    python -m delf_es.cli --backbone "$backbone" --scoring "$scoring" --no-pca fit-pca "@$list" --dims 40 \
+    head=()
+    if [ "$scoring" = attention ]; then
+      file=$(ls delf_es/weights/attention-"$backbone"-"$layer"*.pt 2>/dev/null | head -1)
+      [ -n "$file" ] || continue
+      head=(--attention-weights "$file")
+    fi
+    python -m delf_es.cli --backbone "$backbone" --scoring "$scoring" "${head[@]}" --no-pca fit-pca "@$list" --dims 40 \
       --out "delf_es/weights/pca-$backbone-$layer-$scoring-40.npz" \
       --fitted-on "$(wc -l < "$list") photos from scripts/training_images.sh: Debian opencv-doc samples, visp-images-data sequences, scikit-image data; keypoints selected by $scoring scores"
   done

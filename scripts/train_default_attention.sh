@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the shipped attention head delf_es/weights/attention-efficientnet-lite2-expand.pt
+# Reproduces the shipped attention head delf_es/weights/attention-efficientnet-lite2-expand-instance.pt
 # (+ .json provenance).  Data: the 65 photos of scripts/training_images.sh (Debian opencv-doc,
 # visp-images-data, scikit-image; none from ../shared/data), labelled for instance
 # discrimination: every photo is its own class, except frames of one visp sequence (one
@@ -34,7 +34,7 @@ while read -r path; do
     ln -s "$path" "$tree/classes/$class/$name"
   fi
 done < "$list"
-out=delf_es/weights/attention-efficientnet-lite2-expand.pt
+out=delf_es/weights/attention-efficientnet-lite2-expand-instance.pt
 python -m delf_es.cli --backbone efficientnet-lite2 train attention "$tree/classes" --background "$tree/background" \
   --out "$run" --epochs 30 --hidden 128 --views 24 --sizes 192,256,320,384 --crop-min 0.5 --holdout 0.2 \
   --batch-size 32 --lr 1e-3 --seed 0 --threads "${THREADS:-2}" --cache "$run/views" --export "$out" ${RESUME:+--resume}

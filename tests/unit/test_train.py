@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,19 +157,21 @@ def test_train_cli_attention(tiny_set, tmp_path):
     assert bad.exit_code == 2 and "not found" in bad.output
 
 
-def test_shipped_head_is_the_default(extractor):
-    from delf_es.model.delf import default_attention_path
+SHIPPED_HEAD = Path(__file__).resolve().parents[2] / "delf_es" / "weights" / "attention-efficientnet-lite2-expand-instance.pt"
+
+
+def test_shipped_head_loads_and_norm_stays_the_default(extractor):
+    """The trained head ships, but measured no better than norm scoring, so 'auto' keeps norm."""
     from delf_es.model.weights import file_digest
 
-    head = default_attention_path("efficientnet-lite2", "expand")
-    assert head.is_file(), "the trained head ships with the package"
-    meta = extractor.meta  # Settings() defaults: scoring 'auto'
-    assert meta.scoring == "attention" and meta.attention_digest == file_digest(head)
-    assert f"-attention-{meta.attention_digest}-" in extractor.model_id and "-norm-" not in extractor.model_id
-    assert extractor.pca.provenance.scoring == "attention"  # PCA refitted on the head's keypoints
-    assert "trained by delf-es" in meta.attention_provenance
-    norm = build_model(Settings(scoring="norm"))[1]
-    assert norm.scoring == "norm" and norm.attention_digest == ""
+    assert SHIPPED_HEAD.is_file(), "the trained head ships with the package"
+    assert extractor.meta.scoring == "norm" and "-norm-" in extractor.model_id  # Settings() defaults: scoring 'auto'
+    model, meta = build_model(Settings(scoring="attention", attention_weights=SHIPPED_HEAD))
+    assert meta.scoring == "attention" and meta.attention_digest == file_digest(SHIPPED_HEAD)
+    assert model.attention.hidden == 128 and "trained by delf-es" in meta.attention_provenance
+    from delf_es.features import default_pca_path
+
+    assert default_pca_path("efficientnet-lite2", "expand", "attention").is_file()  # PCA refitted on its keypoints
 
 
 def test_attention_command_draws_the_score_map(tmp_path):
@@ -176,7 +179,8 @@ def test_attention_command_draws_the_score_map(tmp_path):
 
     image = tmp_path / "coffee.jpg"
     Image.fromarray(data.coffee()).save(image)
-    result = CliRunner().invoke(app, ["--scales", "0.7071,1.0", "attention", str(image), "--out", str(tmp_path / "heat.png")])
+    result = CliRunner().invoke(app, ["--scales", "0.7071,1.0", "--scoring", "attention", "--attention-weights", str(SHIPPED_HEAD),
+                                      "attention", str(image), "--out", str(tmp_path / "heat.png")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["scoring"] == "attention" and report["keypoints"] > 0
