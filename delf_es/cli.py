@@ -14,8 +14,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from delf_es.errors import DelfEsError
 from delf_es.settings import Settings
+from delf_es.train.cli import train_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="delf-es: instance-level image search.")
+app.add_typer(train_app, name="train")
 console = Console(stderr=True)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -39,6 +41,8 @@ def main(
     pca: Optional[Path] = typer.Option(None, help="PCA artifact (default: the shipped one)"),
     no_pca: bool = typer.Option(False, "--no-pca", help="keep raw descriptors"),
     device: Optional[str] = typer.Option(None, help="cpu (default) or cuda"),
+    scoring: Optional[str] = typer.Option(None, help="keypoint scores: auto (default: the shipped head if any), attention, norm"),
+    attention_weights: Optional[Path] = typer.Option(None, help="attention head file (default: the shipped one)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -57,6 +61,10 @@ def main(
         overrides["use_pca"] = False
     if device:
         overrides["device"] = device
+    if scoring:
+        overrides["scoring"] = scoring
+    if attention_weights:
+        overrides["attention_weights"] = attention_weights
     State.overrides = overrides
 
 
@@ -201,6 +209,32 @@ def fit_pca_command(
     artifact.save(out)
     kept = float(artifact.explained_variance.sum())
     console.print(f"PCA {artifact.id}: {len(descriptors)} descriptors from {used} images, variance kept {kept:.3f} -> {out}")
+
+
+@app.command()
+def attention(
+    image: str = typer.Argument(..., help="image file"),
+    out: Path = typer.Option(Path("attention.png"), help="figure: the score map over the image + selected keypoints"),
+    scale: float = typer.Option(1.0, help="pyramid scale whose score map is drawn"),
+) -> None:
+    """Show what the model looks at: keypoint scores (the attention head, or descriptor norms
+    under norm scoring) over the image and the keypoints extraction keeps."""
+    from delf_es.attention_map import draw_attention, score_map
+    from delf_es.features import Extractor
+    from delf_es.imageio import load_image
+
+    try:
+        settings = State.settings()
+        extractor = Extractor(settings)
+        pixels = load_image(image, settings).pixels
+        scores = score_map(extractor, pixels, scale)
+        raw = extractor.extract_raw(pixels)
+    except DelfEsError as error:
+        fail(error)
+    title = f"{extractor.meta.scoring} scores at scale {scale:g}; {len(raw.keypoints)} keypoints (all scales)\n{extractor.model_id}"
+    draw_attention(pixels, scores, raw.keypoints, raw.scales, title, out)
+    print(json.dumps({"image": image, "figure": str(out), "scoring": extractor.meta.scoring, "model_id": extractor.model_id,
+                      "keypoints": int(len(raw.keypoints)), "score_map": list(scores.shape)}))
 
 
 def engine():

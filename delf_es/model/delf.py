@@ -31,6 +31,7 @@ class ModelMeta:
         mean, std: input normalisation on the 0..255 scale.
         receptive_field: of the local map, in input px of its pyramid level.
         provenance: where the backbone weights come from.
+        attention_provenance: how the attention head was trained ("" for norm scoring).
     """
 
     backbone: str
@@ -44,6 +45,7 @@ class ModelMeta:
     std: tuple[float, float, float]
     receptive_field: ReceptiveField
     provenance: str
+    attention_provenance: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,13 +97,23 @@ class DelfModel(nn.Module):
         return LevelOutput(local=local[0], scores=scores, global_=global_)
 
 
+def head_provenance(meta: dict, path: Path) -> str:
+    """One line on how a head file was trained, from the record ``delf-es train attention`` stores in it."""
+    if not meta:
+        return f"attention head {path.name} (no training record)"
+    classes = len(meta.get("classes", []))
+    return (f"attention head trained by delf-es on {meta.get('images', '?')} images ({classes} classes, "
+            f"{meta.get('background_images', 0)} background) for {meta.get('backbone', '?')}/{meta.get('local_layer', '?')}; "
+            f"command: {meta.get('command', '?')}")
+
+
 def build_model(settings: Settings) -> tuple[DelfModel, ModelMeta]:
     """Build the network and its metadata from settings (weights from installed packages or files)."""
     preset = get_preset(settings.backbone)
     local_layer = settings.local_layer or preset.local_layer
     weights = preset.weights_path(settings.backbone_weights)
     backbone = preset.build(weights, local_layer)
-    attention, attention_digest = None, ""
+    attention, attention_digest, attention_provenance = None, "", ""
     attention_path = settings.attention_weights or default_attention_path(preset.name, local_layer)
     want_attention = settings.scoring == "attention" or (settings.scoring == "auto" and Path(attention_path).is_file())
     if want_attention:
@@ -112,6 +124,7 @@ def build_model(settings: Settings) -> tuple[DelfModel, ModelMeta]:
         attention = AttentionHead(backbone.local_channels, hidden=state["conv1.weight"].shape[0])
         attention.load_state_dict(state)
         attention_digest = file_digest(Path(attention_path))
+        attention_provenance = head_provenance(checkpoint.get("meta", {}), Path(attention_path))
     backbone.eval().fold_for_inference()
     model = DelfModel(backbone, attention).eval()
     meta = ModelMeta(
@@ -126,5 +139,6 @@ def build_model(settings: Settings) -> tuple[DelfModel, ModelMeta]:
         std=tuple(backbone.std),
         receptive_field=backbone.receptive_field(),
         provenance=preset.provenance,
+        attention_provenance=attention_provenance,
     )
     return model, meta

@@ -1,0 +1,119 @@
+"""``delf-es train backbone|attention``: the two DELF training stages from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from delf_es.errors import DelfEsError
+
+train_app = typer.Typer(no_args_is_help=True, help="Train the DELF stages: 1 = backbone, 2 = attention head.")
+
+DATA_HELP = "ImageFolder root (one sub-folder per class) or a Google Landmarks v2 train.csv"
+
+
+def _settings_and_fail():
+    from delf_es.cli import State, fail
+
+    return State.settings(), fail
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    sizes = tuple(int(s) for s in text.split(","))
+    if any(s % 32 or s <= 0 for s in sizes):
+        raise typer.BadParameter("view sizes must be positive multiples of 32")
+    return sizes
+
+
+@train_app.command("attention")
+def attention_command(
+    data: Path = typer.Argument(..., help=DATA_HELP),
+    out: Path = typer.Option(..., help="run folder: last.pt (resumable), log.csv, attention.pt, train.json"),
+    images: Optional[Path] = typer.Option(None, help="image root of a GLDv2 train.csv (default: <csv dir>/train)"),
+    background: Optional[Path] = typer.Option(None, help="folder of background/distractor images (no landmark)"),
+    background_mode: str = typer.Option("negative", help="'negative' (uniform target) or 'class' (one extra class)"),
+    epochs: int = typer.Option(30),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(1e-3),
+    hidden: int = typer.Option(512, help="hidden channels of the head (DELF: 512)"),
+    views: int = typer.Option(24, help="augmented views cached per image"),
+    sizes: str = typer.Option("192,256,320,384", help="view sides, px, multiples of 32"),
+    crop_min: float = typer.Option(0.5, help="smallest crop side, fraction of the short side"),
+    holdout: float = typer.Option(0.2, help="held-out fraction (images, or views of single-image classes)"),
+    seed: int = typer.Option(0),
+    cache: Optional[Path] = typer.Option(None, help="view-feature cache folder (default: <data_dir>/train-views)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from <out>/last.pt"),
+    stop_after: Optional[int] = typer.Option(None, help="end this session after that epoch (resume later)"),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+    export: Optional[Path] = typer.Option(None, help="also copy the trained head here (e.g. delf_es/weights/...)"),
+) -> None:
+    """Stage 2: train the attention head on cached maps of the frozen backbone (minutes on CPU)."""
+    import shutil
+
+    import torch
+
+    from delf_es.train.attention_stage import AttentionConfig
+    from delf_es.train.run import load_train_set, run_attention_training
+    from delf_es.train.view_cache import ViewConfig
+
+    settings, fail = _settings_and_fail()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        train_set = load_train_set(data, images, background)
+        view_config = ViewConfig(views_per_image=views, sizes=_sizes(sizes), crop_range=(crop_min, 1.0), holdout=holdout, seed=seed)
+        config = AttentionConfig(epochs=epochs, batch_size=batch_size, lr=lr, hidden=hidden,
+                                 background_mode=background_mode, seed=seed)
+        summary = run_attention_training(train_set, settings, view_config, config, out,
+                                         cache or settings.data_dir / "train-views", resume=resume, stop_after=stop_after,
+                                         command="delf-es " + " ".join(sys.argv[1:]))
+    except (DelfEsError, ValueError) as error:
+        fail(error)
+    if export is not None:
+        export.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "attention.pt", export)
+    last = summary["history"][-1] if summary["history"] else {}
+    print(json.dumps({"out": str(out), "epochs": summary["epochs"], "train_seconds": summary["train_seconds"],
+                      "last": last, "head": str(export or out / "attention.pt")}, indent=2))
+
+
+@train_app.command("backbone")
+def backbone_command(
+    data: Path = typer.Argument(..., help=DATA_HELP),
+    out: Path = typer.Option(..., help="run folder: last.pt (resumable), log.csv, backbone.pt, train.json"),
+    images: Optional[Path] = typer.Option(None, help="image root of a GLDv2 train.csv (default: <csv dir>/train)"),
+    background: Optional[Path] = typer.Option(None, help="folder of background/distractor images"),
+    background_mode: str = typer.Option("negative", help="'negative' or 'class'"),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(16),
+    lr: float = typer.Option(1e-3, help="SGD with momentum 0.9"),
+    size: int = typer.Option(224, help="training crop side, px (multiple of 32)"),
+    views: int = typer.Option(2, help="random views per image per epoch"),
+    holdout: float = typer.Option(0.2),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, "--resume", help="continue from <out>/last.pt"),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """Stage 1 (optional, meant for a GPU and a landmark set): fine-tune the feature layers with
+    cross-entropy on image labels.  Use the result with --backbone-weights <out>/backbone.pt."""
+    import torch
+
+    from delf_es.train.backbone_stage import BackboneConfig, train_backbone
+    from delf_es.train.run import load_train_set
+
+    settings, fail = _settings_and_fail()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        train_set = load_train_set(data, images, background)
+        config = BackboneConfig(epochs=epochs, batch_size=batch_size, lr=lr, size=_sizes(str(size))[0],
+                                views_per_epoch=views, holdout=holdout, background_mode=background_mode, seed=seed)
+        summary = train_backbone(train_set, settings, config, out, resume=resume)
+    except (DelfEsError, ValueError) as error:
+        fail(error)
+    print(json.dumps({"out": str(out), "epochs": summary["epochs"], "last": summary["history"][-1] if summary["history"] else {},
+                      "weights": str(out / "backbone.pt")}, indent=2))
