@@ -36,9 +36,14 @@ ROWS = {
     "delf-es-verify-magsac": ("verification", "OpenCV USAC_MAGSAC homography instead of pydegensac"),
     "delf-es-verify-affine": ("verification", "affine RANSAC (OpenCV)"),
     "delf-es-verify-fundamental": ("verification", "fundamental matrix (pydegensac)"),
-    "delf-es-backend-elasticsearch": ("backend", "Elasticsearch backend (int8 HNSW kNN), ranked by inliers: compare with "
-                                      "the 'rank by inliers' row (embedded)"),
-    "delf-es-backend-elasticsearch-default": ("backend", "Elasticsearch backend (int8 HNSW kNN), default settings"),
+    "delf-es-global-matching": ("search", "global shortlist + descriptor matching against stored int8 codes, no keypoint "
+                                "kNN (the Elasticsearch default)"),
+    "delf-es-hybrid-matching": ("search", "hybrid shortlist + descriptor matching, ranked by inliers: compare with "
+                                "'rank by inliers'"),
+    "delf-es-backend-elasticsearch": ("backend", "Elasticsearch backend (float HNSW, before int8 codes), hybrid + kNN pairs, "
+                                      "ranked by inliers: compare with 'rank by inliers' (embedded)"),
+    "delf-es-backend-elasticsearch-default": ("backend", "Elasticsearch backend, its defaults: int8 keypoint codes, global "
+                                              "shortlist + descriptor matching"),
     "anchor-global-gem": ("anchor", "anchor: global GeM of the same forward pass, cosine, no verification"),
     "anchor-delf-demo-kdtree": ("anchor", "anchor: classic DELF demo (one cKDTree over all database descriptors, RANSAC on every candidate)"),
     "anchor-sift-magsac": ("anchor", "anchor: RootSIFT (2000 kp) + ratio test + OpenCV USAC_MAGSAC, brute force"),

@@ -277,7 +277,7 @@ def run_backend(kind: str, data: RealData, sizes: list[int], settings: Settings,
                 save: Callable[[], None], run: dict) -> None:
     """Grow one database through ``sizes``, measuring at each; rows are appended to ``run`` and
     saved as they come.  With ``args.reuse`` the index exists already (``args.keep`` of an earlier
-    run) and holds ``sizes[-1]`` images: only searches are measured."""
+    run): it grows from the images it holds to each larger size (none: only searches are measured)."""
     alias = args.reuse or f"bench-speed-{uuid.uuid4().hex[:8]}"
     scratch = Path(default_data_dir()) / "bench" / alias
     timer = StageTimer()
@@ -299,13 +299,13 @@ def run_backend(kind: str, data: RealData, sizes: list[int], settings: Settings,
     timer.wrap(engine.backend, "descriptor_codes", "codes_from_index")
     timer.wrap(cache, "get_many", "locations_and_codes_from_cache")
     run.update({"backend": kind, "alias": alias, "kept": args.keep, "sizes": []})
-    indexed = sizes[-1] if args.reuse else 0
+    indexed = engine.count() if args.reuse else 0
     if args.reuse:
-        sizes = sizes[-1:]
+        sizes = [size for size in sizes if size >= indexed]
     try:
         for size in sizes:
             row: dict[str, Any] = {"images": size, "keypoints": sum(data.database[i % len(data.database)].num_keypoints for i in range(size))}
-            if not args.reuse:
+            if size > indexed:
                 started, load_before = time.perf_counter(), os.getloadavg()[0]
                 added = size - indexed
                 for batch in batches(data, indexed, size):
