@@ -169,10 +169,12 @@ def test_knn_returns_k_neighbours_per_query_best_first(backend, synth):
     np.testing.assert_array_equal(neighbours.query_index, np.repeat(np.arange(6), 7))
     similarity = neighbours.similarity.reshape(6, 7)
     assert (np.diff(similarity, axis=1) <= 1e-6).all()
-    # the similarities are the true top 7 dot products
+    # the similarities are the true top 7 cosines, to within the stored precision: the
+    # Elasticsearch backend stores int8 codes (cosines within 0.01, tests/unit/test_int8_codes.py)
     stored = np.concatenate([record.features.descriptors for record in records])
     expected = np.sort(queries @ stored.T, axis=1)[:, ::-1][:, :7]
-    np.testing.assert_allclose(similarity, expected, atol=1e-5)
+    exact = "Embedded" in type(backend).__name__
+    np.testing.assert_allclose(similarity, expected, atol=1e-5 if exact else 0.01)
 
 
 def test_knn_returns_fewer_rows_when_fewer_keypoints_than_k_exist(backend, synth):
