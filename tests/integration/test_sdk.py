@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared
+from delf_es.cache import RedisLocationCache
 from delf_es.errors import ImageNotFound, IndexUnavailable, InvalidImage
 from delf_es.eval.run import drop_indices
 from delf_es.sdk import DelfEs
@@ -219,7 +220,8 @@ def test_search_stays_correct_when_redis_is_flushed_or_stopped(services, extract
             query = str(shared(KEY))
             expected = [(h["id"], h["inliers"]) for h in engine.search_image(query)]
             assert expected[0][0] == query
-            assert redis.Redis.from_url(redis_url).dbsize() == len(PHOTOS)  # filled on add
+            ids = [str(shared(path)) for path in PHOTOS]
+            assert set(RedisLocationCache(redis_url).get_many(engine.model_id, ids)) == set(ids)  # filled on add
             redis.Redis.from_url(redis_url).flushall()
             assert [(h["id"], h["inliers"]) for h in engine.search_image(query)] == expected
             assert redis.Redis.from_url(redis_url).dbsize() > 0  # refilled on the miss
