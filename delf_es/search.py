@@ -88,15 +88,14 @@ class Searcher:
         # One BLAS thread: the products here are small (1000 x 40 x 1000), and OpenBLAS threads
         # on a busy machine made them 25x slower (72 ms vs 2.7 ms measured on 2 loaded cores).
         with threadpool_limits(limits=1, user_api="blas"):
-            hits = self._verify_all(query, descriptors, shortlist, candidates, locations, codes)
+            hits = self._verify_all(query, descriptors, shortlist, candidates, locations, codes, matching)
         hits = rank_hits(hits, s)
         return hits[:limit] if limit else hits
 
     def _verify_all(self, query: Features, descriptors: np.ndarray, shortlist: list[str],
                     candidates: dict[str, _Candidate], locations: dict[str, np.ndarray],
-                    codes: dict[str, np.ndarray]) -> list[SearchHit]:
+                    codes: dict[str, np.ndarray], matching: bool) -> list[SearchHit]:
         s = self.settings
-        matching = s.search_plan()[1] == "matching"
         hits = []
         for image_id in shortlist:
             candidate = candidates[image_id]

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+#: Tolerance on the L2 norm of stored descriptors: both backends require unit rows.
+UNIT_NORM_TOLERANCE = 1e-3
+
 
 def int8_codes(descriptors: np.ndarray) -> np.ndarray:
     """(N, D) float rows -> (N, D) int8 codes.  An all-zero row stays zero."""
@@ -24,3 +27,15 @@ def decode_codes(codes: np.ndarray) -> np.ndarray:
     rows = np.asarray(codes, np.float32)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+
+
+def non_unit_rows(descriptors: np.ndarray) -> str | None:
+    """Why (N, D) ``descriptors`` are not unit rows, or None.  The Elasticsearch backend checks
+    this client-side: cosine on int8 codes would accept any non-zero vector."""
+    if not descriptors.size:
+        return None
+    norms = np.linalg.norm(descriptors, axis=1)
+    bad = np.flatnonzero(~(np.abs(norms - 1.0) <= UNIT_NORM_TOLERANCE))
+    if bad.size:
+        return f"keypoint {bad[0]}: descriptors must be L2-normalised (unit length), norm {norms[bad[0]]:.4g}"
+    return None

@@ -93,7 +93,7 @@ from delf_es.errors import (
     ItemFailure,
     UnsupportedFilter,
 )
-from delf_es.index.codes import int8_codes
+from delf_es.index.codes import int8_codes, non_unit_rows
 from delf_es.index.base import BulkReport, ImageRecord, MetadataFilter, Neighbours, StoredImage
 from delf_es.settings import Settings
 
@@ -141,8 +141,6 @@ INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 4.0
 #: Elasticsearch refuses document ids longer than this many bytes.
 MAX_ID_BYTES = 512
-#: Tolerance on the L2 norm of stored descriptors (as the embedded index).
-UNIT_NORM_TOLERANCE = 1e-3
 _HASHED_ID_PREFIX = "~sha256:"
 _PCA_RE = re.compile(r"-(pca\d+-[0-9a-f]+)@")
 #: Fields of the image document that ``get`` leaves out.
@@ -235,18 +233,6 @@ def keypoint_id(image_id: str, slot: int, index: int) -> str:
 def _vector(values: np.ndarray) -> str:
     """A float32 vector in Elasticsearch's base64 form (big-endian float32)."""
     return base64.b64encode(np.asarray(values, ">f4").tobytes()).decode("ascii")
-
-
-def non_unit_rows(descriptors: np.ndarray) -> str | None:
-    """Why (N, D) ``descriptors`` are not unit rows, or None.  Checked here because cosine on
-    int8 codes would accept any non-zero vector, and the embedded index refuses the same rows."""
-    if not descriptors.size:
-        return None
-    norms = np.linalg.norm(descriptors, axis=1)
-    bad = np.flatnonzero(~(np.abs(norms - 1.0) <= UNIT_NORM_TOLERANCE))
-    if bad.size:
-        return f"keypoint {bad[0]}: descriptors must be L2-normalised (unit length), norm {norms[bad[0]]:.4g}"
-    return None
 
 
 def _byte_vector(codes: np.ndarray) -> str:

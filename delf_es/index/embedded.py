@@ -67,7 +67,7 @@ from delf_es.errors import (
     ItemFailure,
     ModelMismatch,
 )
-from delf_es.index.codes import int8_codes
+from delf_es.index.codes import UNIT_NORM_TOLERANCE, int8_codes
 from delf_es.index.base import BulkReport, ImageRecord, MetadataFilter, Neighbours, StoredImage
 from delf_es.index.filters import compile_filter
 from delf_es.types import Features
@@ -83,8 +83,6 @@ MAX_KEYPOINTS = 1 << KEYPOINT_BITS
 DATABASE_NAME = "images.sqlite3"
 LOCK_NAME = "LOCK"
 _SNAPSHOT_RE = re.compile(r"^keypoints\.(\d+)\.faiss$")
-#: Tolerance on the L2 norm of stored descriptors (they must be unit rows: similarity is a dot product).
-UNIT_NORM_TOLERANCE = 1e-3
 #: Host parameters per ``IN (...)`` query, below SQLite's limit.
 _SQL_CHUNK = 500
 
