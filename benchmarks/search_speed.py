@@ -260,13 +260,17 @@ def batches(data: RealData, start: int, stop: int, size: int = 64) -> Iterator[l
 
 
 def measure_modes(engine: DelfEs, timer: StageTimer, queries: list[Features], modes: list[str]) -> dict:
-    """Search latency for each ``shortlist_mode[/correspondences]``, on the same index."""
+    """Search latency for each ``shortlist_mode[/correspondences][@setting=value,...]``, on the same
+    index (e.g. ``global/matching@query_max_descriptors=300``)."""
     base = engine.settings
     out = {}
     try:
         for mode in modes:
-            shortlist, _, correspondences = mode.partition("/")
-            engine.settings = base.model_copy(update={"shortlist_mode": shortlist, "correspondences": correspondences or "knn"})
+            plan, _, overrides = mode.partition("@")
+            shortlist, _, correspondences = plan.partition("/")
+            update = {"shortlist_mode": shortlist, "correspondences": correspondences or "knn",
+                      **dict(item.split("=", 1) for item in overrides.split(",") if item)}
+            engine.settings = Settings.model_validate({**base.model_dump(), **update})
             out[mode] = measure_search(engine, timer, queries)
     finally:
         engine.settings = base
@@ -413,7 +417,7 @@ def main() -> None:
     parser.add_argument("--redis-url", default=os.environ.get("DELF_ES_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--force-merge", action="store_true", help="also measure Elasticsearch merged to one segment")
     parser.add_argument("--modes", nargs="+", default=["hybrid", "local", "global", "global/matching", "hybrid/matching"],
-                        help="shortlist_mode[/correspondences] settings to time")
+                        help="shortlist_mode[/correspondences][@setting=value,...] settings to time")
     parser.add_argument("--keep", action="store_true", help="keep the index (and cache) for a later --reuse")
     parser.add_argument("--reuse", metavar="ALIAS", help="measure an index kept by --keep (holds the largest size)")
     parser.add_argument("--out", type=Path, default=RESULTS / "search_speed.json")
@@ -439,7 +443,8 @@ def main() -> None:
                  "replication": "image i = photo i mod 311 + noise (copy i // 311); copy 0 = the photo"},
         "settings": json.loads(settings.model_dump_json(include={"shortlist_mode", "shortlist_size", "knn_k", "query_max_descriptors",
                                                                  "correspondences", "knn_min_similarity",
-                                                                 "es_knn_num_candidates", "ransac_model", "ransac_max_iters"})),
+                                                                 "es_knn_num_candidates", "ransac_model", "ransac_max_iters",
+                                                                 "verify_threads"})),
         "machine": {"cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
         "runs": [],
     }

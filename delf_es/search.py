@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -96,8 +97,8 @@ class Searcher:
                     candidates: dict[str, _Candidate], locations: dict[str, np.ndarray],
                     codes: dict[str, np.ndarray], matching: bool) -> list[SearchHit]:
         s = self.settings
-        hits = []
-        for image_id in shortlist:
+
+        def verify_one(image_id: str) -> SearchHit:
             candidate = candidates[image_id]
             if matching:
                 q_idx, db_idx = mutual_matches(descriptors, codes.get(image_id), s.knn_min_similarity)
@@ -105,9 +106,15 @@ class Searcher:
                 inliers = self._ransac(query, q_idx, db_idx, locations.get(image_id))
             else:
                 inliers = self._verify(query, candidate, locations.get(image_id))
-            hits.append(SearchHit(image_id=image_id, score=float(inliers), inliers=inliers,
-                                  votes=candidate.votes, global_similarity=candidate.global_similarity))
-        return hits
+            return SearchHit(image_id=image_id, score=float(inliers), inliers=inliers,
+                             votes=candidate.votes, global_similarity=candidate.global_similarity)
+
+        if s.verify_threads == 1 or len(shortlist) < 2:
+            return [verify_one(image_id) for image_id in shortlist]
+        # Each image's result depends only on its own inputs (RANSAC is seeded), so the order
+        # of completion cannot change a hit; map() keeps the shortlist order.
+        with ThreadPoolExecutor(max_workers=s.verify_threads, thread_name_prefix="delf-es-verify") as pool:
+            return list(pool.map(verify_one, shortlist))
 
     def _collect(self, neighbours: Neighbours, candidates: dict[str, _Candidate], count_votes: bool = True) -> None:
         keep = neighbours.similarity >= self.settings.knn_min_similarity

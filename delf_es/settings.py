@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     knn_min_similarity: float = Field(default=0.595, ge=-1, le=1, description="cosine; 0.595 = L2 0.9 between unit vectors")
     query_max_descriptors: int = Field(default=1000, ge=1, description="strongest query keypoints used for kNN")
     min_inliers: int = Field(default=12, ge=0, description="verified inliers for a hit to count as a match")
+    verify_threads: int = Field(
+        default=2, ge=1, description="threads verifying shortlisted images: matching products run in parallel "
+        "(numpy releases the GIL) while another image's RANSAC holds it (pydegensac does)",
+    )
     rank_by: str = Field(
         default="inliers+global",
         description="final order: 'inliers+global' (inliers + rank_global_weight x global cosine; best measured, "

@@ -71,6 +71,16 @@ def test_target_is_ranked_first_with_most_inliers(scene, mode, correspondences):
     assert all(h.inliers < 20 for h in hits[1:])
 
 
+@pytest.mark.parametrize("correspondences", ["knn", "matching"])
+def test_parallel_verification_gives_the_same_hits_in_the_same_order(scene, correspondences):
+    backend, query = scene
+    plan = {"shortlist_mode": "hybrid", "correspondences": correspondences, "shortlist_size": 5}
+    serial = searcher(backend, verify_threads=1, **plan).search(query)
+    parallel = searcher(backend, verify_threads=3, **plan).search(query)
+    assert len(serial) == 5
+    assert parallel == serial
+
+
 def test_global_shortlist_gets_correspondences_from_a_restricted_knn(scene):
     backend, query = scene
     hits = searcher(backend, shortlist_mode="global", shortlist_size=1).search(query)
