@@ -301,7 +301,8 @@ def run_backend(kind: str, data: RealData, sizes: list[int], settings: Settings,
     timer.wrap(engine.backend, "global_knn", "global_knn")
     timer.wrap(engine.backend, "keypoints", "locations_from_index")
     timer.wrap(engine.backend, "descriptor_codes", "codes_from_index")
-    timer.wrap(cache, "get_many", "locations_and_codes_from_cache")
+    timer.wrap(cache, "read_many", "locations_and_codes_from_cache")
+    timer.wrap(cache, "fill_many", "cache_write_back")
     run.update({"backend": kind, "alias": alias, "kept": args.keep, "sizes": []})
     indexed = engine.count() if args.reuse else 0
     if args.reuse:

@@ -136,11 +136,11 @@ class Searcher:
 
     def _cached(self, namespace: str, image_ids: list[str], read) -> dict[str, np.ndarray]:
         """Arrays of ``image_ids`` from the cache; misses read with ``read`` and written back."""
-        found = self.cache.get_many(namespace, image_ids)
+        found, seen = self.cache.read_many(namespace, image_ids)
         missing = [i for i in image_ids if i not in found]
         if missing:
             fetched = read(missing)
-            self.cache.put_many(namespace, fetched)
+            self.cache.fill_many(namespace, fetched, seen)  # not over a writer's newer version
             found.update(fetched)
         return found
 

@@ -128,6 +128,25 @@ def test_locations_come_from_the_cache_and_misses_are_written_back(scene):
     np.testing.assert_array_equal(cached, backend.keypoints(["target"])["target"])
 
 
+def test_a_write_back_racing_a_writer_keeps_the_writers_locations(scene, monkeypatch):
+    """Another process rewrites 'target' while this search reads its old locations from the
+    index (simulated inside the backend read): the cache must keep the rewritten ones."""
+    backend, query = scene
+    search = searcher(backend)
+    rewritten = np.full((7, 2), 5.0, np.float32)
+    read = backend.keypoints
+
+    def read_then_lose_the_race(image_ids):
+        old = read(image_ids)
+        search.cache.put_many(MODEL, {"target": rewritten})  # the writer commits and caches
+        return old
+
+    monkeypatch.setattr(backend, "keypoints", read_then_lose_the_race)
+    search.search(query)
+    np.testing.assert_array_equal(search.cache.get_many(MODEL, ["target"])["target"], rewritten)
+    assert search.cache.get_many(MODEL, ["a", "b", "c", "d"])  # the other shortlisted images were filled
+
+
 def test_query_without_keypoints_returns_only_global_hits(scene):
     backend, query = scene
     empty = Features("<q>", MODEL, (10, 10), np.zeros((0, 2), np.float32), np.zeros(0, np.float32),
