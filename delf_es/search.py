@@ -219,11 +219,16 @@ def mutual_matches(query: np.ndarray, codes: np.ndarray | None, min_similarity: 
     if codes is None or not len(codes) or not len(query):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     similarity = query @ decode_codes(codes).T
-    best_keypoint = similarity.argmax(axis=1)
-    best_query = similarity.argmax(axis=0)
     q = np.arange(len(query))
-    keep = (best_query[best_keypoint] == q) & (similarity[q, best_keypoint] >= min_similarity)
-    return q[keep], best_keypoint[keep]
+    best_keypoint = similarity.argmax(axis=1)
+    best = similarity[q, best_keypoint]
+    # Mutual iff no query row beats this one on its keypoint.  A column max is a contiguous
+    # reduction; argmax down the columns of a C-ordered matrix costs 2-3x more (profiled).
+    keep = (best >= similarity.max(axis=0)[best_keypoint]) & (best >= min_similarity)
+    q, keypoint = q[keep], best_keypoint[keep]
+    _, first = np.unique(keypoint, return_index=True)  # exact ties: the lowest query row, as argmax
+    first.sort()
+    return q[first], keypoint[first]
 
 
 def _interleave(rankings: list[list[str]], size: int) -> list[str]:

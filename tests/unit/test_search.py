@@ -103,6 +103,25 @@ def test_global_shortlist_with_matching_runs_no_keypoint_knn(scene, monkeypatch)
     assert search.search(query)[0].inliers == hits[0].inliers  # from the cache now
 
 
+def test_mutual_matches_equal_the_definition_with_exact_ties():
+    """Against the literal definition (argmax both ways).  The database rows are the 40 unit
+    axes, so every cosine is exactly one query component whatever the BLAS summation order,
+    and the duplicated query rows tie exactly: ties go to the lowest query row, as argmax."""
+    from delf_es.index.codes import decode_codes
+
+    rng = np.random.default_rng(1)
+    codes = int8_codes(np.eye(40, dtype=np.float32))
+    query = unit(rng, 60, 40) ** 3
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    query = np.r_[query, query[:20]]
+    similarity = query @ decode_codes(codes).T
+    to_db, to_query = similarity.argmax(axis=1), similarity.argmax(axis=0)
+    expected = [(q, k) for q, k in enumerate(to_db) if to_query[k] == q and similarity[q, k] >= 0.595]
+    q_idx, db_idx = mutual_matches(query, codes, 0.595)
+    assert list(zip(q_idx.tolist(), db_idx.tolist())) == expected
+    assert len(expected) >= 5 and set(q_idx.tolist()) & set(range(20))  # the originals of the tied rows win
+
+
 def test_mutual_matches_keeps_mutual_pairs_above_the_threshold():
     rng = np.random.default_rng(0)
     db = unit(rng, 50, 40)
