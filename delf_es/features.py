@@ -13,8 +13,10 @@ deeper map at ``global_scales``, L2-normalised per scale, summed, re-normalised.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -112,7 +114,17 @@ class Extractor:
 
     def extract(self, pixels: np.ndarray, image_id: str) -> Features:
         """Args: pixels (H, W, 3) uint8 RGB, the original image after EXIF rotation."""
-        raw = self.extract_raw(pixels)
+        return self._features(self.extract_raw(pixels), image_id)
+
+    def extract_many(self, images: Sequence[tuple[np.ndarray, str]]) -> list[Features]:
+        """Features of several ``(pixels, image_id)`` at once, in order: the same-size pyramid
+        levels of different images run as one batch (up to ``extract_batch`` images), which is
+        what keeps a GPU busy.  Each result equals ``extract`` of that image up to float
+        rounding (batched kernels may sum in another order)."""
+        raws = self.extract_raw_many([pixels for pixels, _ in images])
+        return [self._features(raw, image_id) for raw, (_, image_id) in zip(raws, images)]
+
+    def _features(self, raw: RawFeatures, image_id: str) -> Features:
         descriptors = raw.descriptors
         if self.pca is not None:
             descriptors = self.pca.transform(descriptors) if len(descriptors) else np.zeros((0, self.pca.dims), np.float32)
@@ -127,51 +139,84 @@ class Extractor:
             global_desc=raw.global_desc,
         )
 
-    @torch.inference_mode()
     def extract_raw(self, pixels: np.ndarray) -> RawFeatures:
-        check_pixels(pixels)
+        return self.extract_raw_many([pixels])[0]
+
+    @torch.inference_mode()
+    def extract_raw_many(self, images: Sequence[np.ndarray]) -> list[RawFeatures]:
+        """:meth:`extract_raw` of each image; same-size levels batched (``extract_batch``)."""
+        for pixels in images:
+            check_pixels(pixels)
         settings = self.settings
+        bases = [self._base(pixels) for pixels in images]
+        levels = [_Levels() for _ in images]
+        global_scales = {round(s, 4) for s in settings.global_scales}
+        for scale in sorted(set(settings.scales) | set(settings.global_scales)):
+            same_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for i, base in enumerate(bases):
+                same_size[level_size(base.shape[-2] * scale, LEVEL_MULTIPLE), level_size(base.shape[-1] * scale, LEVEL_MULTIPLE)].append(i)
+            for (level_h, level_w), members in same_size.items():
+                for start in range(0, len(members), settings.extract_batch):
+                    batch = members[start : start + settings.extract_batch]
+                    level = torch.cat([_resize(bases[i], level_h, level_w) for i in batch])
+                    level = ((level - self._mean) / self._std).to(self.dtype)
+                    if self.device.type == "cpu":
+                        level = level.contiguous(memory_format=torch.channels_last)
+                    outputs = self.model.forward_levels(level, with_global=round(scale, 4) in global_scales)
+                    for i, out in zip(batch, outputs):
+                        height, width = images[i].shape[:2]
+                        levels[i].add(out, scale, scale in settings.scales, (level_w, level_h), (width, height), self)
+        return [acc.finish(pixels.shape[1], pixels.shape[0], self) for acc, pixels in zip(levels, images)]
+
+    def _base(self, pixels: np.ndarray) -> torch.Tensor:
+        """(1, 3, h, w) float image, the longer side capped at ``max_image_size``."""
         height, width = pixels.shape[:2]
         base = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(2, 0, 1)[None].float()
         longest = max(width, height)
-        if longest > settings.max_image_size:
-            ratio = settings.max_image_size / longest
+        if longest > self.settings.max_image_size:
+            ratio = self.settings.max_image_size / longest
             base = _resize(base, max(1, round(height * ratio)), max(1, round(width * ratio)))
-        base_h, base_w = base.shape[-2:]
-        rf = self.meta.receptive_field
-        global_scales = {round(s, 4) for s in settings.global_scales}
-        locations, scales, scores, descriptors, global_sum = [], [], [], [], None
-        for scale in sorted(set(settings.scales) | set(settings.global_scales)):
-            level_h = level_size(base_h * scale, LEVEL_MULTIPLE)
-            level_w = level_size(base_w * scale, LEVEL_MULTIPLE)
-            level = ((_resize(base, level_h, level_w) - self._mean) / self._std).to(self.dtype)
-            if self.device.type == "cpu":
-                level = level.contiguous(memory_format=torch.channels_last)
-            out = self.model.forward_level(level, with_global=round(scale, 4) in global_scales)
-            if out.global_ is not None:
-                global_sum = out.global_.float() if global_sum is None else global_sum + out.global_.float()
-            if scale not in settings.scales:
-                continue
-            keep = out.scores > settings.score_threshold
-            rows, cols = torch.nonzero(keep, as_tuple=True)
-            locations.append(cell_centres(rows, cols, rf, (level_w, level_h), (width, height)))
-            scores.append(out.scores[rows, cols].float())
-            descriptors.append(out.local[:, rows, cols].T)
-            scales.append(torch.full((len(rows),), scale, device=self.device))
-        all_scores = torch.cat(scores)
-        order = torch.argsort(all_scores, descending=True, stable=True)[: settings.max_feature_num]
-        keypoints = torch.cat(locations)[order].cpu().numpy().astype(np.float32)
+        return base
+
+
+@dataclass
+class _Levels:
+    """Keypoint candidates of one image gathered over its pyramid levels."""
+
+    locations: list[torch.Tensor] = field(default_factory=list)
+    scales: list[torch.Tensor] = field(default_factory=list)
+    scores: list[torch.Tensor] = field(default_factory=list)
+    descriptors: list[torch.Tensor] = field(default_factory=list)
+    global_sum: torch.Tensor | None = None
+
+    def add(self, out, scale: float, local: bool, level_wh: tuple[int, int], image_wh: tuple[int, int],
+            extractor: "Extractor") -> None:
+        if out.global_ is not None:
+            self.global_sum = out.global_.float() if self.global_sum is None else self.global_sum + out.global_.float()
+        if not local:
+            return
+        keep = out.scores > extractor.settings.score_threshold
+        rows, cols = torch.nonzero(keep, as_tuple=True)
+        self.locations.append(cell_centres(rows, cols, extractor.meta.receptive_field, level_wh, image_wh))
+        self.scores.append(out.scores[rows, cols].float())
+        self.descriptors.append(out.local[:, rows, cols].T)
+        self.scales.append(torch.full((len(rows),), scale, device=extractor.device))
+
+    def finish(self, width: int, height: int, extractor: "Extractor") -> RawFeatures:
+        all_scores = torch.cat(self.scores)
+        order = torch.argsort(all_scores, descending=True, stable=True)[: extractor.settings.max_feature_num]
+        keypoints = torch.cat(self.locations)[order].cpu().numpy().astype(np.float32)
         keypoints[:, 0] = np.clip(keypoints[:, 0], 0, width - 1)
         keypoints[:, 1] = np.clip(keypoints[:, 1], 0, height - 1)
-        descriptors_np = torch.cat(descriptors)[order].float().cpu().numpy()
+        descriptors = torch.cat(self.descriptors)[order].float().cpu().numpy()
         global_desc = np.zeros(0, np.float32)
-        if global_sum is not None:
-            global_desc = l2_normalise(global_sum.float().cpu().numpy()[None])[0]
+        if self.global_sum is not None:
+            global_desc = l2_normalise(self.global_sum.float().cpu().numpy()[None])[0]
         return RawFeatures(
             keypoints=keypoints,
-            scales=torch.cat(scales)[order].cpu().numpy().astype(np.float32),
+            scales=torch.cat(self.scales)[order].cpu().numpy().astype(np.float32),
             scores=all_scores[order].float().cpu().numpy().astype(np.float32),
-            descriptors=l2_normalise(descriptors_np.reshape(-1, self.meta.local_dim)),
+            descriptors=l2_normalise(descriptors.reshape(-1, extractor.meta.local_dim)),
             global_desc=global_desc,
             image_size=(int(width), int(height)),
         )

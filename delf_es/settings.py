@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     device: str = "cpu"
     precision: str = Field(default="float32", description="'float32' or 'bfloat16' (network weights and activations)")
     torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
+    extract_batch: int = Field(
+        default=1, ge=1, description="images per forward pass in extract_many: same-size pyramid levels of "
+        "different images share one batch (a GPU's throughput; on CPU 1 is as fast)",
+    )
 
     # --- input safety -----------------------------------------------------------
     max_pixels: int = Field(default=64_000_000, gt=0, description="decoded pixel cap (decompression bombs)")

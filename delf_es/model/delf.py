@@ -85,16 +85,24 @@ class DelfModel(nn.Module):
 
     def forward_level(self, image: torch.Tensor, with_global: bool) -> LevelOutput:
         """Args: image (1, 3, H, W) normalised, H and W multiples of 32."""
-        maps = self.backbone(image, with_global=with_global)
+        return self.forward_levels(image, with_global)[0]
+
+    def forward_levels(self, images: torch.Tensor, with_global: bool) -> list[LevelOutput]:
+        """One forward pass over a batch of same-size levels (of different images).
+
+        Args:
+            images: (B, 3, H, W) normalised, H and W multiples of 32.
+        Returns:
+            B outputs, in batch order.
+        """
+        maps = self.backbone(images, with_global=with_global)
         local = maps.local
-        if self.attention is not None:
-            scores = self.attention(local)[0, 0]
-        else:
-            scores = local[0].norm(dim=0)
-        global_ = None
-        if maps.global_ is not None:
-            global_ = l2n(gem(maps.global_, self.gem_p))[0]
-        return LevelOutput(local=local[0], scores=scores, global_=global_)
+        scores = self.attention(local)[:, 0] if self.attention is not None else local.norm(dim=1)
+        global_ = l2n(gem(maps.global_, self.gem_p)) if maps.global_ is not None else None
+        return [
+            LevelOutput(local=local[b], scores=scores[b], global_=None if global_ is None else global_[b])
+            for b in range(len(images))
+        ]
 
 
 def head_provenance(meta: dict, path: Path) -> str:

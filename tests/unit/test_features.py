@@ -55,6 +55,29 @@ def test_extraction_is_deterministic(extractor, photo):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
 
 
+def test_extract_many_batches_same_size_levels_and_matches_extract(photo):
+    """Three images, two of the same size (their levels share batches) and one other: each
+    result is extract()'s up to float rounding of the batched kernels."""
+    from skimage import data
+
+    extractor = Extractor(Settings(extract_batch=4, scales=(0.5, 1.0), global_scales=(1.0,), max_feature_num=300))
+    other = np.ascontiguousarray(data.astronaut())
+    images = [(photo, "a"), (other, "b"), (np.ascontiguousarray(photo[:, ::-1]), "c")]
+    calls = []
+    forward = extractor.model.forward_levels
+    extractor.model.forward_levels = lambda level, with_global: calls.append(len(level)) or forward(level, with_global)
+    batched = extractor.extract_many(images)
+    assert max(calls) == 2 and len(calls) < 6  # the two same-size images went through together
+    extractor.model.forward_levels = forward
+    for (pixels, image_id), got in zip(images, batched):
+        one = extractor.extract(pixels, image_id)
+        assert got.image_id == image_id and got.image_size == one.image_size
+        same = {tuple(k) for k in got.keypoints.round(1).tolist()} & {tuple(k) for k in one.keypoints.round(1).tolist()}
+        assert len(same) >= 0.98 * len(one.keypoints)
+        assert float(got.global_desc @ one.global_desc) > 0.9999
+        np.testing.assert_allclose(got.descriptors[:100], one.descriptors[:100], atol=1e-4)
+
+
 def test_default_extraction_shapes_and_norms(extractor, photo):
     feats = extractor.extract(photo, "coffee")
     assert feats.image_size == (600, 400)
