@@ -47,9 +47,11 @@ def _error(exc: BaseException) -> str:
 
 def register(app: Celery, settings: Settings) -> None:
     """Register the tasks on ``app`` (their retry policy comes from ``settings``)."""
+    # shared=False: a shared task is also added to every app finalized later in the process, so
+    # a second app (another Settings) would get the first one's tasks and retry policy.
     retry = dict(
         autoretry_for=RETRYABLE, retry_backoff=BACKOFF_S, retry_backoff_max=BACKOFF_MAX_S, retry_jitter=True,
-        max_retries=settings.worker_max_retries, acks_late=True, reject_on_worker_lost=True,
+        max_retries=settings.worker_max_retries, acks_late=True, reject_on_worker_lost=True, shared=False,
     )
 
     @app.task(bind=True, name="delf.extract", **retry)

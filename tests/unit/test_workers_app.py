@@ -82,3 +82,15 @@ def test_add_image_without_waiting_takes_only_a_path_the_workers_can_read():
         sdk.add_image(b"\xff\xd8 jpeg bytes", bytestream=True, wait=False)
     with pytest.raises(InvalidRequest, match="wait=False"):
         sdk.add_image("name.jpg", img="other.jpg", wait=False)
+
+
+def test_each_app_registers_its_own_tasks_with_its_own_retry_policy():
+    import warnings
+
+    from celery.exceptions import DuplicateTaskNameWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DuplicateTaskNameWarning)
+        apps = [make_app(Settings(redis_url="redis://127.0.0.1:1/3", worker_max_retries=n)) for n in (3, 5)]
+        assert [a.tasks["delf.extract"].max_retries for a in apps] == [3, 5]
+    assert apps[0].tasks["delf.flush"] is not apps[1].tasks["delf.flush"]
