@@ -21,8 +21,8 @@ COPY pyproject.toml README.md ./
 COPY delf_es ./delf_es
 COPY workers ./workers
 COPY mappings ./mappings
-# Editable: the index templates are read from /app/mappings next to the package.
-RUN pip install --no-cache-dir -e .
+# A regular install: the wheel ships mappings/ inside the package (delf_es/mappings).
+RUN pip install --no-cache-dir .
 
 RUN useradd --create-home --uid 1000 delf && mkdir -p /data && chown delf /data
 USER delf

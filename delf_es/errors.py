@@ -91,6 +91,19 @@ class IndexUnavailable(DelfEsError, ConnectionError):
     The only error workers retry automatically."""
 
 
+class RetriesExhausted(DelfEsError):
+    """A worker gave up on an image after retrying a transient error (index or Redis outage)
+    ``retries`` times; ``last_error`` is the last one, e.g. ``"IndexUnavailable: ..."``."""
+
+    def __init__(self, last_error: str, retries: int) -> None:
+        super().__init__(last_error, retries)
+        self.last_error = last_error
+        self.retries = retries
+
+    def __str__(self) -> str:
+        return f"gave up after {self.retries} retries: {self.last_error}"
+
+
 @dataclass(frozen=True)
 class ItemFailure:
     """One item of a bulk operation that failed, with why."""

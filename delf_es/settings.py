@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     )
     worker_lock_ttl: float = Field(default=300.0, gt=0, description="s; the index writer's lock outlives a dead writer this long")
     worker_max_retries: int = Field(default=8, ge=0, description="retries (exponential backoff) on index/Redis outages")
+    worker_reindex_schedule: str = Field(
+        default="0 3 * * *",
+        description="when beat checks for a model/PCA change and reindexes: a crontab "
+        "(minute hour day-of-month month day-of-week) or an interval in s",
+    )
+    worker_flush_interval: float = Field(default=60.0, gt=0, description="s between beat's straggler flushes")
 
     @field_validator("scales", "global_scales")
     @classmethod
@@ -131,6 +137,19 @@ class Settings(BaseSettings):
         if not value or any(s <= 0 for s in value):
             raise ValueError("scales must be a non-empty list of positive numbers")
         return tuple(sorted(value))
+
+    @field_validator("worker_reindex_schedule")
+    @classmethod
+    def _schedule_form(cls, value: str) -> str:
+        try:
+            seconds = float(value)
+        except ValueError:
+            if len(value.split()) != 5:
+                raise ValueError("worker_reindex_schedule: a 5-field crontab or a number of seconds") from None
+            return value
+        if seconds <= 0:
+            raise ValueError("worker_reindex_schedule: an interval must be positive")
+        return value
 
     @field_validator("scoring")
     @classmethod

@@ -110,6 +110,16 @@ def broker_url(settings: Settings) -> str:
     return url
 
 
+def reindex_schedule(settings: Settings) -> timedelta | crontab:
+    """``worker_reindex_schedule`` as a Celery schedule: seconds -> an interval, else a crontab."""
+    try:
+        return timedelta(seconds=float(settings.worker_reindex_schedule))
+    except ValueError:
+        minute, hour, day_of_month, month_of_year, day_of_week = settings.worker_reindex_schedule.split()
+        return crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
+                       day_of_week=day_of_week)
+
+
 def make_app(settings: Settings) -> Celery:
     """The Celery application for ``settings`` (tasks registered, ``app.delf`` = WorkerContext)."""
     url = broker_url(settings)
@@ -145,11 +155,11 @@ def make_app(settings: Settings) -> Celery:
         result_backend_transport_options={"global_keyprefix": prefix},
         worker_send_task_events=False,
         # The beat schedule (`celery -A workers.main beat`): a safety-net flush for staged
-        # features whose writer died, and a nightly check that rebuilds the index when the
-        # configured model or PCA differs from the live index's (zero downtime, resumable).
+        # features whose writer died, and a check (nightly by default) that rebuilds the index
+        # when the configured model or PCA differs from the live index's (zero downtime, resumable).
         beat_schedule={
-            "flush-stragglers": {"task": "delf.flush", "schedule": timedelta(minutes=1)},
-            "reindex-if-model-changed": {"task": "delf.reindex_tick", "schedule": crontab(hour=3, minute=0)},
+            "flush-stragglers": {"task": "delf.flush", "schedule": timedelta(seconds=settings.worker_flush_interval)},
+            "reindex-if-model-changed": {"task": "delf.reindex_tick", "schedule": reindex_schedule(settings)},
         },
     )
     app.delf = WorkerContext(settings)

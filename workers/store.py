@@ -8,6 +8,8 @@ Keys (all under ``<namespace>:delf:``):
 * ``waiters:<key>`` set of job ids to notify when ``key`` is written or fails;
 * ``lock``     string  token of the one index writer (expires after ``worker_lock_ttl``);
 * ``job:<id>:total`` / ``job:<id>:done`` (set of image ids) / ``job:<id>:failed`` (hash id -> error);
+* ``failures`` list  failure records the index could not take when they happened (Elasticsearch
+  down); the next writer copies them into their failures index;
 * ``stats``    hash  summed seconds of decode / extract / write and counts;
 * ``timings:<decode|extract|write>`` list  latest per-image / per-batch seconds (benchmarks read them).
 
@@ -19,11 +21,12 @@ arriving mid-write is either written in this batch or waits for the next, never 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 import redis
 
+from delf_es.index.failures import FailedImage
 from delf_es.types import Features
 
 #: Jobs and their progress are kept this long after their last update, s.
@@ -174,6 +177,23 @@ class Store:
                 pipe.hset(key, image_id, error)
                 pipe.expire(key, JOB_TTL_S)
                 pipe.execute()
+
+    # ------------------------------------------------------------------ deferred failure records
+
+    def defer_failures(self, index: str, failed: list[FailedImage]) -> None:
+        """Keep records for failures index ``index`` until the index is reachable again."""
+        if failed:
+            self.redis.rpush(self.prefix + "failures", *(json.dumps({"index": index, "failure": asdict(f)}) for f in failed))
+
+    def deferred_failures(self, limit: int) -> list[tuple[str, FailedImage]]:
+        """The oldest ``limit`` deferred records as (failures index, record)."""
+        entries = [json.loads(raw) for raw in self.redis.lrange(self.prefix + "failures", 0, limit - 1)]
+        return [(entry["index"], FailedImage(**entry["failure"])) for entry in entries]
+
+    def drop_deferred_failures(self, count: int) -> None:
+        """Forget the oldest ``count`` deferred records (written; only the lock holder calls this,
+        so records deferred meanwhile, appended at the tail, are kept)."""
+        self.redis.ltrim(self.prefix + "failures", count, -1)
 
     # ------------------------------------------------------------------ staging
 

@@ -15,6 +15,9 @@ image appears whole or not at all).  So N submitted images end as exactly N inde
 Failures: IndexUnavailable and Redis connection errors are retried with exponential backoff
 (2 s, 4 s ... capped at 5 min, ``worker_max_retries`` times); an input that cannot be decoded
 or fetched (4xx) is recorded as failed in its job and in ``<alias>-failures``, never retried.
+An outage that outlasts the retries ends the same way (``RetriesExhausted`` with the last
+error), so jobs finish; resubmitting the image later indexes it.  A failure record the index
+cannot take at the time waits in Redis and is written by the next flush.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import redis.exceptions
 from celery import Celery
 
 from delf_es.cache import codes_namespace
-from delf_es.errors import DelfEsError, FetchFailed, IndexUnavailable, InvalidImage, UnsafeURL
+from delf_es.errors import DelfEsError, FetchFailed, IndexUnavailable, InvalidImage, RetriesExhausted, UnsafeURL
 from delf_es.index.base import ImageRecord
 from delf_es.index.failures import FailedImage, failures_index, now
 from delf_es.settings import Settings
@@ -45,11 +48,32 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _final_attempt(task) -> bool:
+    """True on the attempt after which autoretry gives up (``request.retries`` = retries so far)."""
+    return task.max_retries is not None and task.request.retries >= task.max_retries
+
+
+def _exhausted(task, exc: BaseException) -> RetriesExhausted:
+    return RetriesExhausted(_error(exc), task.request.retries)
+
+
+def _record_failures(ctx, index: str, failed: list[FailedImage]) -> None:
+    """Write failure records to ``index``, or keep them in Redis for the next flush when the
+    index is unreachable (a job must not wait for Elasticsearch to report a failure)."""
+    try:
+        ctx.failure_log(index).record(failed)
+    except IndexUnavailable as exc:
+        log.warning("%d failure record(s) for %s deferred: %s", len(failed), index, exc)
+        ctx.store.defer_failures(index, failed)
+
+
 def register(app: Celery, settings: Settings) -> None:
     """Register the tasks on ``app`` (their retry policy comes from ``settings``)."""
+    # shared=False: a shared task is also added to every app finalized later in the process, so
+    # a second app (another Settings) would get the first one's tasks and retry policy.
     retry = dict(
         autoretry_for=RETRYABLE, retry_backoff=BACKOFF_S, retry_backoff_max=BACKOFF_MAX_S, retry_jitter=True,
-        max_retries=settings.worker_max_retries, acks_late=True, reject_on_worker_lost=True,
+        max_retries=settings.worker_max_retries, acks_late=True, reject_on_worker_lost=True, shared=False,
     )
 
     @app.task(bind=True, name="delf.extract", **retry)
@@ -75,9 +99,9 @@ def _give_up(ctx, item: dict[str, Any], stage: str, exc: BaseException, model_id
     image_id = item["image_id"]
     log.warning("%s failed at %s: %s", image_id, stage, exc)
     failures = item.get("failures") or failures_index(ctx.settings.index_alias)
-    ctx.failure_log(failures).record(
-        [FailedImage(image_id, str(item.get("source", image_id)), stage, type(exc).__name__, str(exc), model_id, now())]
-    )
+    _record_failures(ctx, failures, [
+        FailedImage(image_id, str(item.get("source", image_id)), stage, type(exc).__name__, str(exc), model_id, now())
+    ])
     ctx.store.fail(item.get("job"), image_id, _error(exc))
     return {"image_id": image_id, "status": "failed", "stage": stage, "error": _error(exc)}
 
@@ -89,6 +113,16 @@ def _load(source: str, settings: Settings):
 
 
 def run_extract(task, item: dict[str, Any]) -> dict[str, Any]:
+    """Decode, extract and stage one image; an outage that outlasts the retries fails the image."""
+    try:
+        return _extract(task, item)
+    except RETRYABLE as exc:
+        if not _final_attempt(task):
+            raise  # autoretry: backoff
+        return _give_up(task.app.delf, item, "extract", _exhausted(task, exc))
+
+
+def _extract(task, item: dict[str, Any]) -> dict[str, Any]:
     ctx = task.app.delf
     settings = ctx.settings
     image_id = str(item["image_id"])
@@ -145,25 +179,38 @@ def run_flush(task) -> int:
         if not store.acquire(token, settings.worker_lock_ttl):
             wait = max(1.0, min(10.0, settings.worker_lock_ttl / 3))
             if store.ready_count() and store.claim_retry(wait):
-                raise task.retry(countdown=wait, max_retries=None)
+                # a new flush, not task.retry: this task's retries count outages only (_final_attempt)
+                task.app.send_task("delf.flush", countdown=wait)
             return written
         try:
-            written += _drain(ctx, token)
+            written += _drain(task, token)
         finally:
             store.release(token)
         if not store.ready_count():  # staged while we released: ours to write
             return written
 
 
-def _drain(ctx, token: str) -> int:
+def _drain(task, token: str) -> int:
+    ctx = task.app.delf
     store, settings = ctx.store, ctx.settings
     written = 0
     while True:
         batch = store.peek(settings.worker_index_batch)
-        if not batch or not store.renew(token, settings.worker_lock_ttl):
+        if not store.renew(token, settings.worker_lock_ttl):
             return written
         started = time.perf_counter()
-        outcomes = _write(ctx, batch)
+        try:
+            # deferred records first: written after the batch, one could mask its image's success
+            _write_deferred_failures(ctx)
+            if not batch:
+                return written
+            outcomes = _write(ctx, batch)
+        except RETRYABLE as exc:
+            if not _final_attempt(task):
+                raise  # autoretry: backoff; the batch stays staged
+            if not batch:
+                return written  # the deferred records wait for the next flush
+            outcomes = _give_up_batch(ctx, batch, _exhausted(task, exc))
         if not store.finish(token, outcomes):
             log.warning("lost the writer's lock mid-batch; the next writer rewrites the batch (idempotent)")
             return written
@@ -172,6 +219,41 @@ def _drain(ctx, token: str) -> int:
         store.add_stats(write_s=elapsed, written=ok, batches=1)
         store.add_timings(write=elapsed, batch_size=len(outcomes))
         written += ok
+
+
+#: Deferred failure records copied per flush (they pile up only while Elasticsearch is down).
+DEFERRED_PER_FLUSH = 1000
+
+
+def _write_deferred_failures(ctx) -> None:
+    """Copy failure records deferred during an outage into their failures indices (lock holder
+    only); IndexUnavailable if the index is still unreachable (the records stay)."""
+    deferred = ctx.store.deferred_failures(DEFERRED_PER_FLUSH)
+    if not deferred:
+        return
+    by_index: dict[str, list[FailedImage]] = {}
+    for index, failed in deferred:
+        by_index.setdefault(index, []).append(failed)
+    for index, failed in by_index.items():
+        ctx.failure_log(index).record(failed)
+    ctx.store.drop_deferred_failures(len(deferred))
+    log.info("wrote %d deferred failure record(s)", len(deferred))
+
+
+def _give_up_batch(ctx, batch: list[tuple[str, bytes | None]], exc: RetriesExhausted) -> list[tuple[str, str, str]]:
+    """Fail every image of a batch the index did not take within the retries, recorded like an
+    undecodable image (deferred: the index is down), so their jobs finish."""
+    log.warning("giving up on %d staged image(s): %s", len(batch), exc)
+    by_index: dict[str, list[FailedImage]] = {}
+    for key, payload in batch:
+        if payload is not None:
+            staged = Staged.decode(key, payload)
+            by_index.setdefault(staged.failures, []).append(FailedImage(
+                staged.features.image_id, staged.path, "index", type(exc).__name__, str(exc),
+                staged.features.model_id, now()))
+    for index, failed in by_index.items():
+        ctx.store.defer_failures(index, failed)
+    return [(key, key.split("|", 2)[2], _error(exc)) for key, _ in batch]
 
 
 def _write(ctx, batch: list[tuple[str, bytes | None]]) -> list[tuple[str, str, str]]:

@@ -110,8 +110,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
+def _mappings_dir() -> Path:
+    """The top-level ``mappings/``: shipped as ``delf_es/mappings/`` in a wheel (pyproject.toml),
+    read from the source tree in a checkout or an editable install."""
+    packaged = Path(__file__).resolve().parents[1] / "mappings"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "mappings"
+
+
 #: Versioned index templates: ``images-<SCHEMA>.json`` and ``keypoints-<SCHEMA>.json``.
-MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
+MAPPINGS_DIR = _mappings_dir()
 SCHEMA = "v1"
 #: Suffix of the keypoints alias and index names.
 KEYPOINTS_SUFFIX = "-keypoints"

@@ -1,8 +1,8 @@
 """The failed-images index ``<alias>-failures``: images that could not be indexed, with why.
 
-Workers record an image here when it cannot be decoded or the index refuses it (never retried),
-and remove it once a later attempt indexes it; ``DelfEs.failures()``, ``delf-es failures`` and
-the Kibana dashboard read it.  Mapping: ``mappings/failures-v1.json``.
+Workers record an image here when it cannot be decoded, the index refuses it (never retried) or
+an outage outlasts the retries, and remove it once a later attempt indexes it;
+``DelfEs.failures()``, ``delf-es failures`` and the Kibana dashboard read it.  Mapping: ``mappings/failures-v1.json``.
 """
 
 from __future__ import annotations
@@ -82,9 +82,13 @@ class FailureLog:
     def clear(self, image_ids: Iterable[str]) -> None:
         """Forget failures of images that are now indexed (missing ones are fine)."""
         actions = [{"_op_type": "delete", "_index": self.index, "_id": document_id(i)} for i in image_ids]
-        if not actions or not self.client.indices.exists(index=self.index):
+        if not actions:
             return
-        helpers.bulk(self.client, actions, raise_on_error=False, refresh=False)
+        try:
+            if self.client.indices.exists(index=self.index):
+                helpers.bulk(self.client, actions, raise_on_error=False, refresh=False)
+        except (elastic_transport.TransportError, ApiError) as exc:
+            raise IndexUnavailable(f"Elasticsearch unavailable (clearing failures in {self.index}): {exc}") from exc
 
     def list(self, limit: int = 1000) -> list[FailedImage]:
         """The recorded failures, newest first (at most ``limit``)."""

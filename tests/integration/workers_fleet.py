@@ -1,7 +1,7 @@
 """Real Celery worker processes for integration tests, isolated from everyone else's.
 
 Each :class:`Fleet` has its own Redis namespace (kombu ``global_keyprefix`` + staging keys) on
-Redis DB 9 and its own index alias; workers are ``python -m celery -A workers.main worker``
+Redis DB 10 (benchmarks/ingest_workers.py uses 9) and its own index alias; workers are ``python -m celery -A workers.main worker``
 subprocesses in their own process group, killed by that group at the end (or by the test, with
 SIGKILL, to simulate a crash).  Teardown deletes the fleet's indices and Redis keys only.
 """
@@ -23,7 +23,7 @@ from delf_es.eval.run import drop_indices
 from delf_es.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-REDIS_DB = 9
+REDIS_DB = 10
 #: The fast model of tests/integration/test_sdk.py, as environment variables for the workers.
 FAST = dict(backbone="efficientnet-lite0", scales=(0.7071, 1.0, 1.4142), global_scales=(1.0,))
 FAST_ENV = {"DELF_ES_BACKBONE": "efficientnet-lite0", "DELF_ES_SCALES": "[0.7071, 1.0, 1.4142]",

@@ -82,3 +82,37 @@ def test_add_image_without_waiting_takes_only_a_path_the_workers_can_read():
         sdk.add_image(b"\xff\xd8 jpeg bytes", bytestream=True, wait=False)
     with pytest.raises(InvalidRequest, match="wait=False"):
         sdk.add_image("name.jpg", img="other.jpg", wait=False)
+
+
+def test_each_app_registers_its_own_tasks_with_its_own_retry_policy():
+    import warnings
+
+    from celery.exceptions import DuplicateTaskNameWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DuplicateTaskNameWarning)
+        apps = [make_app(Settings(redis_url="redis://127.0.0.1:1/3", worker_max_retries=n)) for n in (3, 5)]
+        assert [a.tasks["delf.extract"].max_retries for a in apps] == [3, 5]
+    assert apps[0].tasks["delf.flush"] is not apps[1].tasks["delf.flush"]
+
+
+def test_the_beat_schedule_comes_from_the_settings():
+    from datetime import timedelta
+
+    from pydantic import ValidationError
+
+    def schedule(**fields):
+        app = make_app(Settings(redis_url="redis://127.0.0.1:1/3", **fields))
+        return {name: entry["schedule"] for name, entry in app.conf.beat_schedule.items()}
+
+    nightly = schedule()
+    assert nightly["flush-stragglers"] == timedelta(minutes=1)
+    reindex = nightly["reindex-if-model-changed"]
+    assert (reindex.hour, reindex.minute) == ({3}, {0})
+    weekly = schedule(worker_reindex_schedule="30 2 * * 0")["reindex-if-model-changed"]
+    assert (weekly.hour, weekly.minute, weekly.day_of_week) == ({2}, {30}, {0})
+    fast = schedule(worker_reindex_schedule="2.5", worker_flush_interval=7)
+    assert fast == {"flush-stragglers": timedelta(seconds=7), "reindex-if-model-changed": timedelta(seconds=2.5)}
+    for bad in ("0 3 * *", "-1", "0"):
+        with pytest.raises(ValidationError, match="worker_reindex_schedule"):
+            Settings(worker_reindex_schedule=bad)

@@ -1,0 +1,169 @@
+"""What the extract and flush tasks do when an outage outlasts their retries.
+
+The Celery application and its autoretry chain are real (run eagerly: ``apply`` re-runs each
+retry at once, with ``request.retries`` counted up); the worker context is a FAKE
+(:class:`FakeContext`: in-memory store, no Redis, no Elasticsearch, no model), so Redis and
+Elasticsearch can fail on demand.  tests/integration/test_workers_outage.py runs the flush side
+against the real services.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import redis.exceptions
+from PIL import Image
+
+from delf_es.errors import IndexUnavailable, RetriesExhausted
+from delf_es.index.failures import FailedImage
+from delf_es.settings import Settings
+from delf_es.types import Features
+from workers.celery_app import make_app
+
+MAX_RETRIES = 2
+
+
+def features(image_id: str) -> Features:
+    rng = np.random.default_rng(0)
+    return Features(
+        image_id=image_id, model_id="m@1", image_size=(64, 64),
+        keypoints=rng.random((5, 2), dtype=np.float32), scales=np.ones(5, np.float32),
+        scores=rng.random(5, dtype=np.float32), descriptors=rng.random((5, 40), dtype=np.float32),
+        global_desc=rng.random(8, dtype=np.float32),
+    )
+
+
+class FakeStore:
+    """FAKE workers.store.Store: jobs and deferred records in memory; staging raises
+    ``stage_error`` (a Redis outage) when set; the writer's lock can be held by someone else."""
+
+    def __init__(self, stage_error: Exception | None = None, lock_taken: bool = False) -> None:
+        self.stage_error = stage_error
+        self.lock_taken = lock_taken
+        self.stage_calls = 0
+        self.failed: dict[str, dict[str, str]] = {}
+        self.deferred: list[tuple[str, FailedImage]] = []
+        self.retry_claims = 0
+
+    def stage(self, staged, job_id) -> None:
+        self.stage_calls += 1
+        if self.stage_error is not None:
+            raise self.stage_error
+
+    def fail(self, job_id, image_id, error) -> None:
+        self.failed.setdefault(job_id, {})[image_id] = error
+
+    def defer_failures(self, index, failed) -> None:
+        self.deferred.extend((index, f) for f in failed)
+
+    def add_stats(self, **values) -> None:
+        pass
+
+    def add_timings(self, **seconds) -> None:
+        pass
+
+    def acquire(self, token, ttl_s) -> bool:
+        return not self.lock_taken
+
+    def ready_count(self) -> int:
+        return 1
+
+    def claim_retry(self, seconds) -> bool:
+        self.retry_claims += 1
+        return self.retry_claims == 1
+
+
+class DownFailureLog:
+    """FAKE FailureLog of an unreachable Elasticsearch."""
+
+    def record(self, failures) -> None:
+        raise IndexUnavailable("Elasticsearch unavailable (connection refused)")
+
+
+class FakeExtractor:
+    """FAKE Extractor: fixed features, no model."""
+
+    model_id = "m@1"
+
+    def extract(self, pixels, image_id):
+        return features(image_id)
+
+
+class FakeContext:
+    """FAKE workers.celery_app.WorkerContext wiring the fakes above."""
+
+    def __init__(self, settings: Settings, store: FakeStore) -> None:
+        self.settings = settings
+        self.store = store
+
+    def extractor(self, overrides):
+        return FakeExtractor()
+
+    def failure_log(self, index):
+        return DownFailureLog()
+
+
+@pytest.fixture()
+def settings() -> Settings:
+    return Settings(redis_url="redis://127.0.0.1:1/3", index_alias="photos", worker_max_retries=MAX_RETRIES)
+
+
+@pytest.fixture()
+def photo(tmp_path) -> str:
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_an_extract_whose_redis_outage_outlasts_the_retries_fails_its_image_in_the_job(settings, photo):
+    app = make_app(settings)
+    store = FakeStore(stage_error=redis.exceptions.ConnectionError("Connection refused"))
+    app.delf = FakeContext(settings, store)
+    item = {"source": photo, "image_id": photo, "metadata": {}, "job": "job-1", "alias": None, "failures": None,
+            "model": None}
+
+    result = app.tasks["delf.extract"].apply(args=[item])
+
+    assert store.stage_calls == MAX_RETRIES + 1  # retried with backoff first, not given up at once
+    assert result.state == "SUCCESS" and result.result["status"] == "failed"
+    error = store.failed["job-1"][photo]
+    assert error.startswith("RetriesExhausted: gave up after 2 retries: ConnectionError: Connection refused")
+    # Elasticsearch is down too: the failure record waits in Redis for the next flush
+    [(index, failed)] = store.deferred
+    assert index == "photos-failures"
+    assert (failed.image_id, failed.stage, failed.error_type) == (photo, "extract", "RetriesExhausted")
+    assert "ConnectionError: Connection refused" in failed.error
+
+
+def test_an_undecodable_image_fails_its_job_at_once_while_the_index_is_down(settings, tmp_path):
+    app = make_app(settings)
+    store = FakeStore()
+    app.delf = FakeContext(settings, store)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a JPEG")
+    item = {"source": str(bad), "image_id": str(bad), "job": "job-2"}
+
+    result = app.tasks["delf.extract"].apply(args=[item])
+
+    assert result.result["status"] == "failed" and store.failed["job-2"][str(bad)].startswith("InvalidImage")
+    assert [(f.stage, f.error_type) for _, f in store.deferred] == [("decode", "InvalidImage")]
+
+
+def test_a_flush_that_finds_the_lock_taken_sends_a_new_flush_instead_of_spending_a_retry(settings, monkeypatch):
+    app = make_app(settings)
+    app.delf = FakeContext(settings, FakeStore(lock_taken=True))
+    sent = []
+    monkeypatch.setattr(app, "send_task", lambda name, **options: sent.append((name, options)))
+
+    result = app.tasks["delf.flush"].apply()
+
+    assert result.state == "SUCCESS" and result.result == 0
+    assert [name for name, _ in sent] == ["delf.flush"] and sent[0][1]["countdown"] > 0
+
+
+def test_retries_exhausted_survives_a_pickle_round_trip():
+    error = pickle.loads(pickle.dumps(RetriesExhausted("IndexUnavailable: down", 8)))
+    assert (error.last_error, error.retries) == ("IndexUnavailable: down", 8)
+    assert str(error) == "gave up after 8 retries: IndexUnavailable: down"
