@@ -119,6 +119,10 @@ class Settings(BaseSettings):
         default="delf-es", min_length=1, description="prefix of every Redis key the workers use (isolates fleets)"
     )
     worker_index_batch: int = Field(default=32, ge=1, description="images per bulk write of the index queue")
+    worker_extract_batch: int = Field(
+        default=1, ge=1, description="images per extract task sent by the submitter: a GPU fleet sets this (and "
+        "extract_batch on its workers) to run several images' pyramid levels per forward pass",
+    )
     worker_visibility_timeout: float = Field(
         default=3600.0, gt=0, description="s; a task of a worker that died unacknowledged is redelivered after this"
     )

@@ -134,6 +134,7 @@ def make_app(settings: Settings) -> Celery:
         task_default_routing_key=EXTRACT_QUEUE,
         task_routes={
             "delf.extract": {"queue": EXTRACT_QUEUE},
+            "delf.extract_batch": {"queue": EXTRACT_QUEUE},
             "delf.flush": {"queue": INDEX_QUEUE},
             "delf.reindex_tick": {"queue": INDEX_QUEUE},
         },

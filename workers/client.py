@@ -61,11 +61,18 @@ class Submitter:
         entries = list(dict(_item(entry) for entry in items).items())  # one task per id (the last wins)
         job_id = job_id or uuid.uuid4().hex
         self.store.start_job(job_id, len(entries))
+        messages = [{"source": path, "image_id": image_id, "metadata": metadata, "job": job_id,
+                     "alias": alias, "failures": failures, "model": dict(model) if model else None}
+                    for image_id, (path, metadata) in entries]
+        size = self.settings.worker_extract_batch
         with self.app.producer_or_acquire() as producer:
-            for image_id, (path, metadata) in entries:
-                message = {"source": path, "image_id": image_id, "metadata": metadata, "job": job_id,
-                           "alias": alias, "failures": failures, "model": dict(model) if model else None}
-                self.app.send_task("delf.extract", args=[message], queue=EXTRACT_QUEUE, producer=producer)
+            if size == 1:
+                for message in messages:
+                    self.app.send_task("delf.extract", args=[message], queue=EXTRACT_QUEUE, producer=producer)
+            else:  # a GPU fleet: several images per task, their levels batched by the worker
+                for start in range(0, len(messages), size):
+                    self.app.send_task("delf.extract_batch", args=[messages[start : start + size]],
+                                       queue=EXTRACT_QUEUE, producer=producer)
         return job_id
 
     def submit_one(self, path: str, metadata: Mapping[str, Any] | None = None) -> str:

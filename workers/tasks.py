@@ -1,4 +1,5 @@
-"""The tasks: ``delf.extract`` (one image -> staged features) and ``delf.flush`` (staged -> index).
+"""The tasks: ``delf.extract`` (one image -> staged features), ``delf.extract_batch`` (several
+images, their pyramid levels batched: GPU workers) and ``delf.flush`` (staged -> index).
 
 An extract task message is a dict (JSON)::
 
@@ -80,6 +81,10 @@ def register(app: Celery, settings: Settings) -> None:
     def extract(self, item: dict[str, Any]) -> dict[str, Any]:
         return run_extract(self, item)
 
+    @app.task(bind=True, name="delf.extract_batch", **retry)
+    def extract_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return run_extract_batch(self, items)
+
     @app.task(bind=True, name="delf.flush", **retry)
     def flush(self) -> int:
         return run_flush(self)
@@ -147,21 +152,95 @@ def _extract(task, item: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - one bad image must not stall its job: record it
         return _give_up(ctx, item, "extract", exc, extractor.model_id)
     extracted = time.perf_counter()
-    alias = item.get("alias") or settings.index_alias
-    staged = Staged(
-        key=staging_key(alias, features.model_id, image_id),
-        alias=alias,
-        path=source,
-        metadata=dict(item.get("metadata") or {}),
-        failures=item.get("failures") or failures_index(settings.index_alias),
-        features=features,
-    )
-    ctx.store.stage(staged, item.get("job"))
+    _stage(ctx, item, features)
     ctx.store.add_stats(decode_s=decoded - started, extract_s=extracted - decoded, extracted=1)
     ctx.store.add_timings(decode=decoded - started, extract=extracted - decoded)
     task.app.send_task("delf.flush")
     return {"image_id": image_id, "status": "staged", "model_id": features.model_id,
             "keypoints": features.num_keypoints, "decode_s": decoded - started, "extract_s": extracted - decoded}
+
+
+def _stage(ctx, item: dict[str, Any], features) -> None:
+    settings = ctx.settings
+    alias = item.get("alias") or settings.index_alias
+    source = str(item.get("source") or item["image_id"])
+    ctx.store.stage(Staged(
+        key=staging_key(alias, features.model_id, str(item["image_id"])),
+        alias=alias,
+        path=source,
+        metadata=dict(item.get("metadata") or {}),
+        failures=item.get("failures") or failures_index(settings.index_alias),
+        features=features,
+    ), item.get("job"))
+
+
+def run_extract_batch(task, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Several images (one submission's, same alias and model) in one task, so their pyramid
+    levels share forward passes (``Extractor.extract_many``, ``extract_batch`` per pass).
+
+    Per image it behaves as ``delf.extract``: an undecodable image is recorded and the rest go
+    on; a transient fetch error re-queues that image alone as ``delf.extract`` (with its own
+    retries) rather than retrying the batch.  An outage while staging retries the whole task
+    (staging is idempotent); one that outlasts the retries fails the images not yet staged."""
+    ctx = task.app.delf
+    staged: set[str] = set()
+    try:
+        return _extract_batch(task, items, staged)
+    except RETRYABLE as exc:
+        if not _final_attempt(task):
+            raise
+        return [_give_up(ctx, item, "extract", _exhausted(task, exc)) for item in items if item["image_id"] not in staged]
+
+
+def _extract_batch(task, items: list[dict[str, Any]], staged: set[str]) -> list[dict[str, Any]]:
+    ctx = task.app.delf
+    settings = ctx.settings
+    try:
+        extractor = ctx.extractor(items[0].get("model") if items else None)
+    except DelfEsError as exc:
+        return [_give_up(ctx, item, "extract", exc) for item in items]
+    results: list[dict[str, Any]] = []
+    loaded = []  # (item, pixels, decode seconds)
+    for item in items:
+        started = time.perf_counter()
+        try:
+            image = _load(str(item.get("source") or item["image_id"]), settings)
+        except (InvalidImage, UnsafeURL) as exc:
+            results.append(_give_up(ctx, item, "decode", exc, extractor.model_id))
+            continue
+        except FetchFailed as exc:
+            if exc.status is None or exc.status == 429 or exc.status >= 500:
+                task.app.send_task("delf.extract", args=[item])  # alone, with its own backoff
+                results.append({"image_id": item["image_id"], "status": "requeued", "error": _error(exc)})
+            else:
+                results.append(_give_up(ctx, item, "decode", exc, extractor.model_id))
+            continue
+        loaded.append((item, image.pixels, time.perf_counter() - started))
+    if not loaded:
+        return results
+    started = time.perf_counter()
+    try:
+        features = extractor.extract_many([(pixels, str(item["image_id"])) for item, pixels, _ in loaded])
+    except Exception:  # noqa: BLE001 - find the bad image: extract one by one
+        features = []
+        for item, pixels, _ in loaded:
+            try:
+                features.append(extractor.extract(pixels, image_id=str(item["image_id"])))
+            except Exception as exc:  # noqa: BLE001
+                results.append(_give_up(ctx, item, "extract", exc, extractor.model_id))
+                features.append(None)
+    extract_each = (time.perf_counter() - started) / len(loaded)
+    for (item, _, decode_s), feats in zip(loaded, features):
+        if feats is None:
+            continue
+        _stage(ctx, item, feats)
+        staged.add(item["image_id"])
+        ctx.store.add_stats(decode_s=decode_s, extract_s=extract_each, extracted=1)
+        ctx.store.add_timings(decode=decode_s, extract=extract_each)
+        results.append({"image_id": item["image_id"], "status": "staged", "model_id": feats.model_id,
+                        "keypoints": feats.num_keypoints, "decode_s": decode_s, "extract_s": extract_each})
+    task.app.send_task("delf.flush")
+    return results
 
 
 # ---------------------------------------------------------------------------------- flush

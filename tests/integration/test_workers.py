@@ -92,3 +92,24 @@ def test_add_image_wait_false_returns_a_task_id_that_ends_indexed(fleet):
         assert isinstance(task_id, str) and sdk.task_status(task_id)["state"] in ("pending", "indexed")
         wait_for(lambda: sdk.task_status(task_id)["state"] == "indexed", 300, "the task to be indexed")
         assert sdk.get_image(path)["metadata"] == {"source": "async"}
+
+
+def test_batched_submission_extracts_several_images_per_task_and_still_indexes_each_once(fleet, tmp_path):
+    """worker_extract_batch (the submitter) + extract_batch (the worker): what a GPU fleet runs."""
+    bad = tmp_path / "truncated.jpg"
+    paths = photos(9, offset=2 * N_PHOTOS + 1)
+    bad.write_bytes(open(paths[0], "rb").read()[:3000])
+    fleet.start_worker(concurrency=1, env={"DELF_ES_EXTRACT_BATCH": "4"})
+    settings = fleet.settings.model_copy(update={"worker_extract_batch": 4})
+    with Submitter(settings) as submitter:
+        job = submitter.submit(paths[:5] + [str(bad)] + paths[5:])
+        done = submitter.wait(job, timeout=600)
+    assert done.total == 10 and done.done == 9, fleet.log(0)[-3000:]
+    assert list(done.failed) == [str(bad)] and "InvalidImage" in done.failed[str(bad)]
+    log = fleet.log(0)
+    assert log.count("Task delf.extract_batch[") >= 3 and "Task delf.extract[" not in log  # 3 tasks of <= 4 images
+    images = whole_images(fleet.es, fleet.alias)
+    assert sorted(images) == sorted(paths) and all(n == live and n > 0 for n, live in images.values())
+    with DelfEs(fleet.settings) as sdk:
+        hits = sdk.search_image(paths[3], limit=1)
+        assert hits[0]["id"] == paths[3]

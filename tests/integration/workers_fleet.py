@@ -63,13 +63,13 @@ class Fleet:
         self.workers: list[subprocess.Popen] = []
         self.es = Elasticsearch(self.es_url, request_timeout=60)
 
-    def start_worker(self, concurrency: int = 2, queues: str = "extract,index") -> subprocess.Popen:
+    def start_worker(self, concurrency: int = 2, queues: str = "extract,index", env: dict[str, str] | None = None) -> subprocess.Popen:
         n = len(self.workers)
         log = open(self.log_dir / f"worker-{n}.log", "wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers.main", "worker", "-Q", queues, "-c", str(concurrency),
              "--loglevel", "info", "-n", f"{self.id}-{n}@%h", "--without-gossip", "--without-mingle"],
-            cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO_ROOT, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.workers.append(proc)
         return proc

@@ -91,6 +91,24 @@ class FakeExtractor:
         return features(image_id)
 
 
+class FakeBatchExtractor(FakeExtractor):
+    """FAKE Extractor whose batched pass fails when a ``bad`` image is in it, as a real one
+    would on an image that breaks the network; alone, only that image fails."""
+
+    def __init__(self, bad: str = "") -> None:
+        self.bad = bad
+        self.batches: list[list[str]] = []
+
+    def extract(self, pixels, image_id):
+        if image_id == self.bad:
+            raise RuntimeError("this image breaks the network")
+        return features(image_id)
+
+    def extract_many(self, images):
+        self.batches.append([image_id for _, image_id in images])
+        return [self.extract(pixels, image_id) for pixels, image_id in images]
+
+
 class FakeContext:
     """FAKE workers.celery_app.WorkerContext wiring the fakes above."""
 
@@ -98,8 +116,10 @@ class FakeContext:
         self.settings = settings
         self.store = store
 
+    extractor_instance: FakeExtractor | None = None
+
     def extractor(self, overrides):
-        return FakeExtractor()
+        return self.extractor_instance or FakeExtractor()
 
     def failure_log(self, index):
         return DownFailureLog()
@@ -167,3 +187,65 @@ def test_retries_exhausted_survives_a_pickle_round_trip():
     error = pickle.loads(pickle.dumps(RetriesExhausted("IndexUnavailable: down", 8)))
     assert (error.last_error, error.retries) == ("IndexUnavailable: down", 8)
     assert str(error) == "gave up after 8 retries: IndexUnavailable: down"
+
+
+class StageFailsFor(FakeStore):
+    """FAKE store whose Redis fails (every attempt) when staging the given image."""
+
+    def __init__(self, image_id: str) -> None:
+        super().__init__()
+        self.image_id = image_id
+        self.staged: list[str] = []
+
+    def stage(self, staged, job_id) -> None:
+        self.stage_calls += 1
+        if staged.key.endswith(self.image_id):
+            raise redis.exceptions.ConnectionError("Connection refused")
+        self.staged.append(staged.key)
+
+
+def _batch(paths, job):
+    return [{"source": p, "image_id": p, "metadata": {}, "job": job} for p in paths]
+
+
+@pytest.fixture()
+def photos(tmp_path) -> list[str]:
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"photo-{i}.png"
+        Image.fromarray(np.full((32, 48, 3), 40 * i, np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_a_batch_records_the_image_that_breaks_extraction_and_stages_the_others(settings, photos, tmp_path, monkeypatch):
+    app = make_app(settings)
+    store = FakeStore()
+    app.delf = FakeContext(settings, store)
+    app.delf.extractor_instance = extractor = FakeBatchExtractor(bad=photos[1])
+    monkeypatch.setattr(app, "send_task", lambda name, **options: None)
+    undecodable = tmp_path / "bad.jpg"
+    undecodable.write_bytes(b"not a JPEG")
+
+    result = app.tasks["delf.extract_batch"].apply(args=[_batch(photos + [str(undecodable)], "job-b")])
+
+    statuses = {r["image_id"]: (r["status"], r.get("stage")) for r in result.result}
+    assert statuses == {photos[0]: ("staged", None), photos[2]: ("staged", None), photos[1]: ("failed", "extract"),
+                        str(undecodable): ("failed", "decode")}
+    assert extractor.batches == [photos]  # one batched pass over the decodable images, then one by one
+    assert set(store.failed["job-b"]) == {photos[1], str(undecodable)}
+
+
+def test_a_batch_whose_outage_outlasts_the_retries_fails_only_the_images_not_staged(settings, photos, monkeypatch):
+    app = make_app(settings)
+    store = StageFailsFor(photos[1])
+    app.delf = FakeContext(settings, store)
+    app.delf.extractor_instance = FakeBatchExtractor()
+    monkeypatch.setattr(app, "send_task", lambda name, **options: None)
+
+    result = app.tasks["delf.extract_batch"].apply(args=[_batch(photos, "job-c")])
+
+    assert result.state == "SUCCESS"
+    assert store.stage_calls == (MAX_RETRIES + 1) * 2  # each attempt stages photo 0, then fails on photo 1
+    assert list(store.failed["job-c"]) == photos[1:]  # photo 0 is staged (it will be written): not failed
+    assert all(e.startswith("RetriesExhausted") for e in store.failed["job-c"].values())
