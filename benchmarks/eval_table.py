@@ -38,6 +38,9 @@ ROWS = {
     "delf-es-verify-fundamental": ("verification", "fundamental matrix (pydegensac)"),
     "delf-es-global-matching": ("search", "global shortlist + descriptor matching against stored int8 codes, no keypoint "
                                 "kNN (the Elasticsearch default)"),
+    "delf-es-global-matching-query-500": ("search", "global shortlist + matching with the 500 strongest query descriptors "
+                                          "(a faster Elasticsearch setting, see Search speed)"),
+    "delf-es-global-matching-query-300": ("search", "global shortlist + matching with the 300 strongest query descriptors"),
     "delf-es-hybrid-matching": ("search", "hybrid shortlist + descriptor matching, ranked by inliers: compare with "
                                 "'rank by inliers'"),
     "delf-es-backend-elasticsearch": ("backend", "Elasticsearch backend (float HNSW, before int8 codes), hybrid + kNN pairs, "
