@@ -371,39 +371,53 @@ def cache_flush(cache: LocationCache) -> None:
 # ---- plot --------------------------------------------------------------------------------------
 
 
+def _short(mode: str) -> str:
+    """A mode label that fits under a bar: settings overrides abbreviated."""
+    for long, short in (("query_max_descriptors=", "q"), ("verify_threads=", "t"), ("/matching", "+match"),
+                        ("global", "glob"), ("hybrid", "hyb")):
+        mode = mode.replace(long, short)
+    return mode
+
+
 def plot(result: dict, path: Path) -> None:
+    """Latency per mode (one bar pair per backend, size and mode); recall and bytes per
+    backend and size (one bar each: they do not depend on the search mode)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    labels, p50, p95, recall, bytes_ = [], [], [], [], []
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6), gridspec_kw={"width_ratios": [3, 1, 1]})
+    labels, p50, p95 = [], [], []
+    sizes: dict[str, tuple[float, float]] = {}
     for run in result["runs"]:
         for row in run["sizes"]:
-            for key, tag in (("search", "live"), ("search_merged", "merged")):
+            for key, tag in (("search", ""), ("search_merged", " merged")):
                 for mode, timing in row.get(key, {}).items():
-                    labels.append(f"{run['backend'][:7]} {row['images']}\n{mode} {tag if run['backend'] == 'elasticsearch' else ''}")
+                    labels.append(f"{run['backend'][:2].upper()} {row['images'] // 1000}k {_short(mode)}{tag}")
                     p50.append(timing["p50_ms"])
                     p95.append(timing["p95_ms"])
-                    recall.append(row["recall_merged" if key == "search_merged" else "recall"]["recall_at_10"])
-                    bytes_.append(row["bytes"]["store_bytes_per_image"] / 1000)
+            sizes[f"{run['backend'][:2].upper()} {row['images'] // 1000}k"] = (
+                row["recall"]["recall_at_10"], row["bytes"]["store_bytes_per_image"] / 1000)
     x = np.arange(len(labels))
     axes[0].bar(x - 0.2, p50, 0.4, label="p50")
     axes[0].bar(x + 0.2, p95, 0.4, label="p95")
     axes[0].axhline(150, color="k", linestyle="--", linewidth=1, label="target p50 150 ms")
     axes[0].set_ylabel("search latency, ms (full pipeline)")
+    axes[0].set_xticks(x, labels, fontsize=7, rotation=90)
     axes[0].legend()
-    axes[1].bar(x, recall, color="tab:green")
+    names = list(sizes)
+    axes[1].bar(names, [sizes[n][0] for n in names], color="tab:green")
     axes[1].axhline(0.95, color="k", linestyle="--", linewidth=1)
     axes[1].set_ylim(0.5, 1.0)
     axes[1].set_ylabel("keypoint kNN recall@10 vs exact float")
-    axes[2].bar(x, bytes_, color="tab:purple")
+    axes[2].bar(names, [sizes[n][1] for n in names], color="tab:purple")
     axes[2].axhline(240, color="k", linestyle="--", linewidth=1)
     axes[2].set_ylabel("KB per image on disk")
-    for ax in axes:
-        ax.set_xticks(x, labels, fontsize=8)
-    fig.suptitle("search_speed.py: real paris250 features replicated with noise; 38 real queries")
+    for ax in axes[1:]:
+        ax.tick_params(axis="x", labelrotation=90, labelsize=8)
+    fig.suptitle("search_speed.py: real paris250 features replicated with noise; 38 real queries "
+                 "(EL = Elasticsearch, EM = embedded; q = query descriptors, t = verification threads)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
