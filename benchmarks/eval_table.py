@@ -29,6 +29,8 @@ ROWS = {
     "delf-es-backbone-mobilenetv2": ("extraction", "backbone MobileNetV2 (its own PCA 40)"),
     "delf-es-scales-3": ("extraction", "3 scales (0.7071, 1, 1.4142) instead of 7"),
     "delf-es-keypoints-300": ("extraction", "300 keypoints per image (database and query) instead of 1000"),
+    "delf-es-layer-block-scales-3": ("extraction", "local descriptors from the Lite2 block output (120-d, its own PCA 40), "
+                                     "3 scales: compare with '3 scales'"),
     "delf-es-pca-128": ("extraction", "PCA 128 instead of 40 (same training photos)"),
     "delf-es-query-300": ("search", "300 strongest query descriptors for kNN (database keeps 1000)"),
     "delf-es-shortlist-local": ("search", "shortlist by keypoint votes only"),
