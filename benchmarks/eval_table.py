@@ -31,6 +31,9 @@ ROWS = {
     "delf-es-keypoints-300": ("extraction", "300 keypoints per image (database and query) instead of 1000"),
     "delf-es-layer-block-scales-3": ("extraction", "local descriptors from the Lite2 block output (120-d, its own PCA 40), "
                                      "3 scales: compare with '3 scales'"),
+    "scoring-attention-pyramid-3": ("extraction", "keypoints scored by the trained attention head (issue 5), 3 scales, "
+                                    "ranked by inliers: compare with the next row"),
+    "scoring-norm-pyramid-3": ("extraction", "descriptor-norm scoring, the same 3 scales and ranking (the attention row's baseline)"),
     "delf-es-pca-128": ("extraction", "PCA 128 instead of 40 (same training photos)"),
     "delf-es-query-300": ("search", "300 strongest query descriptors for kNN (database keeps 1000)"),
     "delf-es-shortlist-local": ("search", "shortlist by keypoint votes only"),
