@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
@@ -14,6 +14,17 @@ DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 
 def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "delf-es"
+
+
+#: Allowed values of the settings that name one of a few choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "scoring": ("auto", "attention", "norm"),
+    "precision": ("float32", "bfloat16"),
+    "shortlist_mode": ("local", "global", "hybrid"),
+    "correspondences": ("knn", "matching"),
+    "rank_by": ("inliers", "verified-then-global", "inliers+global"),
+    "ransac_model": ("homography", "fundamental", "affine", "homography-magsac"),
+}
 
 
 class Settings(BaseSettings):
@@ -156,46 +167,15 @@ class Settings(BaseSettings):
             raise ValueError("worker_reindex_schedule: an interval must be positive")
         return value
 
-    @field_validator("scoring")
+    @field_validator(*CHOICES)
     @classmethod
-    def _scoring_known(cls, value: str) -> str:
-        if value not in ("auto", "attention", "norm"):
-            raise ValueError("scoring must be 'auto', 'attention' or 'norm'")
-        return value
-
-    @field_validator("precision")
-    @classmethod
-    def _precision_known(cls, value: str) -> str:
-        if value not in ("float32", "bfloat16"):
-            raise ValueError("precision must be 'float32' or 'bfloat16'")
-        return value
-
-    @field_validator("shortlist_mode")
-    @classmethod
-    def _shortlist_known(cls, value: str | None) -> str | None:
-        if value not in (None, "local", "global", "hybrid"):
-            raise ValueError("shortlist_mode must be 'local', 'global' or 'hybrid'")
-        return value
-
-    @field_validator("correspondences")
-    @classmethod
-    def _correspondences_known(cls, value: str | None) -> str | None:
-        if value not in (None, "knn", "matching"):
-            raise ValueError("correspondences must be 'knn' or 'matching'")
-        return value
-
-    @field_validator("rank_by")
-    @classmethod
-    def _rank_known(cls, value: str) -> str:
-        if value not in ("inliers", "verified-then-global", "inliers+global"):
-            raise ValueError("rank_by must be 'inliers', 'verified-then-global' or 'inliers+global'")
-        return value
-
-    @field_validator("ransac_model")
-    @classmethod
-    def _ransac_known(cls, value: str) -> str:
-        if value not in ("homography", "fundamental", "affine", "homography-magsac"):
-            raise ValueError("ransac_model must be 'homography', 'fundamental', 'affine' or 'homography-magsac'")
+    def _known_choice(cls, value: str | None, info: ValidationInfo) -> str | None:
+        allowed = CHOICES[info.field_name]
+        if value is None and cls.model_fields[info.field_name].default is None:
+            return value  # unset: the backend's measured best (see search_plan)
+        if value not in allowed:
+            quoted = [f"'{choice}'" for choice in allowed]
+            raise ValueError(f"{info.field_name} must be {', '.join(quoted[:-1])} or {quoted[-1]}")
         return value
 
     def search_plan(self) -> tuple[str, str]:
