@@ -111,6 +111,11 @@ def _give_up(ctx, item: dict[str, Any], stage: str, exc: BaseException, model_id
     return {"image_id": image_id, "status": "failed", "stage": stage, "error": _error(exc)}
 
 
+def _transient(exc: FetchFailed) -> bool:
+    """A fetch worth retrying: no HTTP status (network), 429 or a server error."""
+    return exc.status is None or exc.status == 429 or exc.status >= 500
+
+
 def _load(source: str, settings: Settings):
     from delf_es.imageio import load_image, load_image_from_url
 
@@ -142,8 +147,7 @@ def _extract(task, item: dict[str, Any]) -> dict[str, Any]:
     except (InvalidImage, UnsafeURL) as exc:
         return _give_up(ctx, item, "decode", exc, extractor.model_id)
     except FetchFailed as exc:
-        transient = exc.status is None or exc.status == 429 or exc.status >= 500
-        if transient and task.request.retries < settings.worker_max_retries:
+        if _transient(exc) and task.request.retries < settings.worker_max_retries:
             raise task.retry(exc=exc, countdown=min(BACKOFF_MAX_S, BACKOFF_S * 2**task.request.retries))
         return _give_up(ctx, item, "decode", exc, extractor.model_id)
     decoded = time.perf_counter()
@@ -209,7 +213,7 @@ def _extract_batch(task, items: list[dict[str, Any]], staged: set[str]) -> list[
             results.append(_give_up(ctx, item, "decode", exc, extractor.model_id))
             continue
         except FetchFailed as exc:
-            if exc.status is None or exc.status == 429 or exc.status >= 500:
+            if _transient(exc):
                 task.app.send_task("delf.extract", args=[item])  # alone, with its own backoff
                 results.append({"image_id": item["image_id"], "status": "requeued", "error": _error(exc)})
             else:
