@@ -202,24 +202,31 @@ class RedisLocationCache:
             log.warning("Redis location cache unavailable, reading from the index instead: %s", error)
 
     def get_many(self, model_id: str, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
-        return self.read_many(model_id, image_ids)[0]
+        return self._read(model_id, list(image_ids), versions=False)[0]
 
     def read_many(self, model_id: str, image_ids: Iterable[str]) -> tuple[dict[str, np.ndarray], Versions]:
-        ids = list(image_ids)
+        return self._read(model_id, list(image_ids), versions=True)
+
+    def _read(self, model_id: str, ids: list[str], versions: bool) -> tuple[dict[str, np.ndarray], Versions]:
+        """One MGET of the values (and, for a later fill, their versions)."""
         if not ids:
             return {}, {}
+        keys = [self._key(model_id, i) for i in ids]
+        if versions:
+            keys += [self._version_key(model_id, i) for i in ids]
         try:
-            values = self._client.mget([self._key(model_id, i) for i in ids] +
-                                       [self._version_key(model_id, i) for i in ids])
+            values = self._client.mget(keys)
         except self._errors as error:
             self._warn(error)
             return {}, {}  # nothing seen: nothing will be filled
         out, seen = {}, {}
-        for image_id, value, version in zip(ids, values[: len(ids)], values[len(ids):]):
-            seen[image_id] = int(version) if version is not None else None
-            if value is not None:
+        for position, image_id in enumerate(ids):
+            if versions:
+                version = values[len(ids) + position]
+                seen[image_id] = int(version) if version is not None else None
+            if values[position] is not None:
                 try:
-                    out[image_id] = _decode(value)
+                    out[image_id] = _decode(values[position])
                 except ValueError:  # written by another version of delf-es: a miss
                     continue
         return out, seen
