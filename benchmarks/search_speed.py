@@ -259,6 +259,15 @@ def batches(data: RealData, start: int, stop: int, size: int = 64) -> Iterator[l
                for i in range(first, min(first + size, stop)) for f in [replica(data.database, i)]]
 
 
+def mode_overrides(text: str) -> dict[str, str]:
+    """``"a=1,b=2"`` -> ``{"a": "1", "b": "2"}``; Settings validates names and values."""
+    pairs = [item.partition("=") for item in text.split(",") if item]
+    bad = [name for name, sep, _ in pairs if not sep or not name]
+    if bad:
+        raise SystemExit(f"--modes: expected setting=value after '@', got {bad[0]!r}")
+    return {name: value for name, _, value in pairs}
+
+
 def measure_modes(engine: DelfEs, timer: StageTimer, queries: list[Features], modes: list[str]) -> dict:
     """Search latency for each ``shortlist_mode[/correspondences][@setting=value,...]``, on the same
     index (e.g. ``global/matching@query_max_descriptors=300``)."""
@@ -268,8 +277,7 @@ def measure_modes(engine: DelfEs, timer: StageTimer, queries: list[Features], mo
         for mode in modes:
             plan, _, overrides = mode.partition("@")
             shortlist, _, correspondences = plan.partition("/")
-            update = {"shortlist_mode": shortlist, "correspondences": correspondences or "knn",
-                      **dict(item.split("=", 1) for item in overrides.split(",") if item)}
+            update = {"shortlist_mode": shortlist, "correspondences": correspondences or "knn", **mode_overrides(overrides)}
             engine.settings = Settings.model_validate({**base.model_dump(), **update})
             out[mode] = measure_search(engine, timer, queries)
     finally:
