@@ -39,7 +39,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from delf_es.errors import FeatureShapeError, ImageTooLarge, InvalidImage
+from delf_es.errors import FeatureShapeError, ImageTooLarge, InvalidImage, InvalidRequest
 from delf_es.fetch import fetch_url
 from delf_es.settings import Settings
 
@@ -179,14 +179,14 @@ def _prepare(source: ImageSource, name: str | None) -> tuple[str, str | BinaryIO
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not isinstance(path, str):  # bytes path
-            raise TypeError("paths must be str or os.PathLike[str]")
+            raise InvalidRequest("paths must be str or os.PathLike[str]")
         return name or path, str(Path(path))
     if isinstance(source, (bytes, bytearray, memoryview)):
         return name or "<bytes>", io.BytesIO(bytes(source))
     if hasattr(source, "read"):
         stream_name = getattr(source, "name", None)
         return name or (stream_name if isinstance(stream_name, str) else "<stream>"), source
-    raise TypeError(f"expected a path, bytes or a binary file object, got {type(source).__name__}")
+    raise InvalidRequest(f"expected a path, bytes or a binary file object, got {type(source).__name__}")
 
 
 def _open(fp: str | BinaryIO, display: str) -> Image.Image:
