@@ -14,6 +14,21 @@ class DelfEsError(Exception):
     """Root of all delf-es errors."""
 
 
+class InvalidRequest(DelfEsError, ValueError, TypeError):
+    """Arguments that cannot describe an image, its id, its metadata or a search: a wrong type
+    (``limit="5"``, an id that is a list), an id that is empty, too long or not encodable,
+    metadata that is not JSON or is nested too deep.  Never worth retrying."""
+
+
+class ConfigurationError(DelfEsError, ValueError):
+    """The settings do not allow what was asked: a service URL missing (workers need Redis,
+    reindexing needs Elasticsearch), an index knob out of range, an unknown layer name."""
+
+
+class JobTimeout(DelfEsError, TimeoutError):
+    """Waiting for a worker job (or a service to come up) took longer than the caller allowed."""
+
+
 class InvalidImage(DelfEsError, ValueError):
     """The input cannot be decoded as a usable image (corrupt, truncated, not an
     image, too small, too many pixels).  Never worth retrying."""
@@ -89,6 +104,35 @@ class ImageNotFound(DelfEsError, KeyError):
 class IndexUnavailable(DelfEsError, ConnectionError):
     """The index server cannot be reached or is overloaded (timeout, 429, 503).
     The only error workers retry automatically."""
+
+
+class RequestRejected(DelfEsError):
+    """Elasticsearch refused a request for a reason other than load (a 4xx other than 429):
+    a malformed query, a mapping conflict.  Not worth retrying; ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message, status)
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ReindexError(DelfEsError, RuntimeError):
+    """A reindex cannot proceed (counts differ, another model's build is in progress...)."""
+
+
+class KibanaUnavailable(DelfEsError, RuntimeError):
+    """Kibana could not be reached or refused the saved objects."""
+
+
+class EvaluationFailed(DelfEsError, RuntimeError):
+    """An evaluation cannot produce numbers (e.g. database images failed to index)."""
+
+
+class InvalidGroundTruth(DelfEsError, ValueError):
+    """A gt.json file that does not follow the format."""
 
 
 class RetriesExhausted(DelfEsError):

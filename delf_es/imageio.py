@@ -43,7 +43,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from delf_es.errors import FeatureShapeError, ImageTooLarge, InvalidImage, UnreadableFile
+from delf_es.errors import FeatureShapeError, ImageTooLarge, InvalidImage, InvalidRequest, UnreadableFile
 from delf_es.fetch import fetch_url
 from delf_es.safe_files import read_regular_file
 from delf_es.settings import Settings
@@ -187,7 +187,7 @@ def _prepare(source: ImageSource, name: str | None, settings: Settings) -> tuple
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not isinstance(path, str):  # bytes path
-            raise TypeError("paths must be str or os.PathLike[str]")
+            raise InvalidRequest("paths must be str or os.PathLike[str]")
         display = name or path
         try:
             data = read_regular_file(path, settings.max_file_bytes)
@@ -199,7 +199,7 @@ def _prepare(source: ImageSource, name: str | None, settings: Settings) -> tuple
     if hasattr(source, "read"):
         stream_name = getattr(source, "name", None)
         return name or (stream_name if isinstance(stream_name, str) else "<stream>"), source
-    raise TypeError(f"expected a path, bytes or a binary file object, got {type(source).__name__}")
+    raise InvalidRequest(f"expected a path, bytes or a binary file object, got {type(source).__name__}")
 
 
 def _open(fp: str | BinaryIO, display: str) -> Image.Image:

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache, codes_namespace
-from delf_es.errors import DelfEsError, ItemFailure
+from delf_es.errors import BulkIndexFailed, DelfEsError, ImageNotFound, InvalidRequest, ItemFailure
 from delf_es.ids import file_image_id, is_url
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 
 #: Elasticsearch's limit on document ids; longer names are refused rather than silently hashed.
 MAX_ID_BYTES = 512
-
-
-class InvalidRequest(DelfEsError, ValueError):
-    """Arguments that cannot describe an image or its metadata."""
 
 
 def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
@@ -151,7 +147,7 @@ class DelfEs:
         )
         report = self.backend.upsert([record], refresh=refresh_after)
         if not report.ok:
-            raise InvalidRequest(f"{record.image_id}: {report.failed[0].error}")
+            raise BulkIndexFailed(f"{record.image_id}: {report.failed[0].error}", report.failed)
         self._cache_written(features.model_id, {record.image_id: features.keypoints})
         return record.image_id
 
@@ -223,8 +219,6 @@ class DelfEs:
 
     def delete_image(self, image_id: str, refresh_after: bool = False) -> None:
         """Remove an image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
-        from delf_es.errors import ImageNotFound
-
         report = self.backend.delete([image_id], refresh=refresh_after)
         self.cache.delete(self.model_id, [image_id])
         self.cache.delete(codes_namespace(self.model_id), [image_id])
@@ -371,8 +365,6 @@ class DelfEs:
             return None
 
     def _get_or_none(self, image_id: str) -> StoredImage | None:
-        from delf_es.errors import ImageNotFound
-
         try:
             return self.backend.get(image_id)
         except ImageNotFound:  # deleted between search and get
