@@ -192,3 +192,30 @@ class UnsupportedFilter(DelfEsError, ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class UnreadableFile(DelfEsError, ValueError):
+    """A path named by the user cannot be read as a file: missing, not permitted, a directory,
+    a named pipe, a device or a socket (never read: it could block forever), or larger than the
+    cap.  ``path`` is the name as given."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message, path)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class OutputConflict(DelfEsError, FileExistsError):
+    """Writing an output would overwrite something it must not: a feature file of another
+    image, or an output folder that is a file.  ``path`` is the output."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message, path)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
