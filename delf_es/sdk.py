@@ -26,6 +26,7 @@ from delf_es.errors import BulkIndexFailed, DelfEsError, ImageNotFound, InvalidR
 from delf_es.ids import file_image_id, is_url
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
+from delf_es.parallel import ExtractorPool, process_plan
 from delf_es.search import Searcher
 from delf_es.settings import Settings
 from delf_es.types import Features, SearchHit
@@ -255,17 +256,41 @@ class DelfEs:
                 self._cache_written(self.model_id, {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
                 batch.clear()
 
-        for item in tqdm(items, disable=not progress, desc="indexing", unit="img"):
+        todo = []
+        for item in items:
             fields = _item_fields(item)
-            label = fields["path"] if isinstance(fields["path"], str) else "<bytes>"
             if skip_existing and self._default_id(fields) in existing:
                 continue
             try:
+                fields["metadata"] = _check_metadata(fields.get("metadata"))
+                todo.append(fields)
+            except DelfEsError as error:
+                failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
+        processes, threads = process_plan(self.settings)
+        if processes > 1 and len(todo) > 1:
+            # decode + extract in worker processes (each cores/processes threads), write here
+            with ExtractorPool(self.settings, min(processes, len(todo)), threads) as pool:
+                results = tqdm(zip(todo, pool.extract(todo)), total=len(todo), disable=not progress,
+                               desc=f"indexing ({min(processes, len(todo))} processes)", unit="img")
+                for fields, result in results:
+                    if isinstance(result, ItemFailure):
+                        failed.append(result)
+                        continue
+                    name, features = result
+                    batch.append(ImageRecord(name, name, fields["metadata"], features, _now()))
+                    if len(batch) >= batch_size:
+                        flush()
+            flush()
+            if refresh_after:
+                self.backend.refresh()
+            return BulkReport(succeeded=succeeded, failed=failed)
+        for fields in tqdm(todo, disable=not progress, desc="indexing", unit="img"):
+            try:
                 name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
                 features = self.extractor.extract(image.pixels, image_id=name)
-                batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                batch.append(ImageRecord(name, name, fields["metadata"], features, _now()))
             except DelfEsError as error:
-                failed.append(ItemFailure(item_id=label, error=str(error)))
+                failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
             if len(batch) >= batch_size:
                 flush()
         flush()
@@ -373,6 +398,10 @@ class DelfEs:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _label(fields: Mapping[str, Any]) -> str:
+    return fields["path"] if isinstance(fields["path"], str) else "<bytes>"
 
 
 def _item_fields(item: Any) -> dict[str, Any]:
