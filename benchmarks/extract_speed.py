@@ -52,9 +52,9 @@ ROWS: dict[str, tuple[dict, dict]] = {
     "openvino-int8-2x1": ({"runtime": "openvino", "precision": "int8"}, {"processes": 2}),
     "torch-float32-nchw": ({"runtime": "torch", "precision": "float32", "channels_last": False}, {}),
     "torch-float32-pad-copies": ({"runtime": "torch", "precision": "float32"}, {"old_padding": True}),
-    "torch-bfloat16-weights": ({"runtime": "torch", "precision": "bfloat16"}, {"cap_s": 100}),
-    "torch-bfloat16-autocast": ({"runtime": "torch", "precision": "bfloat16"}, {"cpu_autocast": True, "cap_s": 100}),
-    "torch-compile": ({"runtime": "torch", "precision": "float32", "torch_compile": True}, {"cap_s": 100}),
+    "torch-bfloat16-weights": ({"runtime": "torch", "precision": "bfloat16"}, {"cap_s": 45}),
+    "torch-bfloat16-autocast": ({"runtime": "torch", "precision": "bfloat16"}, {"cpu_autocast": True, "cap_s": 45}),
+    "torch-compile": ({"runtime": "torch", "precision": "float32", "torch_compile": True}, {"cap_s": 45}),
 }
 REFERENCE = "torch-float32"
 
@@ -326,7 +326,7 @@ def main() -> None:
     parser.add_argument("--calibration", default="/work/cache/speed/training.txt",
                         help="INT8 calibration photos (the list of scripts/training_images.sh)")
     parser.add_argument("--out", default=str(RESULTS / "extract_speed.json"))
-    parser.add_argument("--row-timeout", type=float, default=900, help="s; a row still running is killed")
+    parser.add_argument("--row-timeout", type=float, default=600, help="s; a row still running is killed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--attach-map", nargs="+", metavar="ROW=EVAL.json")
     args = parser.parse_args()
