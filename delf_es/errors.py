@@ -219,3 +219,17 @@ class OutputConflict(DelfEsError, FileExistsError):
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a bulk add, after what was extracted had been committed: ``report`` lists
+    what was saved.  A KeyboardInterrupt, deliberately not a :class:`DelfEsError` (nor an
+    Exception): ``except Exception`` must not swallow an interrupt."""
+
+    def __init__(self, report: object) -> None:
+        super().__init__(report)
+        self.report = report
+
+    def __str__(self) -> str:
+        saved = len(getattr(self.report, "succeeded", []))
+        return f"interrupted: {saved} image(s) saved"
