@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -277,13 +278,15 @@ class DelfEs:
 
         def flush() -> None:
             if batch:
-                report = self.backend.upsert(batch, refresh=False)
-                succeeded.extend(report.succeeded)
-                failed.extend(report.failed)
-                written = set(report.succeeded)
-                self._cache_written(self.model_id, {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
+                with _interrupts_deferred():  # a Ctrl-C mid-write would leave the report unsure
+                    report = self.backend.upsert(batch, refresh=False)
+                    succeeded.extend(report.succeeded)
+                    failed.extend(report.failed)
+                    written = set(report.succeeded)
+                    self._cache_written(self.model_id,
+                                        {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
+                    batch.clear()
                 log.info("committed %d image(s): %s", len(written), json.dumps(sorted(written)))
-                batch.clear()
 
         try:
             for item, known_id in zip(tqdm(items, disable=not progress, desc="indexing", unit="img"), ids):
@@ -296,6 +299,7 @@ class DelfEs:
                 try:
                     name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
                     features = self.extract(image.pixels, image_id=name)
+                    log.info("extracted %s (%d keypoints)", name, features.num_keypoints)
                     batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
                     handled.add(name)
                 except DelfEsError as error:
@@ -407,6 +411,40 @@ class DelfEs:
             return self.backend.get(image_id)
         except ImageNotFound:  # deleted between search and get
             return None
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while a batch is written, then deliver them: the write and its
+    bookkeeping (what was saved) happen entirely or not at all.  Only in the main thread (the
+    only one Python delivers signals to); elsewhere a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def hold(signum, frame) -> None:
+        received.append(signum)
+
+    for sig in previous:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in received:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _now() -> str:

@@ -37,8 +37,11 @@ __all__ = ["InvalidSetting", "SERVICE_VARIABLES", "load_settings", "parse_json_o
 ENV_PREFIX = "DELF_ES_"
 #: ``DELF_ES_*`` variables read by the service tooling (scripts/services.sh, delf-es services),
 #: not by :class:`Settings`.
-SERVICE_VARIABLES = frozenset({"DELF_ES_SERVICES_HOME", "DELF_ES_ES_PORT", "DELF_ES_REDIS_PORT",
-                               "DELF_ES_ES_VERSION", "DELF_ES_JAVA_HOME", "DELF_ES_ES_HEAP"})
+SERVICE_VARIABLES = frozenset({
+    "DELF_ES_SERVICES_HOME", "DELF_ES_ES_PORT", "DELF_ES_ES_TRANSPORT_PORT", "DELF_ES_ES_HEAP", "DELF_ES_ES_JAVA_OPTS",
+    "DELF_ES_ES_USER", "DELF_ES_ES_START_TIMEOUT", "DELF_ES_JAVA_HOME", "DELF_ES_REDIS_PORT", "DELF_ES_ES_STARTED",
+    "DELF_ES_REDIS_STARTED", "DELF_ES_ES_VERSION", "DELF_ES_KEEP_SERVICES", "DELF_ES_IMAGES_DIR",
+})
 
 
 class InvalidSetting(DelfEsError, ValueError):
