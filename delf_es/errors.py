@@ -219,3 +219,17 @@ class OutputConflict(DelfEsError, FileExistsError):
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class RuntimeUnavailable(DelfEsError, RuntimeError):
+    """The inference runtime or precision asked for cannot run here: its package is not
+    installed, the CPU lacks the instructions, the device does not support it, or an INT8
+    model has no calibration photos.  ``runtime`` names what was asked (e.g. ``"openvino/int8"``)."""
+
+    def __init__(self, message: str, runtime: str = "") -> None:
+        super().__init__(message, runtime)
+        self.message = message
+        self.runtime = runtime
+
+    def __str__(self) -> str:
+        return f"{self.runtime}: {self.message}" if self.runtime else self.message
