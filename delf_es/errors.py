@@ -233,3 +233,17 @@ class Interrupted(KeyboardInterrupt):
     def __str__(self) -> str:
         saved = len(getattr(self.report, "succeeded", []))
         return f"interrupted: {saved} image(s) saved"
+
+
+class RuntimeUnavailable(DelfEsError, RuntimeError):
+    """The inference runtime or precision asked for cannot run here: its package is not
+    installed, the CPU lacks the instructions, the device does not support it, or an INT8
+    model has no calibration photos.  ``runtime`` names what was asked (e.g. ``"openvino/int8"``)."""
+
+    def __init__(self, message: str, runtime: str = "") -> None:
+        super().__init__(message, runtime)
+        self.message = message
+        self.runtime = runtime
+
+    def __str__(self) -> str:
+        return f"{self.runtime}: {self.message}" if self.runtime else self.message
