@@ -221,6 +221,20 @@ class OutputConflict(DelfEsError, FileExistsError):
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a bulk add, after what was extracted had been committed: ``report`` lists
+    what was saved.  A KeyboardInterrupt, deliberately not a :class:`DelfEsError` (nor an
+    Exception): ``except Exception`` must not swallow an interrupt."""
+
+    def __init__(self, report: object) -> None:
+        super().__init__(report)
+        self.report = report
+
+    def __str__(self) -> str:
+        saved = len(getattr(self.report, "succeeded", []))
+        return f"interrupted: {saved} image(s) saved"
+
+
 class RuntimeUnavailable(DelfEsError, RuntimeError):
     """The inference runtime or precision asked for cannot run here: its package is not
     installed, the CPU lacks the instructions, the device does not support it, or an INT8

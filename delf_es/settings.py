@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     ransac_confidence: float = Field(default=0.999, gt=0, lt=1)
     ransac_max_iters: int = Field(default=2000, gt=0)
     ransac_seed: int = 0
+    min_inlier_spread: float = Field(
+        default=0.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
+        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check",
+    )
+    min_keypoint_contrast: float = Field(
+        default=0.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
+        "added and query images, so flat images match nothing (delf_es/degenerate.py); 0 = keep all",
+    )
 
     # --- search -------------------------------------------------------------------
     shortlist_mode: str | None = Field(
@@ -137,6 +145,10 @@ class Settings(BaseSettings):
     )
 
     # --- index and services -----------------------------------------------------
+    commit_seconds: float = Field(
+        default=1.0, ge=0, description="s; bulk adds commit what is extracted at least this often (and every "
+        "batch_size images), so a crash or Ctrl-C loses at most this much work; 0 = after every image",
+    )
     id_from: str = Field(
         default="path", description="id of an image added from a file: 'path' (its canonical path: absolute, "
         "symlinks resolved, so every spelling of one file is one id) or 'content' (sha256 of its bytes)",
