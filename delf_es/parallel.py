@@ -60,7 +60,7 @@ def _extract_one(fields: dict[str, Any]) -> tuple[str, Features | None, str]:
     label = fields["path"] if isinstance(fields["path"], str) else "<bytes>"
     try:
         name, image = _ENGINE.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
-        return name, _ENGINE.extractor.extract(image.pixels, image_id=name), ""
+        return name, _ENGINE.extract(image.pixels, image_id=name), ""
     except DelfEsError as error:
         return label, None, str(error)
 

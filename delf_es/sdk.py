@@ -289,46 +289,10 @@ class DelfEs:
                     batch.clear()
                 log.info("committed %d image(s): %s", len(written), json.dumps(sorted(written)))
 
-<<<<<<< HEAD
-        todo = []
-        for item in items:
-            fields = _item_fields(item)
-            if skip_existing and self._default_id(fields) in existing:
-                continue
-            try:
-                fields["metadata"] = _check_metadata(fields.get("metadata"))
-                todo.append(fields)
-            except DelfEsError as error:
-                failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
         processes, threads = process_plan(self.settings)
-        if processes > 1 and len(todo) > 1:
-            # decode + extract in worker processes (each cores/processes threads), write here
-            with ExtractorPool(self.settings, min(processes, len(todo)), threads) as pool:
-                results = tqdm(zip(todo, pool.extract(todo)), total=len(todo), disable=not progress,
-                               desc=f"indexing ({min(processes, len(todo))} processes)", unit="img")
-                for fields, result in results:
-                    if isinstance(result, ItemFailure):
-                        failed.append(result)
-                        continue
-                    name, features = result
-                    batch.append(ImageRecord(name, name, fields["metadata"], features, _now()))
-                    if len(batch) >= batch_size:
-                        flush()
-            flush()
-            if refresh_after:
-                self.backend.refresh()
-            return BulkReport(succeeded=succeeded, failed=failed)
-        for fields in tqdm(todo, disable=not progress, desc="indexing", unit="img"):
-            try:
-                name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
-                features = self.extractor.extract(image.pixels, image_id=name)
-                batch.append(ImageRecord(name, name, fields["metadata"], features, _now()))
-            except DelfEsError as error:
-                failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
-            if len(batch) >= batch_size:
-                flush()
-        flush()
-=======
+        if processes > 1 and len(items) > 1:
+            return self._bulk_add_in_processes(items, ids, existing, skip_existing, flush, batch, handled, succeeded,
+                                               failed, processes, threads, progress, batch_size, refresh_after)
         try:
             for item, known_id in zip(tqdm(items, disable=not progress, desc="indexing", unit="img"), ids):
                 fields = _item_fields(item)
@@ -352,7 +316,51 @@ class DelfEs:
         except KeyboardInterrupt:
             flush()  # what is extracted is saved; a second Ctrl-C here aborts one atomic write
             raise Interrupted(BulkReport(succeeded=succeeded, failed=failed)) from None
->>>>>>> main
+        if refresh_after:
+            self.backend.refresh()
+        return BulkReport(succeeded=succeeded, failed=failed)
+
+    def _bulk_add_in_processes(self, items, ids, existing, skip_existing, flush, batch, handled, succeeded, failed,
+                               processes, threads, progress, batch_size, refresh_after) -> BulkReport:
+        """``bulk_add`` with decode + extraction in ``processes`` worker processes of ``threads``
+        threads each (delf_es/parallel.py); writes, commit timing and Ctrl-C as in ``bulk_add``.
+        Items are deduplicated by id before they are sent (one file, several spellings)."""
+        import time
+
+        from tqdm import tqdm
+
+        from delf_es.errors import Interrupted
+
+        work = []
+        for item, known_id in zip(items, ids):
+            if known_id is not None and (known_id in handled or (skip_existing and known_id in existing)):
+                continue
+            if known_id is not None:
+                handled.add(known_id)
+            work.append(_item_fields(item))
+        batch_started = time.monotonic()
+        try:
+            with ExtractorPool(self.settings, min(processes, max(1, len(work))), threads) as pool:
+                results = zip(work, pool.extract(work))
+                for fields, result in tqdm(results, total=len(work), disable=not progress, unit="img",
+                                           desc=f"indexing ({pool.processes} processes)"):
+                    if not batch:
+                        batch_started = time.monotonic()
+                    if isinstance(result, ItemFailure):
+                        failed.append(result)
+                        continue
+                    name, features = result
+                    try:
+                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                    except DelfEsError as error:
+                        failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
+                    if batch and (len(batch) >= batch_size
+                                  or time.monotonic() - batch_started >= self.settings.commit_seconds):
+                        flush()
+            flush()
+        except KeyboardInterrupt:
+            flush()
+            raise Interrupted(BulkReport(succeeded=succeeded, failed=failed)) from None
         if refresh_after:
             self.backend.refresh()
         return BulkReport(succeeded=succeeded, failed=failed)

@@ -50,7 +50,7 @@ def test_pool_returns_in_process_features_in_input_order_and_failures_per_item(p
         name, features = result
         expected_name, image = engine.load(str(path), None, False)
         assert name == expected_name
-        expected = engine.extractor.extract(image.pixels, name)
+        expected = engine.extract(image.pixels, name)
         np.testing.assert_allclose(features.keypoints, expected.keypoints, atol=1e-3)
         np.testing.assert_allclose(features.descriptors, expected.descriptors, atol=1e-4)
 
