@@ -152,7 +152,7 @@ def test_converted_model_is_built_once_and_then_read_from_the_cache(models_dir, 
     from delf_es.features import Extractor
     from delf_es.model import runtime
 
-    Extractor(Settings(runtime="openvino", data_dir=models_dir, **SMALL))  # built (or already there)
+    Extractor(Settings(runtime="openvino", data_dir=models_dir, **SMALL)).network  # built (or already there)
 
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted again although cached")
