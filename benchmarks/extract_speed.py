@@ -126,7 +126,7 @@ def child(spec: dict) -> None:
     from delf_es.settings import Settings
 
     settings = Settings(**spec["settings"], torch_threads=threads, data_dir=spec["data_dir"],
-                        int8_calibration=spec.get("calibration"))
+                        model_cache_dir=Path(spec["data_dir"]) / "models", int8_calibration=spec.get("calibration"))
     start = time.perf_counter()
     extractor = Extractor(settings)
     if spec.get("cpu_autocast"):

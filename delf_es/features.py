@@ -99,7 +99,7 @@ class Extractor:
         if self._network is None:
             settings = self.settings
             self._network, _ = build_network(
-                self.runtime, self.model, self.device, cache_dir=Path(settings.data_dir) / "models",
+                self.runtime, self.model, self.device, cache_dir=Path(settings.model_cache_dir),
                 model_key=self._model_key(), threads=settings.torch_threads, channels_last=settings.channels_last,
                 compile=settings.torch_compile, calibration=lambda: self._calibration_set,
             )
