@@ -74,7 +74,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from elasticsearch import Elasticsearch, helpers
+from elasticsearch import Elasticsearch, helpers  # the type; clients come from delf_es.index.es.transport
+
+from delf_es.index.es.transport import connect
+from delf_es.settings import Settings
 
 logger = logging.getLogger("es_layout")
 
@@ -237,7 +240,7 @@ BACKEND_MODEL_ID = "efficientnet-lite2/l16x-norm-pca40@bench"
 
 def create_indices(es: Elasticsearch, layout: Layout, url: str = "") -> list[str]:
     if layout.kind == "backend":
-        from delf_es.index.elasticsearch import ElasticsearchBackend, index_names
+        from delf_es.index.es import ElasticsearchBackend, index_names
         from delf_es.settings import Settings
 
         alias = f"{PREFIX}{layout.name}"
@@ -802,7 +805,7 @@ def main() -> None:
     if args.plot_only:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
-    es = Elasticsearch(args.es_url, request_timeout=300, max_retries=2, retry_on_timeout=False)
+    es = connect(Settings(es_url=args.es_url), request_timeout=300)
     build = es.cluster.health()  # info() answers 405 on this build
     node = next(iter(es.nodes.info(metric="jvm,os")["nodes"].values()))
     database, source, model = make_database(args.images, args.keypoints, args.seed)

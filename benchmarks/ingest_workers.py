@@ -32,9 +32,9 @@ import uuid
 from pathlib import Path
 
 import redis
-from elasticsearch import Elasticsearch
 
 from delf_es.eval.run import drop_indices
+from delf_es.index.es.transport import connect
 from delf_es.settings import Settings
 from workers.client import Submitter
 
@@ -66,7 +66,7 @@ def run(processes: int, photos: list[str], warmup: list[str], es_url: str, redis
          "-c", str(processes), "--loglevel", "warning", "-n", f"{name}@%h", "--without-gossip", "--without-mingle"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    es = Elasticsearch(es_url, request_timeout=60)
+    es = connect(Settings(es_url=es_url), request_timeout=60)
     try:
         with Submitter(settings) as submitter:
             submitter.wait(submitter.submit(warmup[:processes]), timeout=900)

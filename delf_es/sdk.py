@@ -12,7 +12,6 @@ Elasticsearch (and cache keypoint locations in Redis).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,23 +20,24 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache, codes_namespace
-from delf_es.errors import BulkIndexFailed, DelfEsError, ImageNotFound, InvalidRequest, ItemFailure
+from delf_es.errors import BulkIndexFailed, ConfigurationError, DelfEsError, ImageNotFound, InvalidRequest, ItemFailure
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
+from delf_es.index.writing import upsert_and_refresh_cache
+from delf_es.items import MAX_ID_BYTES, check_count, check_filter, check_id, check_metadata, parse_item
 from delf_es.search import Searcher
 from delf_es.settings import Settings
 from delf_es.types import Features, SearchHit
 
 log = logging.getLogger(__name__)
 
-#: Elasticsearch's limit on document ids; longer names are refused rather than silently hashed.
-MAX_ID_BYTES = 512
+__all__ = ["DelfEs", "MAX_ID_BYTES", "open_backend", "open_cache"]
 
 
 def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
     """Elasticsearch when ``es_url`` is set, else the embedded on-disk index."""
     if settings.es_url:
-        from delf_es.index.elasticsearch import ElasticsearchBackend
+        from delf_es.index.es import ElasticsearchBackend
 
         return ElasticsearchBackend(settings, model_id=model_id)
     from delf_es.index.embedded import EmbeddedBackend
@@ -88,12 +88,6 @@ class DelfEs:
     def searcher(self) -> Searcher:
         return Searcher(self.backend, self.cache, self.settings, self.model_id)
 
-    def _cache_written(self, model_id: str, locations: Mapping[str, np.ndarray]) -> None:
-        """After a write: cache the new locations; drop cached codes of a replaced version
-        (read again on demand: they are 5x the locations' size, so not cached on add)."""
-        self.cache.put_many(model_id, locations)
-        self.cache.delete(codes_namespace(model_id), list(locations))
-
     # ------------------------------------------------------------------ image-match API
 
     def add_image(
@@ -121,7 +115,7 @@ class DelfEs:
         if not wait:
             if bytestream or img is not None or not isinstance(path, (str, Path)):
                 raise InvalidRequest("wait=False takes a path or URL the workers can read (no bytes, no img)")
-            return self._submitter().submit_one(_check_id(str(path)), _check_metadata(metadata))
+            return self._submitter().submit_one(check_id(str(path)), check_metadata(metadata))
         name, image = self.load(path, img, bytestream)
         features = self.extractor.extract(image.pixels, image_id=name)
         return self.add_features(features, path=name, metadata=metadata, refresh_after=refresh_after)
@@ -132,16 +126,15 @@ class DelfEs:
     ) -> str:
         """Index precomputed features (their ``image_id`` is the id)."""
         record = ImageRecord(
-            image_id=_check_id(features.image_id),
+            image_id=check_id(features.image_id),
             path=path or features.image_id,
-            metadata=_check_metadata(metadata),
+            metadata=check_metadata(metadata),
             features=features,
             created_at=_now(),
         )
-        report = self.backend.upsert([record], refresh=refresh_after)
+        report = upsert_and_refresh_cache(self.backend, self.cache, [record], refresh=refresh_after)
         if not report.ok:
             raise BulkIndexFailed(f"{record.image_id}: {report.failed[0].error}", report.failed)
-        self._cache_written(features.model_id, {record.image_id: features.keypoints})
         return record.image_id
 
     def add_features_bulk(
@@ -154,16 +147,13 @@ class DelfEs:
         batch: list[ImageRecord] = []
 
         def flush() -> None:
-            report = self.backend.upsert(batch, refresh=False)
+            report = upsert_and_refresh_cache(self.backend, self.cache, batch)
             succeeded.extend(report.succeeded)
             failed.extend(report.failed)
-            written = set(report.succeeded)
-            self._cache_written(batch[0].features.model_id,
-                                {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
             batch.clear()
 
         for features, path, metadata in items:
-            batch.append(ImageRecord(_check_id(features.image_id), path, _check_metadata(metadata), features, _now()))
+            batch.append(ImageRecord(check_id(features.image_id), path, check_metadata(metadata), features, _now()))
             if len(batch) >= batch_size:
                 flush()
         if batch:
@@ -188,6 +178,10 @@ class DelfEs:
         ``inliers``, ``votes`` and ``global_similarity``; only hits with at least
         ``min_inliers`` (default: settings) verified inliers are matches.
         """
+        limit = check_count("limit", limit, minimum=1)
+        if min_inliers is not None:
+            min_inliers = check_count("min_inliers", min_inliers)
+        pre_filter = check_filter(pre_filter)
         _, image = self.load(path, None, bytestream)
         pixels = [image.pixels] if not all_orientations else _orientations(image.pixels)
         best: dict[str, tuple[SearchHit, int]] = {}
@@ -204,14 +198,17 @@ class DelfEs:
 
     def search_features(self, query: Features, pre_filter: MetadataFilter | None = None, limit: int | None = None) -> list[SearchHit]:
         """The full ranked shortlist for precomputed query features (evaluation uses this)."""
-        return self.searcher().search(query, limit=limit, metadata_filter=pre_filter)
+        if limit is not None:
+            limit = check_count("limit", limit, minimum=1)
+        return self.searcher().search(query, limit=limit, metadata_filter=check_filter(pre_filter))
 
     def get_image(self, image_id: str) -> dict[str, Any]:
         """Stored fields of one image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
-        return _stored_dict(self.backend.get(image_id))
+        return _stored_dict(self.backend.get(check_id(image_id)))
 
     def delete_image(self, image_id: str, refresh_after: bool = False) -> None:
         """Remove an image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
+        image_id = check_id(image_id)
         report = self.backend.delete([image_id], refresh=refresh_after)
         self.cache.delete(self.model_id, [image_id])
         self.cache.delete(codes_namespace(self.model_id), [image_id])
@@ -234,29 +231,28 @@ class DelfEs:
         succeeded: list[str] = []
         failed: list[ItemFailure] = []
         existing: set[str] = set()
+        parsed = [parse_item(item) for item in items]
         if skip_existing:
-            names = [_item_fields(i)["path"] for i in items]
-            existing = self.backend.existing([n for n in names if isinstance(n, str)])
+            existing = self.backend.existing([i.path for i in parsed if isinstance(i.path, str) and not i.invalid])
         batch: list[ImageRecord] = []
 
         def flush() -> None:
             if batch:
-                report = self.backend.upsert(batch, refresh=False)
+                report = upsert_and_refresh_cache(self.backend, self.cache, batch)
                 succeeded.extend(report.succeeded)
                 failed.extend(report.failed)
-                written = set(report.succeeded)
-                self._cache_written(self.model_id, {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
                 batch.clear()
 
-        for item in tqdm(items, disable=not progress, desc="indexing", unit="img"):
-            fields = _item_fields(item)
-            label = fields["path"] if isinstance(fields["path"], str) else "<bytes>"
+        for item in tqdm(parsed, disable=not progress, desc="indexing", unit="img"):
+            label = item.path if isinstance(item.path, str) else "<bytes>"
             if label in existing:
                 continue
             try:
-                name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
+                if item.invalid:
+                    raise InvalidRequest(f"{label}: {item.invalid}")
+                name, image = self.load(item.path, item.img, item.bytestream)
                 features = self.extractor.extract(image.pixels, image_id=name)
-                batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                batch.append(ImageRecord(name, name, check_metadata(item.metadata), features, _now()))
             except DelfEsError as error:
                 failed.append(ItemFailure(item_id=label, error=str(error)))
             if len(batch) >= batch_size:
@@ -273,6 +269,12 @@ class DelfEs:
 
     def _submitter(self):
         if getattr(self, "_workers", None) is None:
+            if not (self.settings.worker_redis_url or self.settings.redis_url):
+                raise ConfigurationError(
+                    "add_image(wait=False) queues the image for the worker fleet, which needs the workers' "
+                    "Redis: set DELF_ES_REDIS_URL (or DELF_ES_WORKER_REDIS_URL) and start workers "
+                    "(delf-es worker); or add with wait=True"
+                )
             from workers.client import Submitter
 
             self._workers = Submitter(self.settings)
@@ -292,12 +294,11 @@ class DelfEs:
         """Images the workers could not index (undecodable, refused), newest first, with the error."""
         if not self.settings.es_url:
             return []
-        from elasticsearch import Elasticsearch
+        from delf_es.index.es.failures import FailureLog, failures_index
+        from delf_es.index.es.transport import Transport
 
-        from delf_es.index.failures import FailureLog, failures_index
-
-        with Elasticsearch(self.settings.es_url, request_timeout=self.settings.es_timeout) as client:
-            return [f.__dict__ for f in FailureLog(client, failures_index(self.settings.index_alias)).list(limit)]
+        with Transport(self.settings) as transport:
+            return [f.__dict__ for f in FailureLog(transport, failures_index(self.settings.index_alias)).list(limit)]
 
     def close(self) -> None:
         if self._backend is not None:
@@ -323,15 +324,16 @@ class DelfEs:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise InvalidRequest("bytestream=True needs the image as bytes")
             name = path if img is not None and isinstance(path, str) else "sha1:" + hashlib.sha1(bytes(data)).hexdigest()
-            return _check_id(name), load_image(bytes(data), self.settings, name=name)
+            return check_id(name), load_image(bytes(data), self.settings, name=name)
         source = img if img is not None else path
         if not isinstance(source, (str, Path)) or not isinstance(path, (str, Path)):
             raise InvalidRequest("path must be a file path or URL (or pass bytestream=True for bytes)")
         name = str(path)
         source = str(source)
+        check_id(name)
         if "://" in source:
-            return _check_id(name), load_image_from_url(source, self.settings)
-        return _check_id(name), load_image(source, self.settings)
+            return name, load_image_from_url(source, self.settings)
+        return name, load_image(source, self.settings)
 
     def _get_or_none(self, image_id: str) -> StoredImage | None:
         try:
@@ -342,33 +344,6 @@ class DelfEs:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _item_fields(item: Any) -> dict[str, Any]:
-    if isinstance(item, (str, Path)):
-        return {"path": str(item)}
-    if isinstance(item, tuple) and len(item) == 2:
-        return {"path": str(item[0]), "metadata": item[1]}
-    if isinstance(item, Mapping) and "path" in item:
-        return dict(item)
-    return {"path": repr(item)[:80], "img": None, "invalid": True}
-
-
-def _check_id(name: str) -> str:
-    if not name or len(name.encode()) > MAX_ID_BYTES:
-        raise InvalidRequest(f"image id must be 1..{MAX_ID_BYTES} bytes, got {len(name.encode())}")
-    return name
-
-
-def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) and k for k in metadata):
-        raise InvalidRequest("metadata must be a mapping with non-empty string keys")
-    try:
-        return json.loads(json.dumps(dict(metadata)))
-    except (TypeError, ValueError) as error:
-        raise InvalidRequest(f"metadata must be JSON-serialisable: {error}") from error
 
 
 def _orientations(pixels: np.ndarray) -> list[np.ndarray]:

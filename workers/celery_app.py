@@ -70,29 +70,29 @@ class WorkerContext:
         return self._extractors[key]
 
     @property
-    def es(self):
+    def transport(self):
+        """The Elasticsearch transport every backend and failure log of this process shares."""
         if self._es is None:
-            from elasticsearch import Elasticsearch
+            from delf_es.index.es.transport import Transport
 
             if not self.settings.es_url:
                 raise ConfigurationError("workers write to Elasticsearch: set DELF_ES_ES_URL")
-            self._es = Elasticsearch(self.settings.es_url, request_timeout=self.settings.es_timeout, max_retries=1,
-                                     retry_on_timeout=False, retry_on_status=())
+            self._es = Transport(self.settings)
         return self._es
 
     def backend(self, alias: str, model_id: str):
-        from delf_es.index.elasticsearch import ElasticsearchBackend
+        from delf_es.index.es import ElasticsearchBackend
 
         key = (alias, model_id)
         if key not in self._backends:
             settings = self.settings.model_copy(update={"index_alias": alias})
-            self._backends[key] = ElasticsearchBackend(settings, model_id=model_id, client=self.es)
+            self._backends[key] = ElasticsearchBackend(settings, model_id=model_id, client=self.transport.client)
         return self._backends[key]
 
     def failure_log(self, index: str):
-        from delf_es.index.failures import FailureLog
+        from delf_es.index.es.failures import FailureLog
 
-        return FailureLog(self.es, index)
+        return FailureLog(self.transport, index)
 
     @property
     def location_cache(self):

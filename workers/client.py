@@ -15,21 +15,11 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
-from delf_es.errors import JobTimeout
+from delf_es.errors import InvalidRequest, JobTimeout
+from delf_es.items import check_id, check_metadata, parse_item
 from delf_es.settings import Settings
 from workers.celery_app import EXTRACT_QUEUE, make_app
 from workers.store import JobProgress, Store
-
-
-def _item(entry: Any) -> tuple[str, tuple[str, dict[str, Any]]]:
-    """(image id, (source path/URL, metadata)) of a path, a (path, metadata) pair or a dict with
-    ``path`` and optional ``image_id`` (default: the path) and ``metadata``."""
-    if isinstance(entry, tuple) and len(entry) == 2:
-        return str(entry[0]), (str(entry[0]), dict(entry[1] or {}))
-    if isinstance(entry, Mapping):
-        path = str(entry["path"])
-        return str(entry.get("image_id") or path), (path, dict(entry.get("metadata") or {}))
-    return str(entry), (str(entry), {})
 
 
 class Submitter:
@@ -59,12 +49,23 @@ class Submitter:
 
         ``alias`` / ``model`` redirect the work to another index / model configuration
         (reindexing uses them); None = the workers' own settings."""
-        entries = list(dict(_item(entry) for entry in items).items())  # one task per id (the last wins)
+        entries: dict[str, tuple[str, dict[str, Any]]] = {}  # one task per id (the last wins)
+        refused: dict[str, str] = {}
+        for entry in items:
+            item = parse_item(entry)
+            try:  # the SDK's rules: an id or metadata it would refuse is refused here too
+                if item.invalid or not isinstance(item.path, str):
+                    raise InvalidRequest(item.invalid or "the workers read a path or URL, not bytes")
+                entries[check_id(item.image_id)] = (item.path, check_metadata(item.metadata))
+            except InvalidRequest as error:
+                refused[item.label] = f"InvalidRequest: {error}"
         job_id = job_id or uuid.uuid4().hex
-        self.store.start_job(job_id, len(entries))
+        self.store.start_job(job_id, len(entries) + len(refused))
+        for image_id, error in refused.items():  # counted in the job, so it finishes and reports them
+            self.store.fail(job_id, image_id, error)
         messages = [{"source": path, "image_id": image_id, "metadata": metadata, "job": job_id,
                      "alias": alias, "failures": failures, "model": dict(model) if model else None}
-                    for image_id, (path, metadata) in entries]
+                    for image_id, (path, metadata) in entries.items()]
         size = self.settings.worker_extract_batch
         with self.app.producer_or_acquire() as producer:
             if size == 1:

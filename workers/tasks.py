@@ -31,10 +31,10 @@ from typing import Any
 import redis.exceptions
 from celery import Celery
 
-from delf_es.cache import codes_namespace
 from delf_es.errors import DelfEsError, FetchFailed, IndexUnavailable, InvalidImage, RetriesExhausted, UnsafeURL
 from delf_es.index.base import ImageRecord
-from delf_es.index.failures import FailedImage, failures_index, now
+from delf_es.index.writing import upsert_and_refresh_cache
+from delf_es.index.es.failures import FailedImage, failures_index, now
 from delf_es.settings import Settings
 from workers.store import Staged, staging_key
 
@@ -354,8 +354,9 @@ def _write(ctx, batch: list[tuple[str, bytes | None]]) -> list[tuple[str, str, s
     for (alias, model_id), items in groups.items():
         backend = ctx.backend(alias, model_id)
         created = now()
-        report = backend.upsert(  # IndexUnavailable propagates: the task retries, the batch stays staged
-            [ImageRecord(s.features.image_id, s.path, s.metadata, s.features, created) for s in items], refresh=False
+        report = upsert_and_refresh_cache(  # IndexUnavailable propagates: the task retries, the batch stays staged
+            backend, ctx.location_cache,
+            [ImageRecord(s.features.image_id, s.path, s.metadata, s.features, created) for s in items],
         )
         failed = {f.item_id: f.error for f in report.failed}
         by_failures: dict[str, list[Staged]] = {}
@@ -368,9 +369,4 @@ def _write(ctx, batch: list[tuple[str, bytes | None]]) -> list[tuple[str, str, s
             log_.record([FailedImage(s.features.image_id, s.path, "index", "BulkIndexFailed", failed[s.features.image_id],
                                      model_id, created) for s in members if s.features.image_id in failed])
             log_.clear([s.features.image_id for s in members if s.features.image_id not in failed])
-        cache = ctx.location_cache
-        if cache is not None:
-            written = {s.features.image_id: s.features.keypoints for s in items if s.features.image_id not in failed}
-            cache.put_many(model_id, written)
-            cache.delete(codes_namespace(model_id), list(written))  # codes of a replaced version
     return [(key, image_of[key], errors.get(key, "")) for key, _ in batch]

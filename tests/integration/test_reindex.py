@@ -18,7 +18,7 @@ import pytest
 from delf_es.cache import MemoryLocationCache
 from delf_es.features import Extractor
 from delf_es.imageio import load_image
-from delf_es.index.elasticsearch import ElasticsearchBackend
+from delf_es.index.es import ElasticsearchBackend
 from delf_es.search import Searcher
 from test_workers import photos
 from workers.client import Submitter

@@ -24,11 +24,11 @@ INTERNAL_INVARIANTS = {
     ("model/backbone.py", "RuntimeError"),        # the network's stride does not match its preset
     ("model/receptive_field.py", "ValueError"),   # a layer table entry the formula does not cover
     ("model/pooling.py", "ValueError"),           # a tensor of the wrong rank inside the model
-    ("index/embedded.py", "RuntimeError"),        # faiss and SQLite out of step (rebuilt from SQLite)
+    ("index/embedded/keypoint_index.py", "RuntimeError"),  # faiss and SQLite out of step (rebuilt from SQLite)
     ("cache.py", "ValueError"),                   # a foreign cache value, caught as a miss next to it
     ("fetch.py", "TimeoutError"),                 # the download deadline, turned into FetchFailed
     ("fetch.py", "OSError"),                      # a dropped connection, turned into FetchFailed
-    ("index/elasticsearch.py", "KeyError"),       # a shipped index template names an unknown parameter
+    ("index/es/templates.py", "KeyError"),        # a shipped index template names an unknown parameter
     ("settings.py", "ValueError"),                # pydantic's validator protocol: raised as ValidationError
     ("__init__.py", "AttributeError"),            # the module __getattr__ protocol (PEP 562)
 }

@@ -22,8 +22,8 @@ SOURCES = ("pyproject.toml", "README.md", "delf_es", "workers", "mappings")
 PROBE = """
 import json
 import delf_es
-from delf_es.index.elasticsearch import MAPPINGS_DIR, render_template
-from delf_es.index.failures import MAPPING
+from delf_es.index.es import MAPPINGS_DIR, render_template
+from delf_es.index.es.failures import MAPPING
 from workers.kibana import SAVED_OBJECTS, saved_objects
 body = render_template(model_id="m@1", local_dims=40, global_dims=1280)
 print(json.dumps({"package": delf_es.__file__, "mappings": str(MAPPINGS_DIR), "failures": str(MAPPING),

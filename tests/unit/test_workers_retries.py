@@ -17,7 +17,7 @@ import redis.exceptions
 from PIL import Image
 
 from delf_es.errors import IndexUnavailable, RetriesExhausted
-from delf_es.index.failures import FailedImage
+from delf_es.index.es.failures import FailedImage
 from delf_es.settings import Settings
 from delf_es.types import Features
 from workers.celery_app import make_app
