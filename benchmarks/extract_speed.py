@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from delf_es.cli import expand_inputs
+from delf_es.items import expand_inputs
 from delf_es.features import Extractor
 from delf_es.imageio import load_image
 from delf_es.settings import DELF_SCALES, Settings

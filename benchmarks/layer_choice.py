@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from delf_es.cli import expand_inputs
+from delf_es.items import expand_inputs
 from delf_es.eval.gt import load_ground_truth, query_pixels
 from delf_es.eval.metrics import mean_scores, score_ranking
 from delf_es.features import LEVEL_MULTIPLE, _resize, cell_centres

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -27,11 +28,11 @@ from delf_es.index.writing import upsert_and_refresh_cache
 from delf_es.items import MAX_ID_BYTES, check_count, check_filter, check_id, check_metadata, parse_item
 from delf_es.search import Searcher
 from delf_es.settings import Settings
-from delf_es.types import Features, SearchHit
+from delf_es.types import Correspondences, Features, SearchHit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DelfEs", "MAX_ID_BYTES", "open_backend", "open_cache"]
+__all__ = ["DelfEs", "MAX_ID_BYTES", "VerifiedMatch", "open_backend", "open_cache"]
 
 
 def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
@@ -100,7 +101,7 @@ class DelfEs:
         wait: bool = True,
     ) -> str:
         """Index one image and return its id (the stored name); with ``wait=False``, queue it for
-        the worker fleet (``workers/``) and return the task id (follow it with :meth:`task_status`).
+        the worker fleet (``delf_es/workers/``) and return the task id (follow it with :meth:`task_status`).
 
         Args:
             path: file path or http(s) URL of the image; with ``img`` given, the name it is
@@ -178,23 +179,48 @@ class DelfEs:
         ``inliers``, ``votes`` and ``global_similarity``; only hits with at least
         ``min_inliers`` (default: settings) verified inliers are matches.
         """
+        return [match.result for match in self._search(path, all_orientations, bytestream, pre_filter, limit,
+                                                        min_inliers)]
+
+    def search_verified(
+        self,
+        path: str | bytes,
+        all_orientations: bool = False,
+        bytestream: bool = False,
+        pre_filter: MetadataFilter | None = None,
+        limit: int = 10,
+        min_inliers: int | None = None,
+    ) -> list[VerifiedMatch]:
+        """:meth:`search_image` with what the search decided for each result: the query view that
+        matched, the image's stored keypoints and the verified correspondences between them (so a
+        figure draws exactly the inliers the search counted, never a re-match)."""
+        matches = self._search(path, all_orientations, bytestream, pre_filter, limit, min_inliers)
+        stored = self.backend.keypoints([m.result["id"] for m in matches]) if matches else {}
+        return [replace(m, keypoints=stored.get(m.result["id"], m.keypoints)) for m in matches]
+
+    def _search(self, path: str | bytes, all_orientations: bool, bytestream: bool, pre_filter: Any, limit: Any,
+                min_inliers: Any) -> list[VerifiedMatch]:
         limit = check_count("limit", limit, minimum=1)
         if min_inliers is not None:
             min_inliers = check_count("min_inliers", min_inliers)
         pre_filter = check_filter(pre_filter)
         _, image = self.load(path, None, bytestream)
         pixels = [image.pixels] if not all_orientations else _orientations(image.pixels)
-        best: dict[str, tuple[SearchHit, int]] = {}
+        best: dict[str, tuple[SearchHit, np.ndarray, Features]] = {}
         for variant in pixels:
             query = self.extractor.extract(variant, image_id="<query>")
             for hit in self.searcher().search(query, metadata_filter=pre_filter):
                 if hit.image_id not in best or hit.score > best[hit.image_id][0].score:
-                    best[hit.image_id] = (hit, query.num_keypoints)
+                    best[hit.image_id] = (hit, variant, query)
         threshold = self.settings.min_inliers if min_inliers is None else min_inliers
         hits = sorted(best.values(), key=lambda p: (-p[0].score, -p[0].inliers, -p[0].votes, p[0].image_id))
-        hits = [(h, n) for h, n in hits if h.inliers >= threshold][:limit]
-        stored = {i: self._get_or_none(i) for i in (h.image_id for h, _ in hits)}
-        return [_result(h, n, stored[h.image_id]) for h, n in hits if stored[h.image_id] is not None]
+        hits = [entry for entry in hits if entry[0].inliers >= threshold][:limit]
+        stored = {h.image_id: self._get_or_none(h.image_id) for h, _, _ in hits}
+        return [
+            VerifiedMatch(_result(h, q.num_keypoints, stored[h.image_id]), variant, q.keypoints,
+                          np.zeros((0, 2), np.float32), h.correspondences)
+            for h, variant, q in hits if stored[h.image_id] is not None
+        ]
 
     def search_features(self, query: Features, pre_filter: MetadataFilter | None = None, limit: int | None = None) -> list[SearchHit]:
         """The full ranked shortlist for precomputed query features (evaluation uses this)."""
@@ -275,9 +301,9 @@ class DelfEs:
                     "Redis: set DELF_ES_REDIS_URL (or DELF_ES_WORKER_REDIS_URL) and start workers "
                     "(delf-es worker); or add with wait=True"
                 )
-            from workers.client import Submitter
+            from delf_es.workers.app import make_submitter  # the fleet's side: loaded only when used
 
-            self._workers = Submitter(self.settings)
+            self._workers = make_submitter(self.settings)
         return self._workers
 
     def task_status(self, task_id: str) -> dict[str, Any]:
@@ -340,6 +366,27 @@ class DelfEs:
             return self.backend.get(image_id)
         except ImageNotFound:  # deleted between search and get
             return None
+
+
+@dataclass(frozen=True)
+class VerifiedMatch:
+    """One result of :meth:`DelfEs.search_verified`.
+
+    Attributes:
+        result: the dict :meth:`DelfEs.search_image` returns for it.
+        query_pixels: (H, W, 3) uint8, the query view that matched (an orientation of the query
+            with ``all_orientations``).
+        query_keypoints: (N, 2) float32 px of that view (side A of ``correspondences``).
+        keypoints: (M, 2) float32 px, the image's stored keypoints (side B).
+        correspondences: the verified matches and inlier mask (``num_inliers`` = ``result["inliers"]``),
+            None when the image had nothing to verify.
+    """
+
+    result: dict[str, Any]
+    query_pixels: np.ndarray
+    query_keypoints: np.ndarray
+    keypoints: np.ndarray
+    correspondences: Correspondences | None
 
 
 def _now() -> str:

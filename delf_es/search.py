@@ -33,7 +33,7 @@ from delf_es.cache import LocationCache, codes_namespace
 from delf_es.index.codes import decode_codes
 from delf_es.index.base import Backend, MetadataFilter, Neighbours
 from delf_es.settings import Settings
-from delf_es.types import Features, SearchHit
+from delf_es.types import Correspondences, Features, SearchHit
 from delf_es.verify import estimate_model
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,13 @@ class Searcher:
             if matching:
                 q_idx, db_idx = mutual_matches(descriptors, codes.get(image_id), s.knn_min_similarity)
                 candidate.votes = max(candidate.votes, len(q_idx))
-                inliers = self._ransac(query, q_idx, db_idx, locations.get(image_id))
+                verified = self._ransac(query, q_idx, db_idx, locations.get(image_id))
             else:
-                inliers = self._verify(query, candidate, locations.get(image_id))
+                verified = self._verify(query, candidate, locations.get(image_id))
+            inliers = verified.num_inliers if verified is not None else 0
             return SearchHit(image_id=image_id, score=float(inliers), inliers=inliers,
-                             votes=candidate.votes, global_similarity=candidate.global_similarity)
+                             votes=candidate.votes, global_similarity=candidate.global_similarity,
+                             correspondences=verified)
 
         if s.verify_threads == 1 or len(shortlist) < 2:
             return [verify_one(image_id) for image_id in shortlist]
@@ -144,24 +146,28 @@ class Searcher:
             found.update(fetched)
         return found
 
-    def _verify(self, query: Features, candidate: _Candidate, locations: np.ndarray | None) -> int:
+    def _verify(self, query: Features, candidate: _Candidate, locations: np.ndarray | None) -> Correspondences | None:
         if locations is None or not candidate.query_index:
-            return 0
+            return None
         q_idx, db_idx = one_to_one(
             np.concatenate(candidate.query_index), np.concatenate(candidate.keypoint_index),
             np.concatenate(candidate.similarity),
         )
         return self._ransac(query, q_idx, db_idx, locations)
 
-    def _ransac(self, query: Features, q_idx: np.ndarray, db_idx: np.ndarray, locations: np.ndarray | None) -> int:
+    def _ransac(self, query: Features, q_idx: np.ndarray, db_idx: np.ndarray,
+                locations: np.ndarray | None) -> Correspondences | None:
+        """RANSAC on (query keypoint, stored keypoint) pairs: the verified correspondences, or None
+        when there is nothing to verify (no pairs, locations unknown)."""
         if locations is None or not len(q_idx):
-            return 0
+            return None
         valid = db_idx < len(locations)
         q_idx, db_idx = q_idx[valid], db_idx[valid]
         s = self.settings
-        _, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
-                                 s.ransac_confidence, s.ransac_max_iters, s.ransac_seed)
-        return int(mask.sum())
+        model, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
+                                     s.ransac_confidence, s.ransac_max_iters, s.ransac_seed)
+        matches = np.stack([q_idx, db_idx], axis=1).astype(np.int64, copy=False).reshape(-1, 2)
+        return Correspondences(matches, np.asarray(mask, bool).reshape(-1), model, s.ransac_model)
 
 
 def rank_hits(hits: list[SearchHit], s: Settings) -> list[SearchHit]:

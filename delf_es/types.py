@@ -154,6 +154,9 @@ class SearchHit:
         inliers: verified inlier count; None means not verified.
         votes: descriptor matches that voted for this image in the shortlist.
         global_similarity: cosine similarity of global descriptors (nan if unknown).
+        correspondences: what verification decided, as :class:`Correspondences` between the
+            query's keypoints (A) and the image's stored keypoints (B); None if not verified.
+            Its ``num_inliers`` is ``inliers``: figures draw this, never a re-match.
     """
 
     image_id: str
@@ -161,3 +164,4 @@ class SearchHit:
     inliers: int | None = None
     votes: int = 0
     global_similarity: float = float("nan")
+    correspondences: Correspondences | None = field(default=None, compare=False, repr=False)

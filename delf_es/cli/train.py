@@ -9,17 +9,12 @@ from typing import Optional
 
 import typer
 
+from delf_es.cli.context import fail, settings_of
 from delf_es.errors import DelfEsError
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the DELF stages: 1 = backbone, 2 = attention head.")
 
 DATA_HELP = "ImageFolder root (one sub-folder per class) or a Google Landmarks v2 train.csv"
-
-
-def _settings_and_fail():
-    from delf_es.cli import State, fail
-
-    return State.settings(), fail
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -31,6 +26,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 @train_app.command("attention")
 def attention_command(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help=DATA_HELP),
     out: Path = typer.Option(..., help="run folder: last.pt (resumable), log.csv, attention.pt, train.json"),
     images: Optional[Path] = typer.Option(None, help="image root of a GLDv2 train.csv (default: <csv dir>/train)"),
@@ -60,7 +56,7 @@ def attention_command(
     from delf_es.train.run import load_train_set, run_attention_training
     from delf_es.train.view_cache import ViewConfig
 
-    settings, fail = _settings_and_fail()
+    settings = settings_of(ctx)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -83,6 +79,7 @@ def attention_command(
 
 @train_app.command("backbone")
 def backbone_command(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help=DATA_HELP),
     out: Path = typer.Option(..., help="run folder: last.pt (resumable), log.csv, backbone.pt, train.json"),
     images: Optional[Path] = typer.Option(None, help="image root of a GLDv2 train.csv (default: <csv dir>/train)"),
@@ -105,7 +102,7 @@ def backbone_command(
     from delf_es.train.backbone_stage import BackboneConfig, train_backbone
     from delf_es.train.run import load_train_set
 
-    settings, fail = _settings_and_fail()
+    settings = settings_of(ctx)
     if threads:
         torch.set_num_threads(threads)
     try:

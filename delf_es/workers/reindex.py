@@ -34,8 +34,8 @@ from delf_es.index.es.templates import is_keypoints_index
 from delf_es.index.es.transport import Transport
 from delf_es.index.es.failures import failures_index
 from delf_es.settings import Settings
-from workers.client import Submitter
-from workers.store import JobProgress
+from delf_es.workers.submit import Submitter
+from delf_es.workers.store import JobProgress
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class Reindexer:
 def tick(app) -> ReindexResult:
     """The beat task's body: reindex the live alias to the model this worker is configured with."""
     ctx = app.delf
-    submitter = Submitter(ctx.settings, app=app)
+    submitter = Submitter(app)
     reindexer = Reindexer(ctx.settings, submitter, None, ctx.extractor(None).model_id)
     try:
         return reindexer.tick()

@@ -1,0 +1,167 @@
+"""``delf-es extract | match | fit-pca | attention``: features of images, without an index."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from delf_es.cli.context import console, fail, progress, settings_of
+from delf_es.errors import DelfEsError
+from delf_es.items import expand_inputs
+from delf_es.settings import Settings
+
+
+def extract(
+    ctx: typer.Context,
+    images: list[str] = typer.Argument(..., help="image files, folders or @list.txt"),
+    out: Path = typer.Option(Path("features"), help="folder for <name>.npz feature files"),
+) -> None:
+    """Extract DELF features of images into compact .npz files."""
+    from delf_es.features import Extractor
+    from delf_es.imageio import load_image
+
+    try:
+        settings = settings_of(ctx)
+        extractor = Extractor(settings)
+    except DelfEsError as error:
+        fail(error)
+    paths = expand_inputs(images)
+    failures = 0
+    with progress() as bar:
+        task = bar.add_task("extracting", total=len(paths))
+        for path in paths:
+            try:
+                image = load_image(path, settings)
+                features = extractor.extract(image.pixels, image_id=path)
+                features.save(out / (Path(path).stem + ".npz"))
+            except DelfEsError as error:
+                failures += 1
+                console.print(f"[yellow]skipped[/yellow] {error}")
+            bar.advance(task)
+    console.print(f"{len(paths) - failures} extracted into {out}, {failures} failed; model {extractor.model_id}")
+    if failures:
+        raise typer.Exit(code=1)
+
+
+def match(
+    ctx: typer.Context,
+    image_a: str = typer.Argument(...),
+    image_b: str = typer.Argument(...),
+    out: Path = typer.Option(Path("match.png"), help="figure of the verified correspondences"),
+    model: Optional[str] = typer.Option(None, help="homography (default), fundamental or affine"),
+) -> None:
+    """Match two images, verify geometrically and draw the inlier correspondences."""
+    try:
+        result = run_match(image_a, image_b, out, settings_of(ctx, **({"ransac_model": model} if model else {})))
+    except DelfEsError as error:
+        fail(error)
+    print(json.dumps(result))
+
+
+def run_match(image_a: str, image_b: str, out: Path, settings: Settings) -> dict:
+    from delf_es.draw import draw_matches
+    from delf_es.features import Extractor
+    from delf_es.imageio import load_image
+    from delf_es.verify import verify
+
+    extractor = Extractor(settings)
+    loaded = [load_image(p, settings) for p in (image_a, image_b)]
+    feats = [extractor.extract(im.pixels, image_id=str(p)) for im, p in zip(loaded, (image_a, image_b))]
+    correspondences = verify(feats[0], feats[1], settings)
+    draw_matches(loaded[0].pixels, loaded[1].pixels, feats[0].keypoints, feats[1].keypoints, correspondences, out)
+    return {
+        "a": image_a,
+        "b": image_b,
+        "keypoints": [f.num_keypoints for f in feats],
+        "matches": int(len(correspondences.matches)),
+        "inliers": correspondences.num_inliers,
+        "model": correspondences.model_kind,
+        "figure": str(out),
+    }
+
+
+def fit_pca_command(
+    ctx: typer.Context,
+    images: list[str] = typer.Argument(..., help="training images (never an evaluation set), folders or @list.txt"),
+    out: Path = typer.Option(..., help="where to write the PCA artifact (.npz, plus a .json summary)"),
+    dims: int = typer.Option(40, help="output dimensions"),
+    fitted_on: str = typer.Option("", help="what the images are, recorded in the artifact"),
+    max_per_image: int = typer.Option(1000, help="keypoints taken from each image"),
+) -> None:
+    """Fit the L2 -> PCA -> L2 reduction on descriptors of the given images."""
+    import numpy as np
+
+    from delf_es.features import Extractor
+    from delf_es.imageio import load_image
+    from delf_es.pca import PcaProvenance, fit_pca
+
+    settings = settings_of(ctx, use_pca=False, max_feature_num=max_per_image)
+    try:
+        extractor = Extractor(settings)
+    except DelfEsError as error:
+        fail(error)
+    paths = expand_inputs(images)
+    chunks, used = [], 0
+    with progress() as bar:
+        task = bar.add_task("extracting", total=len(paths))
+        for path in paths:
+            try:
+                chunks.append(extractor.extract_raw(load_image(path, settings).pixels).descriptors)
+                used += 1
+            except DelfEsError as error:
+                console.print(f"[yellow]skipped[/yellow] {error}")
+            bar.advance(task)
+    descriptors = np.concatenate(chunks) if chunks else np.zeros((0, extractor.meta.local_dim), np.float32)
+    provenance = PcaProvenance(
+        backbone=extractor.meta.backbone,
+        local_layer=extractor.meta.local_layer,
+        scoring=extractor.meta.scoring,
+        fitted_on=fitted_on or f"{used} images",
+        num_images=used,
+        num_descriptors=int(len(descriptors)),
+        command="delf-es " + " ".join(sys.argv[1:]) if sys.argv else "",
+    )
+    try:
+        artifact = fit_pca(descriptors, dims, provenance)
+    except DelfEsError as error:
+        fail(error)
+    artifact.save(out)
+    kept = float(artifact.explained_variance.sum())
+    console.print(f"PCA {artifact.id}: {len(descriptors)} descriptors from {used} images, variance kept {kept:.3f} -> {out}")
+
+
+def attention(
+    ctx: typer.Context,
+    image: str = typer.Argument(..., help="image file"),
+    out: Path = typer.Option(Path("attention.png"), help="figure: the score map over the image + selected keypoints"),
+    scale: float = typer.Option(1.0, help="pyramid scale whose score map is drawn"),
+) -> None:
+    """Show what the model looks at: keypoint scores (the attention head, or descriptor norms
+    under norm scoring) over the image and the keypoints extraction keeps."""
+    from delf_es.attention_map import draw_attention, score_map
+    from delf_es.features import Extractor
+    from delf_es.imageio import load_image
+
+    try:
+        settings = settings_of(ctx)
+        extractor = Extractor(settings)
+        pixels = load_image(image, settings).pixels
+        scores = score_map(extractor, pixels, scale)
+        raw = extractor.extract_raw(pixels)
+    except DelfEsError as error:
+        fail(error)
+    title = f"{extractor.meta.scoring} scores at scale {scale:g}; {len(raw.keypoints)} keypoints (all scales)\n{extractor.model_id}"
+    draw_attention(pixels, scores, raw.keypoints, raw.scales, title, out)
+    print(json.dumps({"image": image, "figure": str(out), "scoring": extractor.meta.scoring, "model_id": extractor.model_id,
+                      "keypoints": int(len(raw.keypoints)), "score_map": list(scores.shape)}))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(extract)
+    app.command()(match)
+    app.command("fit-pca")(fit_pca_command)
+    app.command()(attention)
