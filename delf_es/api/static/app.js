@@ -122,6 +122,7 @@ async function search() {
   try {
     const result = await api("/v1/search", { method: "POST", body: form });
     state.result = result;
+    state.searchedCrop = state.crop ? [...state.crop] : null;
     status.textContent = `${result.hits.length} hits in ${Math.round(result.took_ms)} ms · query ${result.query.width}×${result.query.height}, ${result.query.keypoints} keypoints`;
     renderHits(result.hits);
   } catch (error) {
@@ -160,7 +161,18 @@ async function openMatch(hit) {
   hImg.src = (await thumbnailUrl(hit.id)) || "";
   await Promise.all([loaded(qImg), loaded(hImg)]);
   state.lastHit = [hit, record];
+  layoutMatch();
   drawLines(hit, record);
+}
+
+function layoutMatch() {  // both images the same height, side by side, within the stage
+  const stage = $("match-stage");
+  const half = (stage.clientWidth - 16 - 24) / 2, tall = Math.min(560, window.innerHeight * 0.7);
+  for (const img of [$("match-query"), $("match-hit")]) {
+    const ratio = img.naturalWidth / img.naturalHeight;
+    const height = Math.min(tall, half / ratio);
+    img.style.height = `${height}px`; img.style.width = `${height * ratio}px`;
+  }
 }
 
 function drawLines(hit, record) {
@@ -170,6 +182,13 @@ function drawLines(hit, record) {
   const q = $("match-query").getBoundingClientRect(), h = $("match-hit").getBoundingClientRect();
   const sq = q.width / state.result.query.width, sh = h.width / record.width;  // original px -> screen px
   const ns = "http://www.w3.org/2000/svg";
+  if (state.searchedCrop) {  // the region the search used, on the query
+    const [x1, y1, x2, y2] = state.searchedCrop;
+    const rect = document.createElementNS(ns, "rect");
+    Object.entries({ x: q.left - stage.left + x1 * sq, y: q.top - stage.top + y1 * sq, width: (x2 - x1) * sq,
+                     height: (y2 - y1) * sq }).forEach(([k, v]) => rect.setAttribute(k, v));
+    svg.append(rect);
+  }
   (hit.matches || []).forEach(([qx, qy, x, y], i) => {
     const color = `hsl(${(i * 47) % 360} 85% 45%)`;
     const x1 = q.left - stage.left + qx * sq, y1 = q.top - stage.top + qy * sq;
@@ -185,7 +204,7 @@ function drawLines(hit, record) {
   });
 }
 window.addEventListener("resize", () => { /* lines follow the layout */
-  if (!$("match").hidden && state.lastHit) drawLines(...state.lastHit);
+  if (!$("match").hidden && state.lastHit) { layoutMatch(); drawLines(...state.lastHit); }
 });
 
 // ---- add images: one PUT per file, with upload progress -----------------------------------
