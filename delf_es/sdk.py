@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
 from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache, codes_namespace
-from delf_es.errors import DelfEsError, ItemFailure
+from delf_es.errors import BulkIndexFailed, DelfEsError, ImageNotFound, InvalidRequest, ItemFailure
+from delf_es.ids import file_image_id, is_url
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
 from delf_es.search import Searcher
@@ -33,10 +36,6 @@ log = logging.getLogger(__name__)
 
 #: Elasticsearch's limit on document ids; longer names are refused rather than silently hashed.
 MAX_ID_BYTES = 512
-
-
-class InvalidRequest(DelfEsError, ValueError):
-    """Arguments that cannot describe an image or its metadata."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +119,14 @@ class DelfEs:
             self._backend = open_backend(self.settings, model_id=self.model_id)
         return self._backend
 
+    def extract(self, pixels: np.ndarray, image_id: str) -> Features:
+        """Features of (H, W, 3) uint8 ``pixels`` as added or searched: keypoints on flat pixels
+        dropped (``settings.min_keypoint_contrast``, delf_es/degenerate.py)."""
+        from delf_es.degenerate import drop_flat_keypoints
+
+        features = self.extractor.extract(pixels, image_id=image_id)
+        return drop_flat_keypoints(features, pixels, self.settings.min_keypoint_contrast, self.settings.max_image_size)
+
     def searcher(self) -> Searcher:
         return Searcher(self.backend, self.cache, self.settings, self.model_id)
 
@@ -151,12 +158,17 @@ class DelfEs:
             refresh_after: make the image searchable before returning.
             wait: False = hand the work to the workers (needs Redis; path/URL only, the workers
                 must be able to read it).
+        The id of a file added without a chosen name is its canonical path (absolute, symlinks
+        resolved: ``dir/a.jpg``, ``./dir/a.jpg`` and the absolute path are one image), or
+        ``sha256:<hex>`` of its bytes with ``settings.id_from="content"`` (delf_es/ids.py).
         Re-adding an id replaces the image; it never duplicates.
         """
         if not wait:
             if bytestream or img is not None or not isinstance(path, (str, Path)):
                 raise InvalidRequest("wait=False takes a path or URL the workers can read (no bytes, no img)")
-            return self._submitter().submit_one(_check_id(str(path)), _check_metadata(metadata))
+            source = str(path)  # the workers key by canonical path (id_from=content: synchronous adds only)
+            return self._submitter().submit_one(_check_id(source if is_url(source) else os.path.realpath(source)),
+                                                _check_metadata(metadata))
         name, image = self.load(path, img, bytestream)
         self.add_loaded(name, image, metadata=metadata, refresh_after=refresh_after)
         return name
@@ -168,7 +180,7 @@ class DelfEs:
         """Index a decoded image under ``image_id`` (also its stored path); returns its features."""
         _check_id(image_id)
         _check_metadata(metadata)  # before the model runs: a bad request costs no CPU
-        features = self.extractor.extract(image.pixels, image_id=image_id)
+        features = self.extract(image.pixels, image_id=image_id)
         self.add_features(features, path=image_id, metadata=metadata, refresh_after=refresh_after,
                           thumbnail=self._thumbnail(image))
         return features
@@ -189,7 +201,7 @@ class DelfEs:
         )
         report = self.backend.upsert([record], refresh=refresh_after)
         if not report.ok:
-            raise InvalidRequest(f"{record.image_id}: {report.failed[0].error}")
+            raise BulkIndexFailed(f"{record.image_id}: {report.failed[0].error}", report.failed)
         self._cache_written(features.model_id, {record.image_id: features.keypoints})
         return record.image_id
 
@@ -237,6 +249,13 @@ class DelfEs:
         ``inliers``, ``votes`` and ``global_similarity``; only hits with at least
         ``min_inliers`` (default: settings) verified inliers are matches.
         """
+        # Checked before any work: limit=-1 used to drop the last hit silently (hits[:-1]).
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidRequest(f"limit must be an integer >= 1, got {limit!r}")
+        if min_inliers is not None and (isinstance(min_inliers, bool) or not isinstance(min_inliers, int) or min_inliers < 0):
+            raise InvalidRequest(f"min_inliers must be an integer >= 0 or None, got {min_inliers!r}")
+        if pre_filter is not None and not isinstance(pre_filter, Mapping):
+            raise InvalidRequest(f"pre_filter must be a mapping (an Elasticsearch query), got {type(pre_filter).__name__}")
         _, image = self.load(path, None, bytestream)
         return self.search_loaded(image, all_orientations=all_orientations, pre_filter=pre_filter, limit=limit,
                                   min_inliers=min_inliers).hits
@@ -269,7 +288,7 @@ class DelfEs:
         best: dict[str, tuple[SearchHit, int]] = {}
         keypoints = 0
         for variant in variants:
-            query = self.extractor.extract(variant, image_id="<query>")
+            query = self.extract(variant, image_id="<query>")
             keypoints = keypoints or query.num_keypoints
             for hit in self.searcher().search(query, metadata_filter=pre_filter):
                 if hit.image_id not in best or hit.score > best[hit.image_id][0].score:
@@ -337,8 +356,6 @@ class DelfEs:
 
     def delete_image(self, image_id: str, refresh_after: bool = False) -> None:
         """Remove an image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
-        from delf_es.errors import ImageNotFound
-
         report = self.backend.delete([image_id], refresh=refresh_after)
         self.cache.delete(self.model_id, [image_id])
         self.cache.delete(codes_namespace(self.model_id), [image_id])
@@ -354,42 +371,68 @@ class DelfEs:
         batch_size: int = 16,
     ) -> BulkReport:
         """Index many images.  Items are paths/URLs, ``(path, metadata)`` pairs or dicts with
-        ``path`` (and ``img``, ``bytestream``, ``metadata``).  Bad items are reported, never raised."""
+        ``path`` (and ``img``, ``bytestream``, ``metadata``).  Bad items are reported, never raised.
+
+        Extracted images are committed in batches of at most ``batch_size``, and at the latest
+        ``settings.commit_seconds`` after the extraction of the batch's first image began, so a
+        crash loses at most that much finished work (at ~5 s per image on a CPU: none, every
+        image is committed as soon as it is extracted) plus the image in progress.  An item
+        whose id was already handled in this call is skipped (one file, several spellings).
+        On Ctrl-C (KeyboardInterrupt) what is extracted is committed first, then
+        :class:`~delf_es.errors.Interrupted` (a KeyboardInterrupt) carries the report."""
+        import time
+
         from tqdm import tqdm
+
+        from delf_es.errors import Interrupted
 
         items = list(items)
         succeeded: list[str] = []
         failed: list[ItemFailure] = []
         existing: set[str] = set()
+        ids = [self._default_id(_item_fields(i)) for i in items]
         if skip_existing:
-            names = [_item_fields(i)["path"] for i in items]
-            existing = self.backend.existing([n for n in names if isinstance(n, str)])
+            existing = self.backend.existing([n for n in ids if n is not None])
         batch: list[ImageRecord] = []
+        batch_started = 0.0
+        handled: set[str] = set()
 
         def flush() -> None:
             if batch:
-                report = self.backend.upsert(batch, refresh=False)
-                succeeded.extend(report.succeeded)
-                failed.extend(report.failed)
-                written = set(report.succeeded)
-                self._cache_written(self.model_id, {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
-                batch.clear()
+                with _interrupts_deferred():  # a Ctrl-C mid-write would leave the report unsure
+                    report = self.backend.upsert(batch, refresh=False)
+                    succeeded.extend(report.succeeded)
+                    failed.extend(report.failed)
+                    written = set(report.succeeded)
+                    self._cache_written(self.model_id,
+                                        {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
+                    batch.clear()
+                log.info("committed %d image(s): %s", len(written), json.dumps(sorted(written)))
 
-        for item in tqdm(items, disable=not progress, desc="indexing", unit="img"):
-            fields = _item_fields(item)
-            label = fields["path"] if isinstance(fields["path"], str) else "<bytes>"
-            if label in existing:
-                continue
-            try:
-                name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
-                features = self.extractor.extract(image.pixels, image_id=name)
-                batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now(),
-                                         thumbnail=self._thumbnail(image)))
-            except DelfEsError as error:
-                failed.append(ItemFailure(item_id=label, error=str(error)))
-            if len(batch) >= batch_size:
-                flush()
-        flush()
+        try:
+            for item, known_id in zip(tqdm(items, disable=not progress, desc="indexing", unit="img"), ids):
+                fields = _item_fields(item)
+                label = fields["path"] if isinstance(fields["path"], str) else "<bytes>"
+                if known_id is not None and (known_id in handled or (skip_existing and known_id in existing)):
+                    continue
+                if not batch:  # the batch's age counts from the start of its first extraction
+                    batch_started = time.monotonic()
+                try:
+                    name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
+                    features = self.extract(image.pixels, image_id=name)
+                    log.info("extracted %s (%d keypoints)", name, features.num_keypoints)
+                    batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now(),
+                                             thumbnail=self._thumbnail(image)))
+                    handled.add(name)
+                except DelfEsError as error:
+                    failed.append(ItemFailure(item_id=label, error=str(error)))
+                if batch and (len(batch) >= batch_size
+                              or time.monotonic() - batch_started >= self.settings.commit_seconds):
+                    flush()
+            flush()
+        except KeyboardInterrupt:
+            flush()  # what is extracted is saved; a second Ctrl-C here aborts one atomic write
+            raise Interrupted(BulkReport(succeeded=succeeded, failed=failed)) from None
         if refresh_after:
             self.backend.refresh()
         return BulkReport(succeeded=succeeded, failed=failed)
@@ -464,11 +507,35 @@ class DelfEs:
         source = img if img is not None else path
         if not isinstance(source, (str, Path)) or not isinstance(path, (str, Path)):
             raise InvalidRequest("path must be a file path or URL (or pass bytestream=True for bytes)")
-        name = str(path)
         source = str(source)
-        if "://" in source:
+        # A name the caller chose is kept; a file's own id is canonical (delf_es/ids.py).
+        name = str(path) if img is not None else self._file_id(source)
+        if is_url(source):
             return _check_id(name), load_image_from_url(source, self.settings)
-        return _check_id(name), load_image(source, self.settings)
+        return _check_id(name), load_image(source, self.settings, name=source)
+
+    def _file_id(self, source: str) -> str:
+        """The id a file or URL gets when added without a chosen name (``settings.id_from``)."""
+        from delf_es.errors import InvalidImage, UnreadableFile
+
+        try:
+            return file_image_id(source, self.settings.id_from, self.settings.max_file_bytes)
+        except UnreadableFile as error:
+            raise InvalidImage(error.message, source) from None
+
+    def _default_id(self, fields: Mapping[str, Any]) -> str | None:
+        """The id :meth:`load` will give an item, or None if it cannot be known before loading."""
+        path = fields.get("path")
+        if fields.get("invalid") or not isinstance(path, (str, Path)):
+            return None
+        if fields.get("img") is not None:
+            return str(path)
+        if fields.get("bytestream"):
+            return None
+        try:
+            return self._file_id(str(path))
+        except DelfEsError:
+            return None
 
     def _thumbnail(self, image: LoadedImage) -> bytes | None:
         if not self.settings.thumbnails:
@@ -478,12 +545,44 @@ class DelfEs:
         return make_thumbnail(image.pixels)
 
     def _get_or_none(self, image_id: str) -> StoredImage | None:
-        from delf_es.errors import ImageNotFound
-
         try:
             return self.backend.get(image_id)
         except ImageNotFound:  # deleted between search and get
             return None
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while a batch is written, then deliver them: the write and its
+    bookkeeping (what was saved) happen entirely or not at all.  Only in the main thread (the
+    only one Python delivers signals to); elsewhere a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def hold(signum, frame) -> None:
+        received.append(signum)
+
+    for sig in previous:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in received:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _now() -> str:
@@ -501,8 +600,14 @@ def _item_fields(item: Any) -> dict[str, Any]:
 
 
 def _check_id(name: str) -> str:
-    if not name or len(name.encode()) > MAX_ID_BYTES:
-        raise InvalidRequest(f"image id must be 1..{MAX_ID_BYTES} bytes, got {len(name.encode())}")
+    if not isinstance(name, str):
+        raise InvalidRequest(f"image id must be a string, got {type(name).__name__}")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates (e.g. an undecodable file name)
+        raise InvalidRequest(f"image id must be valid UTF-8 text, got {name!r}") from None
+    if not name or size > MAX_ID_BYTES:
+        raise InvalidRequest(f"image id must be 1..{MAX_ID_BYTES} bytes, got {size}")
     return name
 
 
@@ -512,9 +617,10 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) and k for k in metadata):
         raise InvalidRequest("metadata must be a mapping with non-empty string keys")
     try:
-        return json.loads(json.dumps(dict(metadata)))
-    except (TypeError, ValueError) as error:
-        raise InvalidRequest(f"metadata must be JSON-serialisable: {error}") from error
+        # allow_nan=False: NaN/inf are not JSON, and Elasticsearch refuses them
+        return json.loads(json.dumps(dict(metadata), allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as error:
+        raise InvalidRequest(f"metadata must be JSON-serialisable: {error}") from None
 
 
 def _orientations(pixels: np.ndarray) -> list[np.ndarray]:

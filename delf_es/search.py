@@ -165,7 +165,7 @@ class Searcher:
         q_idx, db_idx = q_idx[valid], db_idx[valid]
         s = self.settings
         _, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
-                                 s.ransac_confidence, s.ransac_max_iters, s.ransac_seed)
+                                 s.ransac_confidence, s.ransac_max_iters, s.ransac_seed, s.min_inlier_spread)
         mask = np.asarray(mask, bool)
         return np.hstack([query.keypoints[q_idx][mask], locations[db_idx][mask]]).astype(np.float32)
 

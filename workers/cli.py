@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from rich.markup import escape
+
 from delf_es.errors import DelfEsError
 
 
@@ -28,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from workers.celery_app import make_app
 
         try:
-            celery_app = make_app(State.settings())
+            celery_app = make_app(State.checked(model=False))
         except ValueError as error:
             fail(error)
         argv = ["worker", "-Q", queues, "-c", str(concurrency or os.cpu_count() or 1), "-P", pool,
@@ -47,7 +49,7 @@ def register(app: typer.Typer) -> None:
 
         extra = json.loads(metadata) if metadata else {}
         paths = expand_inputs(inputs)
-        with Submitter(State.settings()) as submitter:
+        with Submitter(State.checked(model=False)) as submitter:
             job = submitter.submit([(p, extra) for p in paths])
             console.print(f"job {job}: {len(paths)} images queued")
             if not wait:
@@ -63,7 +65,7 @@ def register(app: typer.Typer) -> None:
                 except TimeoutError as error:
                     fail(error)
         for image_id, error in sorted(final.failed.items()):
-            console.print(f"[yellow]failed[/yellow] {image_id}: {error}")
+            console.print(f"[yellow]failed[/yellow] {escape(str(image_id))}: {escape(str(error))}")
         print(json.dumps({"job": job, "total": final.total, "indexed": final.done, "failed": len(final.failed)}))
         if final.failed:
             raise typer.Exit(code=1)
@@ -74,7 +76,7 @@ def register(app: typer.Typer) -> None:
         from delf_es.sdk import DelfEs
 
         try:
-            with DelfEs(State.settings()) as sdk:
+            with DelfEs(State.checked(model=False)) as sdk:
                 found = sdk.failures(limit)
         except DelfEsError as error:
             fail(error)
@@ -108,8 +110,8 @@ def register(app: typer.Typer) -> None:
         if attention_weights:
             model["attention_weights"] = str(attention_weights.resolve())
         try:
-            settings = State.settings()
-            model_id = Extractor(State.settings(**model)).model_id
+            settings = State.checked(model=False)
+            model_id = Extractor(State.checked(model=False, **model)).model_id
             with Submitter(settings) as submitter:
                 reindexer = Reindexer(settings, submitter, model, model_id)
                 console.print(f"reindexing {settings.index_alias} for model {model_id}")
@@ -124,7 +126,7 @@ def register(app: typer.Typer) -> None:
         except (DelfEsError, ReindexError, ValueError, TimeoutError) as error:
             fail(error)
         for image_id, error in sorted(result.failed.items()):
-            console.print(f"[yellow]failed[/yellow] {image_id}: {error}")
+            console.print(f"[yellow]failed[/yellow] {escape(str(image_id))}: {escape(str(error))}")
         print(json.dumps(result.as_dict()))
         if result.state == "incomplete":
             console.print(f"[red]not swapped:[/red] {result.target_count} of {result.source_count} images rebuilt; "
@@ -142,9 +144,9 @@ def register(app: typer.Typer) -> None:
         from workers.kibana import import_saved_objects
 
         try:
-            answer = import_saved_objects(url, alias or State.settings().index_alias,
+            answer = import_saved_objects(url, alias or State.checked(model=False).index_alias,
                                           auth=(user, password or "") if user else None)
         except RuntimeError as error:
             fail(error)
-        console.print(f"imported {answer.get('successCount', 0)} saved objects into {url}")
+        console.print(f"imported {answer.get('successCount', 0)} saved objects into {escape(str(url))}")
         print(json.dumps(answer))

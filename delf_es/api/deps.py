@@ -9,8 +9,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from delf_es.api.limits import ExtractionSlots
-from delf_es.errors import AccessDenied, AuthenticationRequired
-from delf_es.sdk import MAX_ID_BYTES, DelfEs, InvalidRequest
+from delf_es.errors import AccessDenied, AuthenticationRequired, InvalidRequest
+from delf_es.sdk import MAX_ID_BYTES, DelfEs
 from delf_es.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="DELF_ES_API_TOKEN")

@@ -20,8 +20,7 @@ from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from delf_es.errors import Overloaded, UploadTimedOut, UploadTooLarge
-from delf_es.sdk import InvalidRequest
+from delf_es.errors import InvalidRequest, Overloaded, UploadTimedOut, UploadTooLarge
 
 T = TypeVar("T")
 

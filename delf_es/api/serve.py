@@ -8,7 +8,7 @@ import logging
 import os
 from typing import Any, Mapping
 
-from delf_es.sdk import InvalidRequest
+from delf_es.errors import InvalidRequest
 from delf_es.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from typing import Any, Iterable, Iterator
 
 from delf_es.api.models import TaskAccepted, TaskStatus
 from delf_es.api.uploads import Upload
-from delf_es.errors import IndexUnavailable, TaskNotFound
-from delf_es.sdk import DelfEs, InvalidRequest
+from delf_es.errors import IndexUnavailable, InvalidRequest, TaskNotFound
+from delf_es.sdk import DelfEs
 from delf_es.settings import Settings
 
 

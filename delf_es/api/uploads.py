@@ -16,7 +16,7 @@ from starlette.requests import Request
 from delf_es.api.errors import describe_validation
 from delf_es.api.limits import media_type, read_body, read_form
 from delf_es.imageio import LoadedImage, load_image
-from delf_es.sdk import InvalidRequest
+from delf_es.errors import InvalidRequest
 from delf_es.settings import Settings
 
 #: Most bytes of a JSON request body (search by URL / id: a few hundred bytes).

@@ -20,8 +20,8 @@ from delf_es.api.deps import check_image_id
 from delf_es.api.errors import status_of
 from delf_es.api.limits import ExtractionSlots
 from delf_es.api.serve import check_config, environment_for, is_loopback
-from delf_es.errors import ImageNotFound, ImageTooLarge, IndexUnavailable, Overloaded, UploadTooLarge
-from delf_es.sdk import DelfEs, InvalidRequest
+from delf_es.errors import ImageNotFound, ImageTooLarge, IndexUnavailable, InvalidRequest, Overloaded, UploadTooLarge
+from delf_es.sdk import DelfEs
 from delf_es.settings import Settings
 from delf_es.thumbnails import MAX_BYTES, MAX_SIDE, make_thumbnail
 

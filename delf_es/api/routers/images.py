@@ -15,8 +15,8 @@ from delf_es.api.errors import status_of
 from delf_es.api.limits import ExtractionSlots, media_type, read_form
 from delf_es.api.models import ERRORS, BulkItem, BulkResponse, ErrorDetail, ImageDeleted, ImageInfo, ImageWritten, TaskAccepted
 from delf_es.api.uploads import Upload, decode, form_text, json_object, read_image_request
-from delf_es.errors import DelfEsError, ImageNotFound
-from delf_es.sdk import DelfEs, InvalidRequest
+from delf_es.errors import DelfEsError, ImageNotFound, InvalidRequest
+from delf_es.sdk import DelfEs
 from delf_es.settings import Settings
 
 router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(require_token)], responses=ERRORS)

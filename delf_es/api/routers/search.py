@@ -12,7 +12,8 @@ from delf_es.api.limits import ExtractionSlots, media_type, read_body, read_form
 from delf_es.api.models import ERRORS, SearchOptions, SearchRequest, SearchResponse
 from delf_es.api.uploads import MAX_JSON_BYTES, decode, form_text, json_object, parse_model, single_file
 from delf_es.imageio import load_image_from_url
-from delf_es.sdk import DelfEs, InvalidRequest, QueryResult
+from delf_es.errors import InvalidRequest
+from delf_es.sdk import DelfEs, QueryResult
 from delf_es.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(require_token)], responses=ERRORS)
