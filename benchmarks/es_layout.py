@@ -11,7 +11,7 @@ Layouts compared (each on its own fresh index, on the real server of scripts/ser
   document.  A kNN search on ``keypoints.vector`` returns the best images with
   ``inner_hits`` naming the matched keypoints.  ``nested-*-jsonkp`` keeps x, y, scale,
   score as JSON numbers beside each nested vector instead (what that costs).
-* ``flat-v1-backend``: what ships, (a) as ``delf_es.index.elasticsearch`` builds it from
+* ``flat-v1-backend``: what ships, (a) as ``delf_es.index.es`` builds it from
   ``mappings/*.json`` (keypoint documents hold image_id, keypoint, generation, a metadata copy
   and the vector; geometry is packed in the image document), written with
   ``ElasticsearchBackend.upsert`` and queried with ``ElasticsearchBackend.knn`` (including its
@@ -114,7 +114,7 @@ LAYOUTS = {
         Layout("nested-hnsw-m8", "nested", "hnsw", m=8, ef_construction=200),
         Layout("nested-hnsw-m12-zstd", "nested", "hnsw", m=12, ef_construction=150, codec="best_compression"),
         Layout("nested-hnsw-jsonkp", "nested", "hnsw", json_keypoints=True),
-        # what ships: delf_es.index.elasticsearch (flat, mappings/*.json), written and queried through it
+        # what ships: delf_es.index.es (flat, mappings/*.json), written and queried through it
         Layout("flat-v1-backend", "backend", "hnsw", codec="best_compression"),
     )
 }

@@ -25,6 +25,19 @@ class ConfigurationError(DelfEsError, ValueError):
     reindexing needs Elasticsearch), an index knob out of range, an unknown layer name."""
 
 
+class InvalidSetting(DelfEsError, ValueError):
+    """A setting, command-line option or ``DELF_ES_*`` value is invalid.  ``source`` says where
+    it came from (``--max-features`` or ``DELF_ES_MAX_FEATURE_NUM``)."""
+
+    def __init__(self, message: str, source: str = "") -> None:
+        super().__init__(message, source)
+        self.message = message
+        self.source = source
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.message}" if self.source else self.message
+
+
 class JobTimeout(DelfEsError, TimeoutError):
     """Waiting for a worker job (or a service to come up) took longer than the caller allowed."""
 
@@ -192,3 +205,104 @@ class UnsupportedFilter(DelfEsError, ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class UnreadableFile(DelfEsError, ValueError):
+    """A path named by the user cannot be read as a file: missing, not permitted, a directory,
+    a named pipe, a device or a socket (never read: it could block forever), or larger than the
+    cap.  ``path`` is the name as given."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message, path)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class OutputConflict(DelfEsError, FileExistsError):
+    """Writing an output would overwrite something it must not: a feature file of another
+    image, or an output folder that is a file.  ``path`` is the output."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message, path)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a bulk add, after what was extracted had been committed: ``report`` lists
+    what was saved.  A KeyboardInterrupt, deliberately not a :class:`DelfEsError` (nor an
+    Exception): ``except Exception`` must not swallow an interrupt."""
+
+    def __init__(self, report: object) -> None:
+        super().__init__(report)
+        self.report = report
+
+    def __str__(self) -> str:
+        saved = len(getattr(self.report, "succeeded", []))
+        return f"interrupted: {saved} image(s) saved"
+
+
+class RuntimeUnavailable(DelfEsError, RuntimeError):
+    """The inference runtime or precision asked for cannot run here: its package is not
+    installed, the CPU lacks the instructions, the device does not support it, or an INT8
+    model has no calibration photos.  ``runtime`` names what was asked (e.g. ``"openvino/int8"``)."""
+
+    def __init__(self, message: str, runtime: str = "") -> None:
+        super().__init__(message, runtime)
+        self.message = message
+        self.runtime = runtime
+
+    def __str__(self) -> str:
+        return f"{self.runtime}: {self.message}" if self.runtime else self.message
+
+
+# ---------------------------------------------------------------- HTTP server (delf_es/api/)
+
+
+class UploadTooLarge(DelfEsError, ValueError):
+    """A request body is larger than ``api_max_upload_bytes`` (refused while it streams in)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"request body larger than the {self.limit}-byte limit"
+
+
+class AuthenticationRequired(DelfEsError):
+    """No ``Authorization: Bearer <token>`` header on a route that needs one (HTTP 401)."""
+
+
+class AccessDenied(DelfEsError):
+    """A bearer token was sent but it is not the server's (HTTP 403)."""
+
+
+class Overloaded(DelfEsError):
+    """The server is busy: too many extractions queued, or the request ran past its time
+    limit.  ``retry_after`` s is a hint for the client (HTTP 503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after)
+        self.message = message
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TaskNotFound(DelfEsError, KeyError):
+    """No worker task with that id is known."""
+
+    def __str__(self) -> str:
+        return f"no task with id {self.args[0]!r}" if self.args else "task not found"
+
+
+class UploadTimedOut(DelfEsError):
+    """A request body did not arrive within ``api_body_timeout`` s (HTTP 408)."""

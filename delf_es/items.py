@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from delf_es.errors import InvalidRequest
 
@@ -130,19 +130,3 @@ def parse_item(entry: Any) -> Item:
     return Item(path=repr(entry)[:80], image_id=repr(entry)[:80],
                 invalid="an item is a path, a (path, metadata) pair or a mapping with 'path'")
 
-
-#: File suffixes a folder argument is expanded to.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-
-
-def expand_inputs(inputs: Iterable[str]) -> list[str]:
-    """Files as given; folders expanded to the images below them (sorted); ``@list.txt`` read line by line."""
-    out: list[str] = []
-    for item in inputs:
-        if item.startswith("@"):
-            out += [line.strip() for line in Path(item[1:]).read_text().splitlines() if line.strip()]
-        elif Path(item).is_dir():
-            out += sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(item)
-    return out

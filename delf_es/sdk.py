@@ -12,27 +12,64 @@ Elasticsearch (and cache keypoint locations in Redis).
 from __future__ import annotations
 
 import hashlib
+import json
+import contextlib
 import logging
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
 from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache, codes_namespace
 from delf_es.errors import BulkIndexFailed, ConfigurationError, DelfEsError, ImageNotFound, InvalidRequest, ItemFailure
+from delf_es.ids import file_image_id, is_url
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
 from delf_es.index.writing import upsert_and_refresh_cache
-from delf_es.items import MAX_ID_BYTES, check_count, check_filter, check_id, check_metadata, parse_item
+from delf_es.items import MAX_ID_BYTES, check_count, check_filter, parse_item
+from delf_es.items import check_id as _check_id  # the one id rule (SDK, CLI, workers, API)
+from delf_es.items import check_metadata as _check_metadata
+from delf_es.parallel import ExtractorPool, process_plan
 from delf_es.search import Searcher
 from delf_es.settings import Settings
-from delf_es.types import Correspondences, Features, SearchHit
+from delf_es.types import Features, SearchHit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DelfEs", "MAX_ID_BYTES", "VerifiedMatch", "open_backend", "open_cache"]
+__all__ = ["DelfEs", "MAX_ID_BYTES", "QueryResult", "open_backend", "open_cache"]
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """What :meth:`DelfEs.search_loaded` found: the query's size (px, the whole image even with
+    a region), its keypoint count and the hits (dicts as :meth:`DelfEs.search_image` returns)."""
+
+    width: int
+    height: int
+    keypoints: int
+    hits: list[dict[str, Any]]
+
+
+def crop(pixels: np.ndarray, bbox: tuple[float, float, float, float], min_side: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """The region ``(x1, y1, x2, y2)`` px (clipped to the image) of (H, W, 3) ``pixels`` and its
+    top-left corner (x, y) px; :class:`InvalidRequest` when it is not a box of at least ``min_side``."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"bbox must be 4 numbers x1,y1,x2,y2 px, got {bbox!r}") from None
+    if not all(np.isfinite([x1, y1, x2, y2])) or x2 <= x1 or y2 <= y1:
+        raise InvalidRequest(f"bbox must have x1 < x2 and y1 < y2 (finite px), got {list(bbox)}")
+    height, width = pixels.shape[:2]
+    left, top = int(max(0, np.floor(x1))), int(max(0, np.floor(y1)))
+    right, bottom = int(min(width, np.ceil(x2))), int(min(height, np.ceil(y2)))
+    if right - left < min_side or bottom - top < min_side:
+        raise InvalidRequest(
+            f"bbox {list(bbox)} leaves {max(0, right - left)}x{max(0, bottom - top)} px of the "
+            f"{width}x{height} image; at least {min_side} px a side is needed")
+    return np.ascontiguousarray(pixels[top:bottom, left:right]), (float(left), float(top))
 
 
 def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
@@ -86,6 +123,14 @@ class DelfEs:
             self._backend = open_backend(self.settings, model_id=self.model_id)
         return self._backend
 
+    def extract(self, pixels: np.ndarray, image_id: str) -> Features:
+        """Features of (H, W, 3) uint8 ``pixels`` as added or searched: keypoints on flat pixels
+        dropped (``settings.min_keypoint_contrast``, delf_es/degenerate.py)."""
+        from delf_es.degenerate import drop_flat_keypoints
+
+        features = self.extractor.extract(pixels, image_id=image_id)
+        return drop_flat_keypoints(features, pixels, self.settings.min_keypoint_contrast, self.settings.max_image_size)
+
     def searcher(self) -> Searcher:
         return Searcher(self.backend, self.cache, self.settings, self.model_id)
 
@@ -111,27 +156,46 @@ class DelfEs:
             refresh_after: make the image searchable before returning.
             wait: False = hand the work to the workers (needs Redis; path/URL only, the workers
                 must be able to read it).
+        The id of a file added without a chosen name is its canonical path (absolute, symlinks
+        resolved: ``dir/a.jpg``, ``./dir/a.jpg`` and the absolute path are one image), or
+        ``sha256:<hex>`` of its bytes with ``settings.id_from="content"`` (delf_es/ids.py).
         Re-adding an id replaces the image; it never duplicates.
         """
         if not wait:
             if bytestream or img is not None or not isinstance(path, (str, Path)):
                 raise InvalidRequest("wait=False takes a path or URL the workers can read (no bytes, no img)")
-            return self._submitter().submit_one(check_id(str(path)), check_metadata(metadata))
+            source = str(path)  # the workers key by canonical path (id_from=content: synchronous adds only)
+            return self._submitter().submit_one(_check_id(source if is_url(source) else os.path.realpath(source)),
+                                                _check_metadata(metadata))
         name, image = self.load(path, img, bytestream)
-        features = self.extractor.extract(image.pixels, image_id=name)
-        return self.add_features(features, path=name, metadata=metadata, refresh_after=refresh_after)
+        self.add_loaded(name, image, metadata=metadata, refresh_after=refresh_after)
+        return name
+
+    def add_loaded(
+        self, image_id: str, image: LoadedImage, metadata: Mapping[str, Any] | None = None,
+        refresh_after: bool = False,
+    ) -> Features:
+        """Index a decoded image under ``image_id`` (also its stored path); returns its features."""
+        _check_id(image_id)
+        _check_metadata(metadata)  # before the model runs: a bad request costs no CPU
+        features = self.extract(image.pixels, image_id=image_id)
+        self.add_features(features, path=image_id, metadata=metadata, refresh_after=refresh_after,
+                          thumbnail=self._thumbnail(image))
+        return features
 
     def add_features(
         self, features: Features, path: str | None = None, metadata: Mapping[str, Any] | None = None,
-        refresh_after: bool = False,
+        refresh_after: bool = False, thumbnail: bytes | None = None,
     ) -> str:
-        """Index precomputed features (their ``image_id`` is the id)."""
+        """Index precomputed features (their ``image_id`` is the id), with an optional
+        thumbnail JPEG (:func:`delf_es.thumbnails.make_thumbnail`)."""
         record = ImageRecord(
-            image_id=check_id(features.image_id),
+            image_id=_check_id(features.image_id),
             path=path or features.image_id,
-            metadata=check_metadata(metadata),
+            metadata=_check_metadata(metadata),
             features=features,
             created_at=_now(),
+            thumbnail=thumbnail,
         )
         report = upsert_and_refresh_cache(self.backend, self.cache, [record], refresh=refresh_after)
         if not report.ok:
@@ -154,7 +218,7 @@ class DelfEs:
             batch.clear()
 
         for features, path, metadata in items:
-            batch.append(ImageRecord(check_id(features.image_id), path, check_metadata(metadata), features, _now()))
+            batch.append(ImageRecord(_check_id(features.image_id), path, _check_metadata(metadata), features, _now()))
             if len(batch) >= batch_size:
                 flush()
         if batch:
@@ -179,62 +243,112 @@ class DelfEs:
         ``inliers``, ``votes`` and ``global_similarity``; only hits with at least
         ``min_inliers`` (default: settings) verified inliers are matches.
         """
-        return [match.result for match in self._search(path, all_orientations, bytestream, pre_filter, limit,
-                                                        min_inliers)]
-
-    def search_verified(
-        self,
-        path: str | bytes,
-        all_orientations: bool = False,
-        bytestream: bool = False,
-        pre_filter: MetadataFilter | None = None,
-        limit: int = 10,
-        min_inliers: int | None = None,
-    ) -> list[VerifiedMatch]:
-        """:meth:`search_image` with what the search decided for each result: the query view that
-        matched, the image's stored keypoints and the verified correspondences between them (so a
-        figure draws exactly the inliers the search counted, never a re-match)."""
-        matches = self._search(path, all_orientations, bytestream, pre_filter, limit, min_inliers)
-        stored = self.backend.keypoints([m.result["id"] for m in matches]) if matches else {}
-        return [replace(m, keypoints=stored.get(m.result["id"], m.keypoints)) for m in matches]
-
-    def _search(self, path: str | bytes, all_orientations: bool, bytestream: bool, pre_filter: Any, limit: Any,
-                min_inliers: Any) -> list[VerifiedMatch]:
+        # Checked before any work: limit=-1 used to drop the last hit silently (hits[:-1]).
         limit = check_count("limit", limit, minimum=1)
         if min_inliers is not None:
             min_inliers = check_count("min_inliers", min_inliers)
-        pre_filter = check_filter(pre_filter)
+        pre_filter = check_filter(pre_filter)  # a mapping, nested at most MAX_DEPTH deep
         _, image = self.load(path, None, bytestream)
-        pixels = [image.pixels] if not all_orientations else _orientations(image.pixels)
-        best: dict[str, tuple[SearchHit, np.ndarray, Features]] = {}
-        for variant in pixels:
-            query = self.extractor.extract(variant, image_id="<query>")
+        return self.search_loaded(image, all_orientations=all_orientations, pre_filter=pre_filter, limit=limit,
+                                  min_inliers=min_inliers).hits
+
+    def search_loaded(
+        self,
+        image: LoadedImage,
+        *,
+        bbox: tuple[float, float, float, float] | None = None,
+        all_orientations: bool = False,
+        pre_filter: MetadataFilter | None = None,
+        limit: int = 10,
+        min_inliers: int | None = None,
+        matches: bool = False,
+    ) -> QueryResult:
+        """:meth:`search_image` on a decoded image, with what a server shows about the query.
+
+        Args:
+            bbox: ``(x1, y1, x2, y2)`` px of ``image``: search with that region only.
+            matches: give each hit ``matches``, its verified pairs ``[[qx, qy, x, y], ...]``
+                in px of the original query image and of the original database image.
+        """
+        pixels = image.pixels
+        offset = (0.0, 0.0)
+        if bbox is not None:
+            pixels, offset = crop(pixels, bbox, self.settings.min_image_side)
+        if matches and all_orientations:
+            raise InvalidRequest("matches are given in the query's own orientation: not with all_orientations")
+        variants = [pixels] if not all_orientations else _orientations(pixels)
+        best: dict[str, tuple[SearchHit, int]] = {}
+        keypoints = 0
+        for variant in variants:
+            query = self.extract(variant, image_id="<query>")
+            keypoints = keypoints or query.num_keypoints
             for hit in self.searcher().search(query, metadata_filter=pre_filter):
                 if hit.image_id not in best or hit.score > best[hit.image_id][0].score:
-                    best[hit.image_id] = (hit, variant, query)
+                    best[hit.image_id] = (hit, query.num_keypoints)
         threshold = self.settings.min_inliers if min_inliers is None else min_inliers
         hits = sorted(best.values(), key=lambda p: (-p[0].score, -p[0].inliers, -p[0].votes, p[0].image_id))
-        hits = [entry for entry in hits if entry[0].inliers >= threshold][:limit]
-        stored = {h.image_id: self._get_or_none(h.image_id) for h, _, _ in hits}
-        return [
-            VerifiedMatch(_result(h, q.num_keypoints, stored[h.image_id]), variant, q.keypoints,
-                          np.zeros((0, 2), np.float32), h.correspondences)
-            for h, variant, q in hits if stored[h.image_id] is not None
-        ]
+        hits = [(h, n) for h, n in hits if h.inliers >= threshold][:limit]
+        stored = {i: self._get_or_none(i) for i in (h.image_id for h, _ in hits)}
+        results = []
+        for hit, n in hits:
+            if stored[hit.image_id] is None:
+                continue
+            result = _result(hit, n, stored[hit.image_id])
+            if matches:
+                pairs = hit.inlier_pairs if hit.inlier_pairs is not None else np.zeros((0, 4), np.float32)
+                shifted = pairs.astype(np.float64) + np.array([offset[0], offset[1], 0.0, 0.0])
+                result["matches"] = np.round(shifted, 1).tolist()
+            results.append(result)
+        width, height = image.size
+        return QueryResult(width=width, height=height, keypoints=keypoints, hits=results)
+
+    def search_indexed(
+        self, image_id: str, *, pre_filter: MetadataFilter | None = None, limit: int = 10,
+        min_inliers: int | None = None, matches: bool = False,
+    ) -> QueryResult:
+        """Search with an indexed image, from what the index stores of it (keypoints and int8
+        descriptor codes; no original file, no global descriptor): the shortlist is therefore
+        the local one (keypoint votes), whatever ``shortlist_mode`` says.  The image itself is
+        normally the first hit."""
+        from delf_es.index.codes import decode_codes
+
+        stored = self.backend.get(image_id)
+        locations = self.backend.keypoints([image_id]).get(image_id)
+        codes = self.backend.descriptor_codes([image_id]).get(image_id)
+        if locations is None or codes is None or not len(codes):
+            raise InvalidRequest(f"{image_id!r} has no stored keypoints to search with")
+        n = len(locations)
+        query = Features(
+            image_id="<query>", model_id=stored.model_id, image_size=(stored.width, stored.height),
+            keypoints=np.asarray(locations, np.float32), scales=np.ones(n, np.float32),
+            scores=np.linspace(1.0, 0.0, n, dtype=np.float32), descriptors=decode_codes(codes),
+        )
+        settings = self.settings.model_copy(update={"shortlist_mode": "local"})
+        found = Searcher(self.backend, self.cache, settings, self.model_id).search(query, metadata_filter=pre_filter)
+        threshold = self.settings.min_inliers if min_inliers is None else min_inliers
+        results = []
+        for hit in [h for h in found if h.inliers >= threshold][:limit]:
+            record = self._get_or_none(hit.image_id)
+            if record is None:
+                continue
+            result = _result(hit, n, record)
+            if matches:
+                pairs = hit.inlier_pairs if hit.inlier_pairs is not None else np.zeros((0, 4), np.float32)
+                result["matches"] = np.round(pairs.astype(np.float64), 1).tolist()
+            results.append(result)
+        return QueryResult(width=stored.width, height=stored.height, keypoints=n, hits=results)
 
     def search_features(self, query: Features, pre_filter: MetadataFilter | None = None, limit: int | None = None) -> list[SearchHit]:
         """The full ranked shortlist for precomputed query features (evaluation uses this)."""
-        if limit is not None:
-            limit = check_count("limit", limit, minimum=1)
-        return self.searcher().search(query, limit=limit, metadata_filter=check_filter(pre_filter))
+        return self.searcher().search(query, limit=limit, metadata_filter=pre_filter)
 
     def get_image(self, image_id: str) -> dict[str, Any]:
         """Stored fields of one image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
-        return _stored_dict(self.backend.get(check_id(image_id)))
+        return _stored_dict(self.backend.get(_check_id(image_id)))
 
     def delete_image(self, image_id: str, refresh_after: bool = False) -> None:
         """Remove an image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
-        image_id = check_id(image_id)
+        image_id = _check_id(image_id)
         report = self.backend.delete([image_id], refresh=refresh_after)
         self.cache.delete(self.model_id, [image_id])
         self.cache.delete(codes_namespace(self.model_id), [image_id])
@@ -250,46 +364,130 @@ class DelfEs:
         batch_size: int = 16,
     ) -> BulkReport:
         """Index many images.  Items are paths/URLs, ``(path, metadata)`` pairs or dicts with
-        ``path`` (and ``img``, ``bytestream``, ``metadata``).  Bad items are reported, never raised."""
+        ``path`` (and ``img``, ``bytestream``, ``metadata``).  Bad items are reported, never raised.
+
+        Extracted images are committed in batches of at most ``batch_size``, and at the latest
+        ``settings.commit_seconds`` after the extraction of the batch's first image began, so a
+        crash loses at most that much finished work (at ~5 s per image on a CPU: none, every
+        image is committed as soon as it is extracted) plus the image in progress.  An item
+        whose id was already handled in this call is skipped (one file, several spellings).
+        On Ctrl-C (KeyboardInterrupt) what is extracted is committed first, then
+        :class:`~delf_es.errors.Interrupted` (a KeyboardInterrupt) carries the report."""
+        import time
+
         from tqdm import tqdm
+
+        from delf_es.errors import Interrupted
 
         items = list(items)
         succeeded: list[str] = []
         failed: list[ItemFailure] = []
         existing: set[str] = set()
-        parsed = [parse_item(item) for item in items]
+        ids = [self._default_id(_item_fields(i)) for i in items]
         if skip_existing:
-            existing = self.backend.existing([i.path for i in parsed if isinstance(i.path, str) and not i.invalid])
+            existing = self.backend.existing([n for n in ids if n is not None])
         batch: list[ImageRecord] = []
+        batch_started = 0.0
+        handled: set[str] = set()
 
         def flush() -> None:
             if batch:
-                report = upsert_and_refresh_cache(self.backend, self.cache, batch)
-                succeeded.extend(report.succeeded)
-                failed.extend(report.failed)
-                batch.clear()
+                with _interrupts_deferred():  # a Ctrl-C mid-write would leave the report unsure
+                    report = upsert_and_refresh_cache(self.backend, self.cache, batch)
+                    succeeded.extend(report.succeeded)
+                    failed.extend(report.failed)
+                    written = set(report.succeeded)
+                    batch.clear()
+                log.info("committed %d image(s): %s", len(written), json.dumps(sorted(written)))
 
-        for item in tqdm(parsed, disable=not progress, desc="indexing", unit="img"):
-            label = item.path if isinstance(item.path, str) else "<bytes>"
-            if label in existing:
+        processes, threads = process_plan(self.settings)
+        if processes > 1 and len(items) > 1:
+            return self._bulk_add_in_processes(items, ids, existing, skip_existing, flush, batch, handled, succeeded,
+                                               failed, processes, threads, progress, batch_size, refresh_after)
+        try:
+            for item, known_id in zip(tqdm(items, disable=not progress, desc="indexing", unit="img"), ids):
+                fields = _item_fields(item)
+                label = fields["path"] if isinstance(fields["path"], str) else "<bytes>"
+                if known_id is not None and (known_id in handled or (skip_existing and known_id in existing)):
+                    continue
+                if not batch:  # the batch's age counts from the start of its first extraction
+                    batch_started = time.monotonic()
+                try:
+                    name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
+                    features = self.extract(image.pixels, image_id=name)
+                    log.info("extracted %s (%d keypoints)", name, features.num_keypoints)
+                    batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now(),
+                                             thumbnail=self._thumbnail(image)))
+                    handled.add(name)
+                except DelfEsError as error:
+                    failed.append(ItemFailure(item_id=label, error=str(error)))
+                if batch and (len(batch) >= batch_size
+                              or time.monotonic() - batch_started >= self.settings.commit_seconds):
+                    flush()
+            flush()
+        except KeyboardInterrupt:
+            flush()  # what is extracted is saved; a second Ctrl-C here aborts one atomic write
+            raise Interrupted(BulkReport(succeeded=succeeded, failed=failed)) from None
+        if refresh_after:
+            self.backend.refresh()
+        return BulkReport(succeeded=succeeded, failed=failed)
+
+    def _bulk_add_in_processes(self, items, ids, existing, skip_existing, flush, batch, handled, succeeded, failed,
+                               processes, threads, progress, batch_size, refresh_after) -> BulkReport:
+        """``bulk_add`` with decode + extraction in ``processes`` worker processes of ``threads``
+        threads each (delf_es/parallel.py); writes, commit timing and Ctrl-C as in ``bulk_add``.
+        Items are deduplicated by id before they are sent (one file, several spellings)."""
+        import time
+
+        from tqdm import tqdm
+
+        from delf_es.errors import Interrupted
+
+        work = []
+        for item, known_id in zip(items, ids):
+            if known_id is not None and (known_id in handled or (skip_existing and known_id in existing)):
                 continue
-            try:
-                if item.invalid:
-                    raise InvalidRequest(f"{label}: {item.invalid}")
-                name, image = self.load(item.path, item.img, item.bytestream)
-                features = self.extractor.extract(image.pixels, image_id=name)
-                batch.append(ImageRecord(name, name, check_metadata(item.metadata), features, _now()))
-            except DelfEsError as error:
-                failed.append(ItemFailure(item_id=label, error=str(error)))
-            if len(batch) >= batch_size:
-                flush()
-        flush()
+            if known_id is not None:
+                handled.add(known_id)
+            work.append(_item_fields(item))
+        batch_started = time.monotonic()
+        try:
+            with ExtractorPool(self.settings, min(processes, max(1, len(work))), threads, engine=pool_engine) as pool:
+                results = zip(work, pool.extract(work))
+                for fields, result in tqdm(results, total=len(work), disable=not progress, unit="img",
+                                           desc=f"indexing ({pool.processes} processes)"):
+                    if not batch:
+                        batch_started = time.monotonic()
+                    if isinstance(result, ItemFailure):
+                        failed.append(result)
+                        continue
+                    name, features = result
+                    try:
+                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                    except DelfEsError as error:
+                        failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
+                    if batch and (len(batch) >= batch_size
+                                  or time.monotonic() - batch_started >= self.settings.commit_seconds):
+                        flush()
+            flush()
+        except KeyboardInterrupt:
+            flush()
+            raise Interrupted(BulkReport(succeeded=succeeded, failed=failed)) from None
         if refresh_after:
             self.backend.refresh()
         return BulkReport(succeeded=succeeded, failed=failed)
 
     def count(self) -> int:
         return self.backend.count()
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The small JPEG stored with the image (None when stored without one);
+        :class:`~delf_es.errors.ImageNotFound` if unknown."""
+        return self.backend.thumbnail(_check_id(image_id))
+
+    def thumbnail_bytes(self) -> int:
+        """Bytes of all stored thumbnails."""
+        return self.backend.thumbnail_bytes()
 
     # ------------------------------------------------------------------ worker fleet
 
@@ -350,16 +548,46 @@ class DelfEs:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise InvalidRequest("bytestream=True needs the image as bytes")
             name = path if img is not None and isinstance(path, str) else "sha1:" + hashlib.sha1(bytes(data)).hexdigest()
-            return check_id(name), load_image(bytes(data), self.settings, name=name)
+            return _check_id(name), load_image(bytes(data), self.settings, name=name)
         source = img if img is not None else path
         if not isinstance(source, (str, Path)) or not isinstance(path, (str, Path)):
             raise InvalidRequest("path must be a file path or URL (or pass bytestream=True for bytes)")
-        name = str(path)
         source = str(source)
-        check_id(name)
-        if "://" in source:
-            return name, load_image_from_url(source, self.settings)
-        return name, load_image(source, self.settings)
+        # A name the caller chose is kept; a file's own id is canonical (delf_es/ids.py).
+        name = str(path) if img is not None else self._file_id(source)
+        if is_url(source):
+            return _check_id(name), load_image_from_url(source, self.settings)
+        return _check_id(name), load_image(source, self.settings, name=source)
+
+    def _file_id(self, source: str) -> str:
+        """The id a file or URL gets when added without a chosen name (``settings.id_from``)."""
+        from delf_es.errors import InvalidImage, UnreadableFile
+
+        try:
+            return file_image_id(source, self.settings.id_from, self.settings.max_file_bytes)
+        except UnreadableFile as error:
+            raise InvalidImage(error.message, source) from None
+
+    def _default_id(self, fields: Mapping[str, Any]) -> str | None:
+        """The id :meth:`load` will give an item, or None if it cannot be known before loading."""
+        path = fields.get("path")
+        if fields.get("invalid") or not isinstance(path, (str, Path)):
+            return None
+        if fields.get("img") is not None:
+            return str(path)
+        if fields.get("bytestream"):
+            return None
+        try:
+            return self._file_id(str(path))
+        except DelfEsError:
+            return None
+
+    def _thumbnail(self, image: LoadedImage) -> bytes | None:
+        if not self.settings.thumbnails:
+            return None
+        from delf_es.thumbnails import make_thumbnail
+
+        return make_thumbnail(image.pixels)
 
     def _get_or_none(self, image_id: str) -> StoredImage | None:
         try:
@@ -368,29 +596,59 @@ class DelfEs:
             return None
 
 
-@dataclass(frozen=True)
-class VerifiedMatch:
-    """One result of :meth:`DelfEs.search_verified`.
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while a batch is written, then deliver them: the write and its
+    bookkeeping (what was saved) happen entirely or not at all.  Only in the main thread (the
+    only one Python delivers signals to); elsewhere a no-op."""
+    import signal
+    import threading
 
-    Attributes:
-        result: the dict :meth:`DelfEs.search_image` returns for it.
-        query_pixels: (H, W, 3) uint8, the query view that matched (an orientation of the query
-            with ``all_orientations``).
-        query_keypoints: (N, 2) float32 px of that view (side A of ``correspondences``).
-        keypoints: (M, 2) float32 px, the image's stored keypoints (side B).
-        correspondences: the verified matches and inlier mask (``num_inliers`` = ``result["inliers"]``),
-            None when the image had nothing to verify.
-    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    result: dict[str, Any]
-    query_pixels: np.ndarray
-    query_keypoints: np.ndarray
-    keypoints: np.ndarray
-    correspondences: Correspondences | None
+    def hold(signum, frame) -> None:
+        received.append(signum)
+
+    for sig in previous:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in received:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+def pool_engine(settings: Settings) -> DelfEs:
+    """The engine of one :class:`~delf_es.parallel.ExtractorPool` process: loads and extracts,
+    with an in-process cache (it never searches)."""
+    return DelfEs(settings, cache=MemoryLocationCache())
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _label(fields: Mapping[str, Any]) -> str:
+    return fields["path"] if isinstance(fields["path"], str) else "<bytes>"
+
+
+def _item_fields(item: Any) -> dict[str, Any]:
+    """The fields of one bulk-add item (the shared parser, delf_es/items.py), as ``load`` takes them."""
+    parsed = parse_item(item)
+    fields = {"path": parsed.path, "metadata": parsed.metadata, "img": parsed.img, "bytestream": parsed.bytestream}
+    return {**fields, "invalid": True} if parsed.invalid else fields
 
 
 def _orientations(pixels: np.ndarray) -> list[np.ndarray]:
@@ -406,7 +664,7 @@ def _stored_dict(stored: StoredImage) -> dict[str, Any]:
     return {
         "id": stored.image_id, "path": stored.path, "metadata": stored.metadata, "width": stored.width,
         "height": stored.height, "num_keypoints": stored.num_keypoints, "model_id": stored.model_id,
-        "created_at": stored.created_at,
+        "created_at": stored.created_at, "thumbnail_bytes": stored.thumbnail_bytes,
     }
 
 

@@ -33,10 +33,12 @@ from delf_es.cache import LocationCache, codes_namespace
 from delf_es.index.codes import decode_codes
 from delf_es.index.base import Backend, MetadataFilter, Neighbours
 from delf_es.settings import Settings
-from delf_es.types import Correspondences, Features, SearchHit
+from delf_es.types import Features, SearchHit
 from delf_es.verify import estimate_model
 
 log = logging.getLogger(__name__)
+
+_NO_PAIRS = np.zeros((0, 4), np.float32)
 
 
 @dataclass
@@ -103,13 +105,13 @@ class Searcher:
             if matching:
                 q_idx, db_idx = mutual_matches(descriptors, codes.get(image_id), s.knn_min_similarity)
                 candidate.votes = max(candidate.votes, len(q_idx))
-                verified = self._ransac(query, q_idx, db_idx, locations.get(image_id))
+                pairs = self._ransac(query, q_idx, db_idx, locations.get(image_id))
             else:
-                verified = self._verify(query, candidate, locations.get(image_id))
-            inliers = verified.num_inliers if verified is not None else 0
+                pairs = self._verify(query, candidate, locations.get(image_id))
+            inliers = len(pairs)
             return SearchHit(image_id=image_id, score=float(inliers), inliers=inliers,
                              votes=candidate.votes, global_similarity=candidate.global_similarity,
-                             correspondences=verified)
+                             inlier_pairs=pairs)
 
         if s.verify_threads == 1 or len(shortlist) < 2:
             return [verify_one(image_id) for image_id in shortlist]
@@ -146,28 +148,26 @@ class Searcher:
             found.update(fetched)
         return found
 
-    def _verify(self, query: Features, candidate: _Candidate, locations: np.ndarray | None) -> Correspondences | None:
+    def _verify(self, query: Features, candidate: _Candidate, locations: np.ndarray | None) -> np.ndarray:
         if locations is None or not candidate.query_index:
-            return None
+            return _NO_PAIRS
         q_idx, db_idx = one_to_one(
             np.concatenate(candidate.query_index), np.concatenate(candidate.keypoint_index),
             np.concatenate(candidate.similarity),
         )
         return self._ransac(query, q_idx, db_idx, locations)
 
-    def _ransac(self, query: Features, q_idx: np.ndarray, db_idx: np.ndarray,
-                locations: np.ndarray | None) -> Correspondences | None:
-        """RANSAC on (query keypoint, stored keypoint) pairs: the verified correspondences, or None
-        when there is nothing to verify (no pairs, locations unknown)."""
+    def _ransac(self, query: Features, q_idx: np.ndarray, db_idx: np.ndarray, locations: np.ndarray | None) -> np.ndarray:
+        """The verified pairs, (K, 4) float32 ``[qx, qy, x, y]`` px (K = the inlier count)."""
         if locations is None or not len(q_idx):
-            return None
+            return _NO_PAIRS
         valid = db_idx < len(locations)
         q_idx, db_idx = q_idx[valid], db_idx[valid]
         s = self.settings
-        model, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
-                                     s.ransac_confidence, s.ransac_max_iters, s.ransac_seed)
-        matches = np.stack([q_idx, db_idx], axis=1).astype(np.int64, copy=False).reshape(-1, 2)
-        return Correspondences(matches, np.asarray(mask, bool).reshape(-1), model, s.ransac_model)
+        _, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
+                                 s.ransac_confidence, s.ransac_max_iters, s.ransac_seed, s.min_inlier_spread)
+        mask = np.asarray(mask, bool)
+        return np.hstack([query.keypoints[q_idx][mask], locations[db_idx][mask]]).astype(np.float32)
 
 
 def rank_hits(hits: list[SearchHit], s: Settings) -> list[SearchHit]:

@@ -19,11 +19,13 @@ def default_data_dir() -> Path:
 #: Allowed values of the settings that name one of a few choices.
 CHOICES: dict[str, tuple[str, ...]] = {
     "scoring": ("auto", "attention", "norm"),
-    "precision": ("float32", "bfloat16"),
+    "precision": ("auto", "float32", "bfloat16", "float16", "int8"),
+    "runtime": ("auto", "torch", "openvino", "onnxruntime"),
     "shortlist_mode": ("local", "global", "hybrid"),
     "correspondences": ("knn", "matching"),
     "rank_by": ("inliers", "verified-then-global", "inliers+global"),
     "ransac_model": ("homography", "fundamental", "affine", "homography-magsac"),
+    "id_from": ("path", "content"),
 }
 
 
@@ -55,8 +57,26 @@ class Settings(BaseSettings):
     max_feature_num: int = Field(default=1000, ge=1)
     score_threshold: float = Field(default=0.0, ge=0.0, description="keep descriptors scoring above this")
     device: str = "cpu"
-    precision: str = Field(default="float32", description="'float32' or 'bfloat16' (network weights and activations)")
-    torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
+    runtime: str = Field(
+        default="torch", description="what runs the network: 'auto' (on CPU the fastest measured that is installed, "
+        "see delf_es/model/runtime.py and docs/extraction.md; on CUDA torch), 'torch', 'openvino' or 'onnxruntime'",
+    )
+    precision: str = Field(
+        default="auto", description="'auto' (float32), 'float32', 'bfloat16' (CPU: bf16 weights; CUDA: autocast), "
+        "'float16' (CUDA autocast) or 'int8' (OpenVINO + NNCF; changes the model id)",
+    )
+    int8_calibration: Path | None = Field(
+        default=None, description="photos INT8 is calibrated on: the list written by scripts/training_images.sh "
+        "(one path per line) or a folder; never evaluation images",
+    )
+    torch_threads: int = Field(default=0, ge=0, description="threads of the network runtime (torch, OpenVINO, ONNX "
+                               "Runtime); 0 = the runtime's default")
+    extract_processes: int = Field(
+        default=1, ge=0, description="processes that decode + extract in bulk indexing (delf-es index, "
+        "DelfEs.bulk_add), each with torch_threads threads (0 there = cores / processes); 0 = one per core on CPU",
+    )
+    channels_last: bool = Field(default=True, description="torch on CPU: channels-last memory format")
+    torch_compile: bool = Field(default=False, description="torch runtime: torch.compile the network")
     extract_batch: int = Field(
         default=1, ge=1, description="images per forward pass in extract_many: same-size pyramid levels of "
         "different images share one batch (a GPU's throughput; on CPU 1 is as fast)",
@@ -64,6 +84,9 @@ class Settings(BaseSettings):
 
     # --- input safety -----------------------------------------------------------
     max_pixels: int = Field(default=64_000_000, gt=0, description="decoded pixel cap (decompression bombs)")
+    max_file_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="bytes; a larger image file is refused before decoding"
+    )
     min_image_side: int = Field(default=32, gt=0, description="px; smaller images are rejected")
     url_timeout: float = Field(default=10.0, gt=0)
     url_max_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
@@ -80,6 +103,14 @@ class Settings(BaseSettings):
     ransac_confidence: float = Field(default=0.999, gt=0, lt=1)
     ransac_max_iters: int = Field(default=2000, gt=0)
     ransac_seed: int = 0
+    min_inlier_spread: float = Field(
+        default=0.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
+        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check",
+    )
+    min_keypoint_contrast: float = Field(
+        default=0.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
+        "added and query images, so flat images match nothing (delf_es/degenerate.py); 0 = keep all",
+    )
 
     # --- search -------------------------------------------------------------------
     shortlist_mode: str | None = Field(
@@ -114,6 +145,14 @@ class Settings(BaseSettings):
     )
 
     # --- index and services -----------------------------------------------------
+    commit_seconds: float = Field(
+        default=1.0, ge=0, description="s; bulk adds commit what is extracted at least this often (and every "
+        "batch_size images), so a crash or Ctrl-C loses at most this much work; 0 = after every image",
+    )
+    id_from: str = Field(
+        default="path", description="id of an image added from a file: 'path' (its canonical path: absolute, "
+        "symlinks resolved, so every spelling of one file is one id) or 'content' (sha256 of its bytes)",
+    )
     es_url: str | None = None
     redis_url: str | None = None
     index_alias: str = "delf-images"
@@ -123,7 +162,7 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=default_data_dir)
 
-    # --- workers (Celery; see workers/) -------------------------------------------
+    # --- workers (Celery; see delf_es/workers/) -------------------------------------------
     worker_redis_url: str | None = Field(
         default=None, description="Celery broker, result backend and staging; None = redis_url"
     )
@@ -146,6 +185,25 @@ class Settings(BaseSettings):
         "(minute hour day-of-month month day-of-week) or an interval in s",
     )
     worker_flush_interval: float = Field(default=60.0, gt=0, description="s between beat's straggler flushes")
+
+    # --- HTTP server (delf-es serve, delf_es/api/) ---------------------------------
+    api_token: str | None = Field(
+        default=None, repr=False, description="bearer token every /v1 route requires; serve refuses a "
+        "non-loopback host without one",
+    )
+    api_max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="request body cap, bytes")
+    api_max_extractions: int = Field(default=1, ge=1, description="extractions (model runs) at once")
+    api_max_queued: int = Field(
+        default=32, ge=0, description="requests waiting for an extraction slot; beyond that, 503 + Retry-After"
+    )
+    api_request_timeout: float = Field(default=120.0, gt=0, description="s a request may take (queue + work) before 503")
+    api_body_timeout: float = Field(default=30.0, gt=0, description="s to receive a request body before 408")
+    api_cors_origins: tuple[str, ...] = Field(default=(), description="origins allowed by CORS; empty = CORS off")
+    api_upload_dir: Path | None = Field(
+        default=None, description="where uploads for the workers (?wait=false) are staged; the workers must "
+        "see the same folder; None = <data_dir>/api-uploads",
+    )
+    thumbnails: bool = Field(default=True, description="store a small JPEG (<= 256 px, <= 16 KB) with each image")
 
     @field_validator("scales", "global_scales")
     @classmethod

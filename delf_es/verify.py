@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 import pydegensac
 
+from delf_es.degenerate import inlier_spread
 from delf_es.errors import FeatureShapeError, InvalidRequest
 from delf_es.types import Correspondences, Features
 
@@ -199,6 +200,7 @@ def estimate_model(
     confidence: float,
     max_iters: int,
     seed: int,
+    min_spread_px: float = 0.0,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Robustly fit a model mapping ``points_a`` to ``points_b``.
 
@@ -217,6 +219,9 @@ def estimate_model(
         confidence: RANSAC confidence in (0, 1) (early stop).
         max_iters: maximum RANSAC iterations.
         seed: >= 0 for reproducible sampling; < 0 lets pydegensac seed from the clock.
+        min_spread_px: a model whose inliers spread less than this (minor-axis std, px) in
+            either image is degenerate (a line, a spot) and reported as no model
+            (:func:`delf_es.degenerate.inlier_spread`); 0 = no check.
 
     Returns:
         ``(model, inlier_mask)``: model is (3, 3) float64 (homography normalised to
@@ -258,6 +263,9 @@ def estimate_model(
     elif abs(model[2, 2]) > 1e-12:
         model = model / model[2, 2]
     inliers[np.flatnonzero(finite)] = mask
+    if min_spread_px > 0 and min(inlier_spread(pa[inliers]), inlier_spread(pb[inliers])) < min_spread_px:
+        logger.debug("%s model on %d inliers rejected: inliers on a line or in a spot", kind, int(inliers.sum()))
+        return None, np.zeros(k, dtype=bool)
     return model, inliers
 
 
@@ -299,6 +307,7 @@ class Verifier:
         confidence: RANSAC confidence in (0, 1).
         max_iters: maximum RANSAC iterations.
         seed: RANSAC seed (>= 0 reproducible).
+        min_spread_px: degenerate-inlier threshold, px (see :func:`estimate_model`).
     """
 
     max_distance: float
@@ -308,6 +317,7 @@ class Verifier:
     confidence: float
     max_iters: int
     seed: int
+    min_spread_px: float = 0.0
 
     def __post_init__(self) -> None:
         _check_params(self.kind, self.px_threshold, self.confidence, self.max_iters)
@@ -324,6 +334,7 @@ class Verifier:
             confidence=settings.ransac_confidence,
             max_iters=settings.ransac_max_iters,
             seed=settings.ransac_seed,
+            min_spread_px=settings.min_inlier_spread,
         )
 
     def __call__(self, a: Features, b: Features) -> Correspondences:
@@ -337,6 +348,7 @@ class Verifier:
             self.confidence,
             self.max_iters,
             self.seed,
+            self.min_spread_px,
         )
         logger.debug(
             "verify %s -> %s: %d matches, %d inliers (%s)",

@@ -7,6 +7,7 @@ no module or class state.  One module per group of commands, each registering it
 * :mod:`~delf_es.cli.features`: extract, match, fit-pca, attention;
 * :mod:`~delf_es.cli.search`: index, search, delete, stats, demo;
 * :mod:`~delf_es.cli.evaluate`: eval;
+* :mod:`~delf_es.cli.serving`: serve (the HTTP API);
 * :mod:`~delf_es.cli.workers`: worker, enqueue, failures, reindex, kibana-import;
 * :mod:`~delf_es.cli.train`: ``train attention|backbone``.
 """
@@ -15,13 +16,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
+from rich.markup import escape
 
-from delf_es.cli import evaluate, features, search, workers
-from delf_es.cli.context import CliContext
+from delf_es.cli import evaluate, features, search, serving, workers
+from delf_es.cli.context import CliContext, console, fail
 from delf_es.cli.train import train_app
+from delf_es.errors import InvalidSetting
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="delf-es: instance-level image search.")
 
@@ -41,31 +44,45 @@ def main(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    overrides: dict[str, Any] = {}
-    if backbone:
+    from delf_es.validation import unknown_variables
+
+    for warning in unknown_variables():
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    overrides: dict = {}
+    # "is not None", never truthiness: --max-features 0 or --scales "" must be refused, not ignored
+    if backbone is not None:
         overrides["backbone"] = backbone
-    if backbone_weights:
+    if backbone_weights is not None:
         overrides["backbone_weights"] = backbone_weights
-    if scales:
-        try:
-            overrides["scales"] = tuple(float(s) for s in scales.split(","))
-        except ValueError:
-            raise typer.BadParameter(f"--scales is comma-separated numbers, got {scales!r}") from None
-    if max_features:
+    if scales is not None:
+        overrides["scales"] = _parse_scales(scales)
+    if max_features is not None:
         overrides["max_feature_num"] = max_features
-    if pca:
+    if pca is not None:
         overrides["pca_path"] = pca
     if no_pca:
         overrides["use_pca"] = False
-    if device:
+    if device is not None:
         overrides["device"] = device
-    if scoring:
+    if scoring is not None:
         overrides["scoring"] = scoring
-    if attention_weights:
+    if attention_weights is not None:
         overrides["attention_weights"] = attention_weights
     ctx.obj = CliContext(overrides)
 
 
-for _group in (features, search, evaluate, workers):
+def _parse_scales(text: str) -> tuple[float, ...]:
+    import math
+
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        fail(InvalidSetting(f"--scales {text!r}: comma-separated positive numbers, e.g. 0.7071,1,1.4142"))
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        fail(InvalidSetting(f"--scales {text!r}: every scale must be a positive finite number"))
+    return values
+
+
+for _group in (features, search, evaluate, serving, workers):
     _group.register(app)
 app.add_typer(train_app, name="train")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from delf_es.cli.context import fail, settings_of
+from delf_es.cli.context import checked_of, fail
 from delf_es.errors import DelfEsError, InvalidRequest
 
 
@@ -32,14 +32,14 @@ def eval_command(
 
     extra = json.loads(config.read_text()) if config else {}
     if backend == "elasticsearch":
-        extra["es_url"] = es_url or settings_of(ctx).es_url
+        extra["es_url"] = es_url or checked_of(ctx, model=False).es_url
         if not extra["es_url"]:
             fail(InvalidRequest("--backend elasticsearch needs --es-url or DELF_ES_ES_URL"))
     elif backend == "embedded":
         extra["es_url"] = None
     else:
         fail(InvalidRequest("--backend is embedded or elasticsearch"))
-    settings = settings_of(ctx, **extra)
+    settings = checked_of(ctx, **extra)
     try:
         result = evaluate(gt_json, distractors, settings, out, cache or settings.data_dir / "features", label=label,
                           keep_hits=hits)

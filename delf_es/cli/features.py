@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
-from delf_es.cli.context import console, fail, progress, settings_of
+from delf_es.cli.context import checked_of, console, expand_inputs, fail, progress
 from delf_es.errors import DelfEsError
-from delf_es.items import expand_inputs
 from delf_es.settings import Settings
 
 
@@ -20,29 +20,38 @@ def extract(
     images: list[str] = typer.Argument(..., help="image files, folders or @list.txt"),
     out: Path = typer.Option(Path("features"), help="folder for <name>.npz feature files"),
 ) -> None:
-    """Extract DELF features of images into compact .npz files."""
+    """Extract DELF features of images into compact .npz files: ``<stem>.npz``, or
+    ``<stem>-<hash of the path>.npz`` when inputs share a stem; never over another image's file."""
     from delf_es.features import Extractor
     from delf_es.imageio import load_image
+    from delf_es.degenerate import drop_flat_keypoints
+    from delf_es.outputs import feature_file_names, prepare_output_folder, write_features
 
+    settings = checked_of(ctx)
     try:
-        settings = settings_of(ctx)
+        prepare_output_folder(out)
+    except DelfEsError as error:
+        fail(error)
+    names = feature_file_names(expand_inputs(images))  # one entry per file, however spelled
+    try:
         extractor = Extractor(settings)
     except DelfEsError as error:
         fail(error)
-    paths = expand_inputs(images)
     failures = 0
     with progress() as bar:
-        task = bar.add_task("extracting", total=len(paths))
-        for path in paths:
+        task = bar.add_task("extracting", total=len(names))
+        for path, name in names.items():
             try:
                 image = load_image(path, settings)
-                features = extractor.extract(image.pixels, image_id=path)
-                features.save(out / (Path(path).stem + ".npz"))
+                features = drop_flat_keypoints(extractor.extract(image.pixels, image_id=path), image.pixels,
+                                               settings.min_keypoint_contrast, settings.max_image_size)
+                write_features(features, out / name)
             except DelfEsError as error:
                 failures += 1
-                console.print(f"[yellow]skipped[/yellow] {error}")
+                console.print(f"[yellow]skipped[/yellow] {escape(str(error))}")
             bar.advance(task)
-    console.print(f"{len(paths) - failures} extracted into {out}, {failures} failed; model {extractor.model_id}")
+    console.print(f"{len(names) - failures} extracted into {escape(str(out))}, {failures} failed; "
+                  f"model {extractor.model_id}")
     if failures:
         raise typer.Exit(code=1)
 
@@ -56,13 +65,14 @@ def match(
 ) -> None:
     """Match two images, verify geometrically and draw the inlier correspondences."""
     try:
-        result = run_match(image_a, image_b, out, settings_of(ctx, **({"ransac_model": model} if model else {})))
+        result = run_match(image_a, image_b, out, checked_of(ctx, **({"ransac_model": model} if model is not None else {})))
     except DelfEsError as error:
         fail(error)
     print(json.dumps(result))
 
 
 def run_match(image_a: str, image_b: str, out: Path, settings: Settings) -> dict:
+    from delf_es.degenerate import drop_flat_keypoints
     from delf_es.draw import draw_matches
     from delf_es.features import Extractor
     from delf_es.imageio import load_image
@@ -70,7 +80,8 @@ def run_match(image_a: str, image_b: str, out: Path, settings: Settings) -> dict
 
     extractor = Extractor(settings)
     loaded = [load_image(p, settings) for p in (image_a, image_b)]
-    feats = [extractor.extract(im.pixels, image_id=str(p)) for im, p in zip(loaded, (image_a, image_b))]
+    feats = [drop_flat_keypoints(extractor.extract(im.pixels, image_id=str(p)), im.pixels, settings.min_keypoint_contrast,
+                                 settings.max_image_size) for im, p in zip(loaded, (image_a, image_b))]
     correspondences = verify(feats[0], feats[1], settings)
     draw_matches(loaded[0].pixels, loaded[1].pixels, feats[0].keypoints, feats[1].keypoints, correspondences, out)
     return {
@@ -99,7 +110,7 @@ def fit_pca_command(
     from delf_es.imageio import load_image
     from delf_es.pca import PcaProvenance, fit_pca
 
-    settings = settings_of(ctx, use_pca=False, max_feature_num=max_per_image)
+    settings = checked_of(ctx, use_pca=False, max_feature_num=max_per_image)
     try:
         extractor = Extractor(settings)
     except DelfEsError as error:
@@ -113,7 +124,7 @@ def fit_pca_command(
                 chunks.append(extractor.extract_raw(load_image(path, settings).pixels).descriptors)
                 used += 1
             except DelfEsError as error:
-                console.print(f"[yellow]skipped[/yellow] {error}")
+                console.print(f"[yellow]skipped[/yellow] {escape(str(error))}")
             bar.advance(task)
     descriptors = np.concatenate(chunks) if chunks else np.zeros((0, extractor.meta.local_dim), np.float32)
     provenance = PcaProvenance(
@@ -131,7 +142,8 @@ def fit_pca_command(
         fail(error)
     artifact.save(out)
     kept = float(artifact.explained_variance.sum())
-    console.print(f"PCA {artifact.id}: {len(descriptors)} descriptors from {used} images, variance kept {kept:.3f} -> {out}")
+    console.print(f"PCA {artifact.id}: {len(descriptors)} descriptors from {used} images, variance kept {kept:.3f} -> "
+                  f"{escape(str(out))}")
 
 
 def attention(
@@ -146,8 +158,8 @@ def attention(
     from delf_es.features import Extractor
     from delf_es.imageio import load_image
 
+    settings = checked_of(ctx)
     try:
-        settings = settings_of(ctx)
         extractor = Extractor(settings)
         pixels = load_image(image, settings).pixels
         scores = score_map(extractor, pixels, scale)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
-from delf_es.cli.context import cli_context, console, fail, progress, settings_of
+from delf_es.cli.context import checked_of, cli_context, console, expand_inputs, fail, progress
 from delf_es.errors import DelfEsError
-from delf_es.items import expand_inputs
 
 
 def worker(
@@ -26,11 +26,21 @@ def worker(
     """Start a Celery worker of the fleet (Redis and Elasticsearch from DELF_ES_* settings)."""
     from delf_es.workers.app import make_app
 
+    from delf_es.parallel import usable_cores
+
+    settings = checked_of(ctx, model=False)
+    processes = concurrency or usable_cores()
+    if pool == "prefork" and not settings.torch_threads:
+        # each prefork process gets its share of the cores (N processes x cores/N threads): two
+        # processes of 2 threads on 2 cores oversubscribe them (delf_es/parallel.py)
+        threads = max(1, usable_cores() // processes)
+        settings = settings.model_copy(update={"torch_threads": threads})
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
-        celery_app = make_app(settings_of(ctx))
-    except ValueError as error:
+        celery_app = make_app(settings)
+    except DelfEsError as error:
         fail(error)
-    argv = ["worker", "-Q", queues, "-c", str(concurrency or os.cpu_count() or 1), "-P", pool,
+    argv = ["worker", "-Q", queues, "-c", str(processes), "-P", pool,
             "--loglevel", loglevel, "-n", f"delf-{os.getpid()}@%h"]
     celery_app.worker_main(argv + (["-B"] if beat else []))
 
@@ -48,7 +58,7 @@ def enqueue(
     extra = json.loads(metadata) if metadata else {}
     paths = expand_inputs(inputs)
     try:
-        submitter = make_submitter(settings_of(ctx))
+        submitter = make_submitter(checked_of(ctx, model=False))
     except DelfEsError as error:
         fail(error)
     with submitter:
@@ -64,10 +74,10 @@ def enqueue(
                     job, timeout=timeout,
                     on_progress=lambda p: bar.update(task, completed=p.done + len(p.failed)),
                 )
-            except TimeoutError as error:
+            except DelfEsError as error:  # JobTimeout
                 fail(error)
     for image_id, error in sorted(final.failed.items()):
-        console.print(f"[yellow]failed[/yellow] {image_id}: {error}")
+        console.print(f"[yellow]failed[/yellow] {escape(str(image_id))}: {escape(str(error))}")
     print(json.dumps({"job": job, "total": final.total, "indexed": final.done, "failed": len(final.failed)}))
     if final.failed:
         raise typer.Exit(code=1)
@@ -78,7 +88,7 @@ def failures(ctx: typer.Context, limit: int = typer.Option(100)) -> None:
     from delf_es.sdk import DelfEs
 
     try:
-        with DelfEs(settings_of(ctx)) as sdk:
+        with DelfEs(checked_of(ctx, model=False)) as sdk:
             found = sdk.failures(limit)
     except DelfEsError as error:
         fail(error)
@@ -113,8 +123,8 @@ def reindex(
     if attention_weights:
         model["attention_weights"] = str(attention_weights.resolve())
     try:
-        settings = settings_of(ctx)
-        model_id = Extractor(settings_of(ctx, **model)).model_id
+        settings = checked_of(ctx, model=False)
+        model_id = Extractor(checked_of(ctx, model=False, **model)).model_id
         with make_submitter(settings) as submitter:
             reindexer = Reindexer(settings, submitter, model, model_id)
             console.print(f"reindexing {settings.index_alias} for model {model_id}")
@@ -129,7 +139,7 @@ def reindex(
     except DelfEsError as error:
         fail(error)
     for image_id, error in sorted(result.failed.items()):
-        console.print(f"[yellow]failed[/yellow] {image_id}: {error}")
+        console.print(f"[yellow]failed[/yellow] {escape(str(image_id))}: {escape(str(error))}")
     print(json.dumps(result.as_dict()))
     if result.state == "incomplete":
         console.print(f"[red]not swapped:[/red] {result.target_count} of {result.source_count} images rebuilt; "
@@ -148,17 +158,17 @@ def kibana_import(
     from delf_es.workers.kibana import import_saved_objects
 
     try:
-        answer = import_saved_objects(url, alias or settings_of(ctx).index_alias,
+        answer = import_saved_objects(url, alias or checked_of(ctx, model=False).index_alias,
                                       auth=(user, password or "") if user else None)
-    except RuntimeError as error:
+    except DelfEsError as error:  # KibanaUnavailable
         fail(error)
-    console.print(f"imported {answer.get('successCount', 0)} saved objects into {url}")
+    console.print(f"imported {answer.get('successCount', 0)} saved objects into {escape(str(url))}")
     print(json.dumps(answer))
 
 
 def register(app: typer.Typer) -> None:
     app.command()(worker)
     app.command()(enqueue)
-    app.command()(failures)
     app.command()(reindex)
     app.command("kibana-import")(kibana_import)
+    app.command()(failures)

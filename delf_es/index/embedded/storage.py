@@ -136,6 +136,8 @@ class Storage:
                     descriptors BLOB NOT NULL,
                     global_desc BLOB NOT NULL)"""
             )
+            # Thumbnails in their own table: indexes written before they existed need no migration.
+            db.execute("CREATE TABLE IF NOT EXISTS thumbnails (image_id TEXT PRIMARY KEY, jpeg BLOB NOT NULL)")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('generation', '0')", (SCHEMA,))
             meta = dict(db.execute("SELECT key, value FROM meta"))
             if meta["schema"] != SCHEMA:

@@ -27,6 +27,7 @@ are left out of ``_source`` (``index.mapping.exclude_source_vectors``: a reindex
 
 from __future__ import annotations
 
+import base64
 from typing import Iterable
 
 import numpy as np
@@ -109,7 +110,27 @@ class ElasticsearchBackend:
             num_keypoints=int(source["num_keypoints"]),
             model_id=source["model_id"],
             created_at=source["created_at"],
+            thumbnail_bytes=int(source.get("thumbnail_bytes") or 0),
         )
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The stored thumbnail JPEG, None if stored without; :class:`ImageNotFound` if unknown."""
+        try:
+            found = self.transport.call("get", self.transport.client.get, index=self.alias, id=document_id(image_id),
+                                        source_includes=["thumbnail"])
+        except NotFoundError:
+            raise ImageNotFound(image_id) from None
+        data = (found.get("_source") or {}).get("thumbnail")
+        return base64.b64decode(data) if data else None
+
+    def thumbnail_bytes(self) -> int:
+        """Bytes of all stored thumbnails (a sum aggregation over ``thumbnail_bytes``)."""
+        try:
+            found = self.transport.call("stats", self.transport.client.search, index=self.alias, size=0,
+                                        aggs={"thumbnails": {"sum": {"field": "thumbnail_bytes"}}})
+        except NotFoundError:
+            return 0
+        return int((found.get("aggregations") or {}).get("thumbnails", {}).get("value") or 0)
 
     def _documents(self, image_ids: Iterable[str], fields: list[str]):
         wanted = list(dict.fromkeys(str(image_id) for image_id in image_ids))

@@ -26,7 +26,7 @@ MAX_ID_BYTES = 512
 _HASHED_ID_PREFIX = "~sha256:"
 _PCA_RE = re.compile(r"-(pca\d+-[0-9a-f]+)@")
 #: Fields of the image document that ``get`` leaves out.
-BULKY_FIELDS = ["keypoint_xy", "keypoint_scale", "keypoint_score", "keypoint_codes", "global_vector"]
+BULKY_FIELDS = ["keypoint_xy", "keypoint_scale", "keypoint_score", "keypoint_codes", "global_vector", "thumbnail"]
 
 
 def document_id(image_id: str) -> str:
@@ -79,9 +79,11 @@ def unpack_codes(text: str | None, dims: int) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text or ""), np.int8).reshape(-1, dims).copy()
 
 
-def image_document(record: ImageRecord, generation: int, slot: int, other_slot_keypoints: int) -> dict[str, Any]:
+def image_document(record: ImageRecord, generation: int, slot: int, other_slot_keypoints: int,
+                   thumbnails: bool = False) -> dict[str, Any]:
     """The ``_source`` of ``record``'s image document naming its live keypoints (``generation``,
-    ``slot``) and how many keypoints of the previous version remain in the other slot."""
+    ``slot``) and how many keypoints of the previous version remain in the other slot; with
+    ``thumbnails`` (the index's mapping has the fields), its thumbnail JPEG."""
     features = record.features
     width, height = features.image_size
     pca = _PCA_RE.search(features.model_id)
@@ -105,4 +107,8 @@ def image_document(record: ImageRecord, generation: int, slot: int, other_slot_k
     }
     if len(features.global_desc):
         doc["global_vector"] = float_vector(features.global_desc)
+    if record.thumbnail and thumbnails:
+        # (an index created before thumbnails existed has no such field: "dynamic": "strict")
+        doc["thumbnail"] = base64.b64encode(record.thumbnail).decode("ascii")
+        doc["thumbnail_bytes"] = len(record.thumbnail)
     return doc

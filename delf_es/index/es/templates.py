@@ -107,6 +107,7 @@ class Indices:
     local_dims: int
     global_dims: int | None
     quantised_global: bool
+    thumbnails: bool = False  # the mapping has the thumbnail fields (indexes since the HTTP API)
 
 
 class Aliases:
@@ -148,6 +149,7 @@ class Aliases:
             local_dims=int(meta["local_dims"]),
             global_dims=int(global_dims) if global_dims else None,
             quantised_global=global_type.get("index_options", {}).get("type", "hnsw") != "hnsw",
+            thumbnails="thumbnail" in mapping.get("properties", {}),
         )
         return self._indices
 

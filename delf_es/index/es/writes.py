@@ -149,6 +149,11 @@ class Writer:
             yield {"_op_type": "delete", "_index": self.aliases.keypoints,
                    "_id": keypoint_id(record.image_id, write.slot, j)}
 
+    @property
+    def _thumbnails(self) -> bool:
+        indices = self.aliases.current()
+        return indices is not None and indices.thumbnails
+
     def _write_round(self, items: list[tuple[int, ImageRecord]]) -> list[_Write]:
         """Write a few images: new keypoints, then image documents, then old keypoints."""
         live = self.versions([record.image_id for _, record in items])
@@ -178,7 +183,8 @@ class Writer:
         complete = [write for write in writes if write.error is None]
         documents = [
             {"_op_type": "index", "_index": self.aliases.images, "_id": document_id(w.record.image_id),
-             "_source": image_document(w.record, w.generation, w.slot, w.previous.num_keypoints if w.previous else 0)}
+             "_source": image_document(w.record, w.generation, w.slot, w.previous.num_keypoints if w.previous else 0,
+                                       thumbnails=self._thumbnails)}
             for w in complete
         ]
         by_doc = {document_id(w.record.image_id): w for w in complete}
