@@ -117,3 +117,53 @@ def backbone_command(
         fail(error)
     print(json.dumps({"out": str(out), "epochs": summary["epochs"], "last": summary["history"][-1] if summary["history"] else {},
                       "weights": str(out / "backbone.pt")}, indent=2))
+
+
+def _photos(folder: Path) -> list[Path]:
+    from delf_es.train.data import IMAGE_SUFFIXES
+
+    found = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise typer.BadParameter(f"no photos in {folder}")
+    return found
+
+
+def _pair_cache(photos: Path, cache: Optional[Path], size: int, pairs: int, seed: int, settings):
+    """The (photo, homography warp) pair cache of ``photos`` (built once, then reused)."""
+    import torch
+
+    from delf_es.model.delf import build_model
+    from delf_es.train.geometry import WarpConfig, build_pair_cache
+
+    config = WarpConfig(size=_sizes(str(size))[0], pairs_per_image=pairs, seed=seed)
+    model, meta = build_model(settings.model_copy(update={"scoring": "norm"}))
+    model = model.to(memory_format=torch.channels_last)
+    return build_pair_cache(_photos(photos), model, meta, config, cache or settings.data_dir / "train-pairs", settings)
+
+
+@train_app.command("pairs")
+def pairs_command(
+    photos: Path = typer.Argument(..., help="folder of unlabeled photos (e.g. from scripts/training_photos.py)"),
+    cache: Optional[Path] = typer.Option(None, help="pair-map cache root (default: <data_dir>/train-pairs)"),
+    size: int = typer.Option(320, help="view side, px (multiple of 32)"),
+    pairs: int = typer.Option(2, help="(view, homography warp) pairs per photo"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """Cache the frozen backbone's maps of (photo view, random homography warp) pairs: the input of
+    ``train matchability`` and ``train descriptor`` (run once; the commands reuse it)."""
+    import time
+
+    import torch
+
+    settings, fail = _settings_and_fail()
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    try:
+        built = _pair_cache(photos, cache, size, pairs, seed, settings)
+    except (DelfEsError, ValueError) as error:
+        fail(error)
+    print(json.dumps({"cache": str(built.folder), "pairs": int(len(built.photos)),
+                      "train": int((built.split == "train").sum()), "val": int((built.split == "val").sum()),
+                      "seconds": round(time.perf_counter() - started, 1)}, indent=2))
