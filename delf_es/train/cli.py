@@ -167,3 +167,84 @@ def pairs_command(
     print(json.dumps({"cache": str(built.folder), "pairs": int(len(built.photos)),
                       "train": int((built.split == "train").sum()), "val": int((built.split == "val").sum()),
                       "seconds": round(time.perf_counter() - started, 1)}, indent=2))
+
+
+def _default_pca(settings):
+    from delf_es.features import default_pca_path
+    from delf_es.model.delf import build_model
+    from delf_es.pca import PcaArtifact
+
+    _, meta = build_model(settings.model_copy(update={"scoring": "norm"}))
+    return PcaArtifact.load(settings.pca_path or default_pca_path(meta.backbone, meta.local_layer, "norm")), meta
+
+
+@train_app.command("matchability")
+def matchability_command(
+    photos: Path = typer.Argument(..., help="folder of unlabeled photos (the pair cache of `train pairs`)"),
+    out: Path = typer.Option(..., help="run folder: attention.pt, train.json"),
+    objective: str = typer.Option("bce", help="'bce' (matchable or not) or 'rank' (pairwise ranking, AUC surrogate)"),
+    cache: Optional[Path] = typer.Option(None, help="pair-map cache root (default: <data_dir>/train-pairs)"),
+    size: int = typer.Option(320), pairs: int = typer.Option(2), seed: int = typer.Option(0),
+    epochs: int = typer.Option(12), lr: float = typer.Option(1e-3), hidden: int = typer.Option(512),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+    export: Optional[Path] = typer.Option(None, help="also copy the trained head here (e.g. delf_es/weights/...)"),
+) -> None:
+    """Matchability attention from geometry: the DELF head trained so its score ranks cells by
+    whether their descriptor's mutual nearest neighbour lands where the homography says."""
+    import shutil
+
+    import torch
+
+    from delf_es.train.geometry_stage import MatchabilityConfig, train_matchability
+
+    settings, fail = _settings_and_fail()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        built = _pair_cache(photos, cache, size, pairs, seed, settings)
+        pca, meta = _default_pca(settings)
+        config = MatchabilityConfig(objective=objective, epochs=epochs, lr=lr, hidden=hidden, seed=seed)
+        provenance = {"backbone": meta.backbone, "local_layer": meta.local_layer, "backbone_digest": meta.backbone_digest,
+                      "images": len(built.photo_paths), "background_images": 0, "target_pca": pca.id,
+                      "trained_on": f"(view, homography warp) pairs of {len(built.photo_paths)} photos in {photos}",
+                      "command": "delf-es " + " ".join(sys.argv[1:])}
+        summary = train_matchability(built, pca, config, out, provenance)
+    except (DelfEsError, ValueError) as error:
+        fail(error)
+    if export is not None:
+        export.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "attention.pt", export)
+    print(json.dumps({"out": str(out), "train_seconds": summary["train_seconds"], "val": summary["val"],
+                      "last": summary["history"][-1]}, indent=2))
+
+
+@train_app.command("descriptor")
+def descriptor_command(
+    photos: Path = typer.Argument(..., help="folder of unlabeled photos (the pair cache of `train pairs`)"),
+    out: Path = typer.Option(..., help="artifact .npz (with .json and .train.json beside it)"),
+    cache: Optional[Path] = typer.Option(None, help="pair-map cache root (default: <data_dir>/train-pairs)"),
+    size: int = typer.Option(320), pairs: int = typer.Option(2), seed: int = typer.Option(0),
+    epochs: int = typer.Option(15), lr: float = typer.Option(1e-3),
+    temperature: float = typer.Option(0.07), reconstruction: float = typer.Option(1.0),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """Learned local descriptor from geometry: a 720 -> 40 projection (initialised from the PCA)
+    trained with InfoNCE over true correspondences plus reconstruction; use with --pca-path."""
+    import torch
+
+    from delf_es.train.geometry_stage import DescriptorConfig, train_descriptor
+
+    settings, fail = _settings_and_fail()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        built = _pair_cache(photos, cache, size, pairs, seed, settings)
+        pca, _ = _default_pca(settings)
+        config = DescriptorConfig(epochs=epochs, lr=lr, temperature=temperature, reconstruction=reconstruction, seed=seed)
+        summary = train_descriptor(built, pca, config, out, {
+            "fitted_on": f"(view, homography warp) pairs of {len(built.photo_paths)} photos in {photos} (scripts/training_photos.py)",
+            "command": "delf-es " + " ".join(sys.argv[1:])})
+    except (DelfEsError, ValueError) as error:
+        fail(error)
+    print(json.dumps({"out": str(out), "artifact": summary["artifact"], "train_seconds": summary["train_seconds"],
+                      "val": summary["val"], "last": summary["history"][-1]}, indent=2))
