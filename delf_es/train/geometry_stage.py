@@ -175,12 +175,11 @@ def matchability_loss(scores: torch.Tensor, targets: torch.Tensor, objective: st
 def _prepare(cache: PairCache, pca: PcaArtifact) -> dict:
     """Per pair: targets of both views and the ground-truth geometry (numpy, computed once)."""
     maps_a, maps_b = cache.maps("a"), cache.maps("b")
-    truths, targets = [], []
-    for index in range(len(cache.photos)):
+    truths, targets = {}, {}
+    for index in np.flatnonzero(cache.split != "unused"):
         truth = correspondences(cache, index)
-        ya, yb = matchable(pca_descriptors(_cells(maps_a[index]), pca), pca_descriptors(_cells(maps_b[index]), pca), truth)
-        truths.append(truth)
-        targets.append((ya, yb))
+        targets[index] = matchable(pca_descriptors(_cells(maps_a[index]), pca), pca_descriptors(_cells(maps_b[index]), pca), truth)
+        truths[index] = truth
     return {"truths": truths, "targets": targets}
 
 
@@ -382,7 +381,7 @@ def train_descriptor(cache: PairCache, pca: PcaArtifact, config: DescriptorConfi
                      provenance: dict | None = None) -> dict:
     """Train the projection; writes the artifact ``out_path`` (.npz + .json) and ``<stem>.train.json``."""
     started = time.perf_counter()
-    truths = {i: correspondences(cache, i) for i in range(len(cache.photos))}
+    truths = {i: correspondences(cache, i) for i in np.flatnonzero(cache.split != "unused")}
     prepare_seconds = time.perf_counter() - started
     torch.manual_seed(config.seed)
     model = Projection(pca)
