@@ -70,9 +70,18 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=24, help="training photos warped into true pairs")
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--out", default="benchmarks/results/chance_inliers.json")
+    parser.add_argument("--maps", type=Path, default=None,
+                        help="backbone-map cache (delf_es/eval/map_cache.py): variants of the heads reuse the backbone run")
     args = parser.parse_args()
-    settings = Settings()
-    feats = CachedExtractor(Extractor(settings), args.cache)
+    settings = Settings()  # DELF_ES_ATTENTION_WEIGHTS / DELF_ES_PCA_PATH / ... choose the variant
+    if args.maps is not None:
+        from delf_es.eval.map_cache import MapCachedExtractor
+
+        extractor = MapCachedExtractor(settings, args.maps)
+        args.cache = args.cache / "from-maps"  # never mixed with features of real extraction
+    else:
+        extractor = Extractor(settings)
+    feats = CachedExtractor(extractor, args.cache)
 
     def image(path: Path):
         return feats(f"file:{path}", lambda: load_image(path, settings).pixels)

@@ -274,7 +274,7 @@ def train_matchability(cache: PairCache, pca: PcaArtifact, config: MatchabilityC
     summary = {"objective": config.objective, "config": asdict(config), "history": history,
                "train_seconds": round(train_seconds, 1), "prepare_seconds": round(prepare_seconds, 1),
                "val": {"head": final, **baseline}, "pairs": {"train": int(len(train_rows)), "val": int(len(val_rows))},
-               "pair_cache": str(cache.folder)}
+               "pair_cache": str(cache.folder), **(provenance or {})}
     meta = {**(provenance or {}), "objective": config.objective, "train_seconds": summary["train_seconds"],
             "final": history[-1] if history else None, "classes": [], "val": summary["val"]}
     save_atomic({"format": HEAD_FORMAT, "state_dict": {k: v.detach().clone() for k, v in head.state_dict().items()},
