@@ -23,8 +23,8 @@ def score_map(extractor: Extractor, pixels: np.ndarray, scale: float = 1.0) -> n
     ratio = min(1.0, settings.max_image_size / max(width, height))
     base_h, base_w = max(1, round(height * ratio)), max(1, round(width * ratio))
     level_h, level_w = level_size(base_h * scale, LEVEL_MULTIPLE), level_size(base_w * scale, LEVEL_MULTIPLE)
-    level = ((_resize(base, level_h, level_w) - extractor._mean) / extractor._std).to(extractor.dtype)
-    return extractor.model.forward_level(level, with_global=False).scores.float().cpu().numpy()
+    level = (_resize(base, level_h, level_w) - extractor._mean) / extractor._std
+    return extractor.network.forward_level(level, with_global=False).scores.float().cpu().numpy()
 
 
 def draw_attention(

@@ -10,6 +10,7 @@ from typing import Iterable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from delf_es.errors import DelfEsError
@@ -19,7 +20,6 @@ from delf_es.train.cli import train_app
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="delf-es: instance-level image search.")
 app.add_typer(train_app, name="train")
 console = Console(stderr=True)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
 class State:
@@ -69,16 +69,18 @@ def main(
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
-    """Files as given; folders expanded to the images below them (sorted); ``@list.txt`` read line by line."""
-    out: list[str] = []
-    for item in inputs:
-        if item.startswith("@"):
-            out += [line.strip() for line in Path(item[1:]).read_text().splitlines() if line.strip()]
-        elif Path(item).is_dir():
-            out += sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(item)
-    return out
+    """Files as given; folders expanded to the images below them (sorted); ``@list.txt`` read line
+    by line (delf_es/inputs.py: special files are never read, so a FIFO cannot hang the run).
+    A bad ``@list`` ends the command with a one-line error; an unreadable sub-folder is reported."""
+    from delf_es.inputs import expand_inputs as expand
+
+    try:
+        found = expand(inputs)
+    except DelfEsError as error:
+        fail(error)
+    for problem in found.unreadable:
+        console.print(f"[yellow]skipped[/yellow] {escape(str(problem))}")
+    return found.sources
 
 
 def progress() -> Progress:
@@ -88,7 +90,7 @@ def progress() -> Progress:
 
 
 def fail(error: Exception) -> None:
-    console.print(f"[red]error:[/red] {error}")
+    console.print(f"[red]error:[/red] {escape(str(error))}")  # paths may hold "[...]": never markup
     raise typer.Exit(code=2)
 
 
@@ -97,29 +99,36 @@ def extract(
     images: list[str] = typer.Argument(..., help="image files, folders or @list.txt"),
     out: Path = typer.Option(Path("features"), help="folder for <name>.npz feature files"),
 ) -> None:
-    """Extract DELF features of images into compact .npz files."""
+    """Extract DELF features of images into compact .npz files: ``<stem>.npz``, or
+    ``<stem>-<hash of the path>.npz`` when inputs share a stem; never over another image's file."""
     from delf_es.features import Extractor
     from delf_es.imageio import load_image
+    from delf_es.outputs import feature_file_names, prepare_output_folder, write_features
 
     try:
         settings = State.settings()
+        prepare_output_folder(out)
+    except DelfEsError as error:
+        fail(error)
+    names = feature_file_names(expand_inputs(images))  # one entry per file, however spelled
+    try:
         extractor = Extractor(settings)
     except DelfEsError as error:
         fail(error)
-    paths = expand_inputs(images)
     failures = 0
     with progress() as bar:
-        task = bar.add_task("extracting", total=len(paths))
-        for path in paths:
+        task = bar.add_task("extracting", total=len(names))
+        for path, name in names.items():
             try:
                 image = load_image(path, settings)
                 features = extractor.extract(image.pixels, image_id=path)
-                features.save(out / (Path(path).stem + ".npz"))
+                write_features(features, out / name)
             except DelfEsError as error:
                 failures += 1
-                console.print(f"[yellow]skipped[/yellow] {error}")
+                console.print(f"[yellow]skipped[/yellow] {escape(str(error))}")
             bar.advance(task)
-    console.print(f"{len(paths) - failures} extracted into {out}, {failures} failed; model {extractor.model_id}")
+    console.print(f"{len(names) - failures} extracted into {escape(str(out))}, {failures} failed; "
+                  f"model {extractor.model_id}")
     if failures:
         raise typer.Exit(code=1)
 
@@ -190,7 +199,7 @@ def fit_pca_command(
                 chunks.append(extractor.extract_raw(load_image(path, settings).pixels).descriptors)
                 used += 1
             except DelfEsError as error:
-                console.print(f"[yellow]skipped[/yellow] {error}")
+                console.print(f"[yellow]skipped[/yellow] {escape(str(error))}")
             bar.advance(task)
     descriptors = np.concatenate(chunks) if chunks else np.zeros((0, extractor.meta.local_dim), np.float32)
     provenance = PcaProvenance(
@@ -208,7 +217,8 @@ def fit_pca_command(
         fail(error)
     artifact.save(out)
     kept = float(artifact.explained_variance.sum())
-    console.print(f"PCA {artifact.id}: {len(descriptors)} descriptors from {used} images, variance kept {kept:.3f} -> {out}")
+    console.print(f"PCA {artifact.id}: {len(descriptors)} descriptors from {used} images, variance kept {kept:.3f} -> "
+                  f"{escape(str(out))}")
 
 
 @app.command()
@@ -258,7 +268,7 @@ def index(
         except DelfEsError as error:
             fail(error)
         for failure in report.failed:
-            console.print(f"[yellow]failed[/yellow] {failure.item_id}: {failure.error}")
+            console.print(f"[yellow]failed[/yellow] {escape(failure.item_id)}: {escape(failure.error)}")
         skipped = len(paths) - len(report.succeeded) - len(report.failed)
         console.print(f"{len(report.succeeded)} indexed, {skipped} already there, {len(report.failed)} failed; "
                       f"{sdk.count()} images in the index")
@@ -289,12 +299,12 @@ def search(
     if as_json:
         print(json.dumps(hits, indent=2))
         return
-    table = Table(title=f"{len(hits)} matches for {image}")
+    table = Table(title=escape(f"{len(hits)} matches for {image}"))
     for column in ("rank", "id", "inliers", "votes", "dist", "metadata"):
         table.add_column(column)
     for rank, hit in enumerate(hits, 1):
-        table.add_row(str(rank), hit["id"], str(hit["inliers"]), str(hit["votes"]), f"{hit['dist']:.3f}",
-                      json.dumps(hit["metadata"])[:60])
+        table.add_row(str(rank), escape(hit["id"]), str(hit["inliers"]), str(hit["votes"]), f"{hit['dist']:.3f}",
+                      escape(json.dumps(hit["metadata"])[:60]))
     Console().print(table)
 
 
@@ -329,7 +339,7 @@ def delete(image_id: str = typer.Argument(...)) -> None:
             sdk.delete_image(image_id, refresh_after=True)
         except DelfEsError as error:
             fail(error)
-    console.print(f"deleted {image_id}")
+    console.print(f"deleted {escape(image_id)}")
 
 
 @app.command()
@@ -412,11 +422,11 @@ def demo(out: Path = typer.Option(Path("out"), help="folder for the demo's index
             count = sdk.count()
     except DelfEsError as error:
         fail(error)
-    console.print(f"indexed {len(report.succeeded)} new photos ({count} in {settings.data_dir}); "
+    console.print(f"indexed {len(report.succeeded)} new photos ({count} in {escape(str(settings.data_dir))}); "
                   f"query {query.name}:")
     for rank, hit in enumerate(hits, 1):
-        console.print(f"  {rank}. {Path(hit['id']).name}  inliers={hit['inliers']}  votes={hit['votes']}")
-    console.print(f"figure: {figure}")
+        console.print(f"  {rank}. {escape(Path(hit['id']).name)}  inliers={hit['inliers']}  votes={hit['votes']}")
+    console.print(f"figure: {escape(str(figure))}")
     print(json.dumps({"query": str(query), "hits": [{k: h[k] for k in ("id", "inliers", "dist")} for h in hits],
                       "figure": str(figure)}))
 

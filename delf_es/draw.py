@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from delf_es.errors import FeatureShapeError
+from delf_es.errors import FeatureShapeError, InvalidRequest
 from delf_es.types import Correspondences
 
 __all__ = ["CAPTION_PX", "GAP_PX", "draw_keypoints", "draw_matches", "match_caption", "side_by_side"]
@@ -89,7 +89,7 @@ def side_by_side(
         offset of image B on the canvas, px.
     """
     if max_height < 1:
-        raise ValueError(f"max_height must be >= 1 px, got {max_height}")
+        raise InvalidRequest(f"max_height must be >= 1 px, got {max_height}")
     pil_a, pil_b = _as_rgb("image_a", image_a), _as_rgb("image_b", image_b)
     height = min(max_height, max(pil_a.height, pil_b.height))
     scale_a, scale_b = height / pil_a.height, height / pil_b.height

@@ -14,6 +14,21 @@ class DelfEsError(Exception):
     """Root of all delf-es errors."""
 
 
+class InvalidRequest(DelfEsError, ValueError, TypeError):
+    """Arguments that cannot describe an image, its id, its metadata or a search: a wrong type
+    (``limit="5"``, an id that is a list), an id that is empty, too long or not encodable,
+    metadata that is not JSON or is nested too deep.  Never worth retrying."""
+
+
+class ConfigurationError(DelfEsError, ValueError):
+    """The settings do not allow what was asked: a service URL missing (workers need Redis,
+    reindexing needs Elasticsearch), an index knob out of range, an unknown layer name."""
+
+
+class JobTimeout(DelfEsError, TimeoutError):
+    """Waiting for a worker job (or a service to come up) took longer than the caller allowed."""
+
+
 class InvalidImage(DelfEsError, ValueError):
     """The input cannot be decoded as a usable image (corrupt, truncated, not an
     image, too small, too many pixels).  Never worth retrying."""
@@ -91,6 +106,35 @@ class IndexUnavailable(DelfEsError, ConnectionError):
     The only error workers retry automatically."""
 
 
+class RequestRejected(DelfEsError):
+    """Elasticsearch refused a request for a reason other than load (a 4xx other than 429):
+    a malformed query, a mapping conflict.  Not worth retrying; ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message, status)
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ReindexError(DelfEsError, RuntimeError):
+    """A reindex cannot proceed (counts differ, another model's build is in progress...)."""
+
+
+class KibanaUnavailable(DelfEsError, RuntimeError):
+    """Kibana could not be reached or refused the saved objects."""
+
+
+class EvaluationFailed(DelfEsError, RuntimeError):
+    """An evaluation cannot produce numbers (e.g. database images failed to index)."""
+
+
+class InvalidGroundTruth(DelfEsError, ValueError):
+    """A gt.json file that does not follow the format."""
+
+
 class RetriesExhausted(DelfEsError):
     """A worker gave up on an image after retrying a transient error (index or Redis outage)
     ``retries`` times; ``last_error`` is the last one, e.g. ``"IndexUnavailable: ..."``."""
@@ -148,3 +192,44 @@ class UnsupportedFilter(DelfEsError, ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class UnreadableFile(DelfEsError, ValueError):
+    """A path named by the user cannot be read as a file: missing, not permitted, a directory,
+    a named pipe, a device or a socket (never read: it could block forever), or larger than the
+    cap.  ``path`` is the name as given."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message, path)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class OutputConflict(DelfEsError, FileExistsError):
+    """Writing an output would overwrite something it must not: a feature file of another
+    image, or an output folder that is a file.  ``path`` is the output."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message, path)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class RuntimeUnavailable(DelfEsError, RuntimeError):
+    """The inference runtime or precision asked for cannot run here: its package is not
+    installed, the CPU lacks the instructions, the device does not support it, or an INT8
+    model has no calibration photos.  ``runtime`` names what was asked (e.g. ``"openvino/int8"``)."""
+
+    def __init__(self, message: str, runtime: str = "") -> None:
+        super().__init__(message, runtime)
+        self.message = message
+        self.runtime = runtime
+
+    def __str__(self) -> str:
+        return f"{self.runtime}: {self.message}" if self.runtime else self.message

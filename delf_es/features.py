@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from delf_es.errors import FeatureShapeError, WeightsNotFound
 from delf_es.model.delf import DelfModel, ModelMeta, build_model
 from delf_es.model.receptive_field import ReceptiveField, level_size
+from delf_es.model.runtime import Calibration, LevelNetwork, RuntimeChoice, build_network, choose_runtime, training_photos
 from delf_es.model.weights import PROJECT_WEIGHTS_DIR
 from delf_es.pca import PcaArtifact, l2_normalise
 from delf_es.settings import Settings
@@ -76,14 +77,20 @@ class Extractor:
             torch.set_num_threads(settings.torch_threads)
         self.device = torch.device(settings.device)
         model, meta = build_model(settings)
-        self.dtype = torch.bfloat16 if settings.precision == "bfloat16" else torch.float32
-        self.model: DelfModel = model.to(self.device, self.dtype)
-        if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)  # measured ~15% faster on CPU
         self.meta: ModelMeta = meta
         self.pca: PcaArtifact | None = self._load_pca()
         self._mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1)
+        self.runtime: RuntimeChoice = choose_runtime(settings.runtime, settings.precision, self.device.type)
+        log.info("network runtime %s: %s", self.runtime.name, self.runtime.reason)
+        self.network: LevelNetwork
+        self.network, self._id_suffix = build_network(
+            self.runtime, model, self.device, cache_dir=Path(settings.data_dir) / "models", model_key=self._model_key(),
+            threads=settings.torch_threads, channels_last=settings.channels_last, compile=settings.torch_compile,
+            calibration=self._calibration,
+        )
+        #: the PyTorch model (float32 unless the torch runtime casts it); ``network`` is what runs
+        self.model: DelfModel = model
 
     def _load_pca(self) -> PcaArtifact | None:
         if not self.settings.use_pca:
@@ -100,13 +107,35 @@ class Extractor:
         pca.check_compatible(meta.backbone, meta.local_layer, meta.local_dim)
         return pca
 
+    def _model_key(self) -> str:
+        """Names the network's weights (not the PCA): the file stem of converted models."""
+        meta = self.meta
+        scoring = meta.scoring if not meta.attention_digest else f"attention-{meta.attention_digest}"
+        return f"{meta.backbone}.{meta.local_layer}-{scoring}@{meta.backbone_digest}"
+
+    def _calibration(self) -> Calibration:
+        """INT8 calibration: every pyramid level of the training photos, made as extraction makes them."""
+        photos = training_photos(self.settings.int8_calibration)
+        scales = tuple(sorted(set(self.settings.scales) | set(self.settings.global_scales)))
+        return Calibration(photos=photos, levels=lambda: _CalibrationLevels(self, photos, scales),
+                           count=len(photos) * len(scales))
+
+    @torch.inference_mode()
+    def pyramid(self, pixels: np.ndarray, scales: Sequence[float]) -> list[torch.Tensor]:
+        """(1, 3, H, W) float32 normalised levels of ``pixels`` at ``scales``, as extraction makes them."""
+        check_pixels(pixels)
+        base = self._base(pixels)
+        sizes = [(level_size(base.shape[-2] * s, LEVEL_MULTIPLE), level_size(base.shape[-1] * s, LEVEL_MULTIPLE)) for s in scales]
+        return [(_resize(base, h, w) - self._mean) / self._std for h, w in sizes]
+
     @property
     def model_id(self) -> str:
-        """e.g. ``efficientnet-lite2.expand-norm-pca40-1a2b3c4d@9656183e``."""
+        """e.g. ``efficientnet-lite2.expand-norm-pca40-1a2b3c4d@9656183e``; INT8 adds
+        ``+int8-<calibration digest>`` (float runtimes differ by rounding only and keep it)."""
         meta = self.meta
         scoring = meta.scoring if not meta.attention_digest else f"attention-{meta.attention_digest}"
         reduction = self.pca.id if self.pca is not None else f"raw{meta.local_dim}"
-        return f"{meta.backbone}.{meta.local_layer}-{scoring}-{reduction}@{meta.backbone_digest}"
+        return f"{meta.backbone}.{meta.local_layer}-{scoring}-{reduction}@{meta.backbone_digest}{self._id_suffix}"
 
     @property
     def descriptor_dim(self) -> int:
@@ -159,10 +188,8 @@ class Extractor:
                 for start in range(0, len(members), settings.extract_batch):
                     batch = members[start : start + settings.extract_batch]
                     level = torch.cat([_resize(bases[i], level_h, level_w) for i in batch])
-                    level = ((level - self._mean) / self._std).to(self.dtype)
-                    if self.device.type == "cpu":
-                        level = level.contiguous(memory_format=torch.channels_last)
-                    outputs = self.model.forward_levels(level, with_global=round(scale, 4) in global_scales)
+                    level = (level - self._mean) / self._std
+                    outputs = self.network.forward_levels(level, with_global=round(scale, 4) in global_scales)
                     for i, out in zip(batch, outputs):
                         height, width = images[i].shape[:2]
                         levels[i].add(out, scale, scale in settings.scales, (level_w, level_h), (width, height), self)
@@ -177,6 +204,23 @@ class Extractor:
             ratio = self.settings.max_image_size / longest
             base = _resize(base, max(1, round(height * ratio)), max(1, round(width * ratio)))
         return base
+
+
+@dataclass(frozen=True)
+class _CalibrationLevels:
+    """Re-iterable (NNCF passes over it more than once) of (1, 3, H, W) float32 normalised
+    levels of ``photos`` at ``scales``, decoded one photo at a time to bound memory."""
+
+    extractor: Extractor
+    photos: tuple[Path, ...]
+    scales: tuple[float, ...]
+
+    def __iter__(self):
+        from delf_es.imageio import load_image
+
+        for path in self.photos:
+            for level in self.extractor.pyramid(load_image(str(path), self.extractor.settings).pixels, self.scales):
+                yield np.ascontiguousarray(level.cpu().float().numpy())
 
 
 @dataclass

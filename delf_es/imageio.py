@@ -7,6 +7,8 @@ downloads).  Anything it cannot turn into a usable picture raises
 
 Steps, in order:
 
+0. A path is read through :func:`~delf_es.safe_files.read_regular_file`: only a regular file,
+   at most ``settings.max_file_bytes`` (a FIFO, device or directory is refused, never read).
 1. Identify the format from the header, only among :data:`SUPPORTED_FORMATS`
    (no Ghostscript-backed EPS, no header-less formats such as TGA that accept
    almost any bytes).
@@ -14,7 +16,9 @@ Steps, in order:
    exceed ``settings.max_pixels`` (decompression bombs) and both sides must be at
    least ``settings.min_image_side`` px.
 3. Decode the first frame (GIF, TIFF, MPO may hold more).  Truncated data is an
-   error: Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never touched.
+   error: Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never touched.  A JPEG
+   whose entropy-coded data ends before the size its header claims (libjpeg would fill
+   the rest with grey, and Pillow does not report it) is refused: see :func:`_check_jpeg_complete`.
 4. Apply the EXIF orientation, so the result is upright.
 5. Convert to 8-bit RGB; see :func:`to_rgb` for how each mode is mapped.
 
@@ -39,8 +43,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from delf_es.errors import FeatureShapeError, ImageTooLarge, InvalidImage
+from delf_es.errors import FeatureShapeError, ImageTooLarge, InvalidImage, InvalidRequest, UnreadableFile
 from delf_es.fetch import fetch_url
+from delf_es.safe_files import read_regular_file
 from delf_es.settings import Settings
 
 __all__ = [
@@ -107,17 +112,20 @@ def load_image(source: ImageSource, settings: Settings, *, name: str | None = No
             (e.g. the URL or upload file name).
 
     Raises:
-        InvalidImage: the file is missing or unreadable, empty, not an image in
+        InvalidImage: the file is missing or unreadable, not a regular file (FIFO, device,
+            directory: refused without reading), larger than ``settings.max_file_bytes``, empty, not an image in
             one of :data:`SUPPORTED_FORMATS`, corrupt or truncated, or a side is
             shorter than ``settings.min_image_side``.
         ImageTooLarge: ``width * height`` in the header exceeds
             ``settings.max_pixels`` (checked before decoding).
         TypeError: ``source`` is none of the accepted types (a programming error).
     """
-    display, fp = _prepare(source, name)
+    display, fp = _prepare(source, name, settings)
     im = _open(fp, display)
     with im:
         _check_header_size(im.size, settings, display)
+        if im.format in ("JPEG", "MPO"):
+            _check_jpeg_complete(im.fp, display)
         upright = _decode_upright(im, display)
         try:
             pixels = to_rgb(upright)
@@ -174,19 +182,24 @@ def to_rgb(im: Image.Image) -> np.ndarray:
     return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
-def _prepare(source: ImageSource, name: str | None) -> tuple[str, str | BinaryIO]:
+def _prepare(source: ImageSource, name: str | None, settings: Settings) -> tuple[str, BinaryIO]:
     """Return the display name and what to hand to ``Image.open``."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not isinstance(path, str):  # bytes path
-            raise TypeError("paths must be str or os.PathLike[str]")
-        return name or path, str(Path(path))
+            raise InvalidRequest("paths must be str or os.PathLike[str]")
+        display = name or path
+        try:
+            data = read_regular_file(path, settings.max_file_bytes)
+        except UnreadableFile as error:
+            raise InvalidImage(error.message, display) from None
+        return display, io.BytesIO(data)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return name or "<bytes>", io.BytesIO(bytes(source))
     if hasattr(source, "read"):
         stream_name = getattr(source, "name", None)
         return name or (stream_name if isinstance(stream_name, str) else "<stream>"), source
-    raise TypeError(f"expected a path, bytes or a binary file object, got {type(source).__name__}")
+    raise InvalidRequest(f"expected a path, bytes or a binary file object, got {type(source).__name__}")
 
 
 def _open(fp: str | BinaryIO, display: str) -> Image.Image:
@@ -204,6 +217,36 @@ def _open(fp: str | BinaryIO, display: str) -> Image.Image:
         raise InvalidImage("file not found", display) from exc
     except _DECODE_ERRORS as exc:  # unreadable file or stream, or a corrupt header
         raise InvalidImage(f"cannot read image: {exc}", display) from exc
+
+
+def _check_jpeg_complete(fp: BinaryIO, display: str) -> None:
+    """Refuse a JPEG whose entropy-coded data stops before the image its header describes.
+
+    libjpeg treats such data as a warning ("Corrupt JPEG data: premature end of data segment",
+    "Premature end of JPEG file"), fills the missing blocks with grey and carries on, and
+    Pillow silences its warnings: a 384 px image whose header claims 9000x7000 would decode to
+    63 Mpx of grey.  simplejpeg (libjpeg-turbo) decodes in ``strict`` mode, where warnings are
+    errors, at 1/8 scale (the IDCT is skipped, every coefficient is still read).  Only the
+    premature-end warnings refuse the image: others (e.g. "extraneous bytes before marker",
+    common in camera files) decode fine in Pillow and are kept.  A JPEG simplejpeg cannot read
+    at all (CMYK, arithmetic coding, lossless) gets no verdict here and is left to Pillow.
+    """
+    import simplejpeg
+
+    try:
+        position = fp.tell()
+        fp.seek(0)
+        data = fp.read()
+        fp.seek(position)
+    except (AttributeError, OSError, ValueError) as exc:  # Image.open made it seekable; be safe anyway
+        raise InvalidImage(f"cannot re-read the JPEG data: {exc}", display) from None
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=1, min_width=1, strict=True)
+    except ValueError as exc:
+        message = str(exc)
+        if "premature end" in message.lower():
+            raise InvalidImage(f"JPEG data ends before the size its header claims: {message}", display) from None
+        logger.debug("simplejpeg could not check %s: %s", display, message)
 
 
 def _check_header_size(size: tuple[int, int], settings: Settings, display: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from delf_es.errors import FeatureShapeError, ModelMismatch, WeightsNotFound
+from delf_es.errors import FeatureShapeError, InvalidRequest, ModelMismatch, WeightsNotFound
 
 PCA_FORMAT = "delf-es-pca/1"
 
@@ -132,9 +132,9 @@ def fit_pca(descriptors: np.ndarray, dims: int, provenance: PcaProvenance, seed:
         raise FeatureShapeError("descriptors", "(N, D)", str(descriptors.shape))
     n, dim = descriptors.shape
     if dims > dim:
-        raise ValueError(f"cannot reduce {dim}-d descriptors to {dims} dims")
+        raise InvalidRequest(f"cannot reduce {dim}-d descriptors to {dims} dims")
     if n < dims:
-        raise ValueError(f"need at least {dims} descriptors to fit {dims} dims, got {n}")
+        raise InvalidRequest(f"need at least {dims} descriptors to fit {dims} dims, got {n}")
     pca = PCA(n_components=dims, svd_solver="randomized" if n > 20000 else "full", random_state=seed)
     pca.fit(descriptors.astype(np.float64))
     return PcaArtifact(

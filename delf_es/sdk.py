@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,7 +22,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache, codes_namespace
-from delf_es.errors import DelfEsError, ItemFailure
+from delf_es.errors import BulkIndexFailed, DelfEsError, ImageNotFound, InvalidRequest, ItemFailure
+from delf_es.ids import file_image_id, is_url
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
 from delf_es.search import Searcher
@@ -32,10 +34,6 @@ log = logging.getLogger(__name__)
 
 #: Elasticsearch's limit on document ids; longer names are refused rather than silently hashed.
 MAX_ID_BYTES = 512
-
-
-class InvalidRequest(DelfEsError, ValueError):
-    """Arguments that cannot describe an image or its metadata."""
 
 
 def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
@@ -120,12 +118,17 @@ class DelfEs:
             refresh_after: make the image searchable before returning.
             wait: False = hand the work to the workers (needs Redis; path/URL only, the workers
                 must be able to read it).
+        The id of a file added without a chosen name is its canonical path (absolute, symlinks
+        resolved: ``dir/a.jpg``, ``./dir/a.jpg`` and the absolute path are one image), or
+        ``sha256:<hex>`` of its bytes with ``settings.id_from="content"`` (delf_es/ids.py).
         Re-adding an id replaces the image; it never duplicates.
         """
         if not wait:
             if bytestream or img is not None or not isinstance(path, (str, Path)):
                 raise InvalidRequest("wait=False takes a path or URL the workers can read (no bytes, no img)")
-            return self._submitter().submit_one(_check_id(str(path)), _check_metadata(metadata))
+            source = str(path)  # the workers key by canonical path (id_from=content: synchronous adds only)
+            return self._submitter().submit_one(_check_id(source if is_url(source) else os.path.realpath(source)),
+                                                _check_metadata(metadata))
         name, image = self.load(path, img, bytestream)
         features = self.extractor.extract(image.pixels, image_id=name)
         return self.add_features(features, path=name, metadata=metadata, refresh_after=refresh_after)
@@ -144,7 +147,7 @@ class DelfEs:
         )
         report = self.backend.upsert([record], refresh=refresh_after)
         if not report.ok:
-            raise InvalidRequest(f"{record.image_id}: {report.failed[0].error}")
+            raise BulkIndexFailed(f"{record.image_id}: {report.failed[0].error}", report.failed)
         self._cache_written(features.model_id, {record.image_id: features.keypoints})
         return record.image_id
 
@@ -216,8 +219,6 @@ class DelfEs:
 
     def delete_image(self, image_id: str, refresh_after: bool = False) -> None:
         """Remove an image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
-        from delf_es.errors import ImageNotFound
-
         report = self.backend.delete([image_id], refresh=refresh_after)
         self.cache.delete(self.model_id, [image_id])
         self.cache.delete(codes_namespace(self.model_id), [image_id])
@@ -241,8 +242,8 @@ class DelfEs:
         failed: list[ItemFailure] = []
         existing: set[str] = set()
         if skip_existing:
-            names = [_item_fields(i)["path"] for i in items]
-            existing = self.backend.existing([n for n in names if isinstance(n, str)])
+            names = [self._default_id(_item_fields(i)) for i in items]
+            existing = self.backend.existing([n for n in names if n is not None])
         batch: list[ImageRecord] = []
 
         def flush() -> None:
@@ -257,7 +258,7 @@ class DelfEs:
         for item in tqdm(items, disable=not progress, desc="indexing", unit="img"):
             fields = _item_fields(item)
             label = fields["path"] if isinstance(fields["path"], str) else "<bytes>"
-            if label in existing:
+            if skip_existing and self._default_id(fields) in existing:
                 continue
             try:
                 name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
@@ -333,15 +334,37 @@ class DelfEs:
         source = img if img is not None else path
         if not isinstance(source, (str, Path)) or not isinstance(path, (str, Path)):
             raise InvalidRequest("path must be a file path or URL (or pass bytestream=True for bytes)")
-        name = str(path)
         source = str(source)
-        if "://" in source:
+        # A name the caller chose is kept; a file's own id is canonical (delf_es/ids.py).
+        name = str(path) if img is not None else self._file_id(source)
+        if is_url(source):
             return _check_id(name), load_image_from_url(source, self.settings)
-        return _check_id(name), load_image(source, self.settings)
+        return _check_id(name), load_image(source, self.settings, name=source)
+
+    def _file_id(self, source: str) -> str:
+        """The id a file or URL gets when added without a chosen name (``settings.id_from``)."""
+        from delf_es.errors import InvalidImage, UnreadableFile
+
+        try:
+            return file_image_id(source, self.settings.id_from, self.settings.max_file_bytes)
+        except UnreadableFile as error:
+            raise InvalidImage(error.message, source) from None
+
+    def _default_id(self, fields: Mapping[str, Any]) -> str | None:
+        """The id :meth:`load` will give an item, or None if it cannot be known before loading."""
+        path = fields.get("path")
+        if fields.get("invalid") or not isinstance(path, (str, Path)):
+            return None
+        if fields.get("img") is not None:
+            return str(path)
+        if fields.get("bytestream"):
+            return None
+        try:
+            return self._file_id(str(path))
+        except DelfEsError:
+            return None
 
     def _get_or_none(self, image_id: str) -> StoredImage | None:
-        from delf_es.errors import ImageNotFound
-
         try:
             return self.backend.get(image_id)
         except ImageNotFound:  # deleted between search and get

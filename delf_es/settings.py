@@ -19,11 +19,13 @@ def default_data_dir() -> Path:
 #: Allowed values of the settings that name one of a few choices.
 CHOICES: dict[str, tuple[str, ...]] = {
     "scoring": ("auto", "attention", "norm"),
-    "precision": ("float32", "bfloat16"),
+    "precision": ("auto", "float32", "bfloat16", "float16", "int8"),
+    "runtime": ("auto", "torch", "openvino", "onnxruntime"),
     "shortlist_mode": ("local", "global", "hybrid"),
     "correspondences": ("knn", "matching"),
     "rank_by": ("inliers", "verified-then-global", "inliers+global"),
     "ransac_model": ("homography", "fundamental", "affine", "homography-magsac"),
+    "id_from": ("path", "content"),
 }
 
 
@@ -55,8 +57,22 @@ class Settings(BaseSettings):
     max_feature_num: int = Field(default=1000, ge=1)
     score_threshold: float = Field(default=0.0, ge=0.0, description="keep descriptors scoring above this")
     device: str = "cpu"
-    precision: str = Field(default="float32", description="'float32' or 'bfloat16' (network weights and activations)")
-    torch_threads: int = Field(default=0, ge=0, description="0 = torch default")
+    runtime: str = Field(
+        default="torch", description="what runs the network: 'auto' (on CPU the fastest measured that is installed, "
+        "see delf_es/model/runtime.py and docs/extraction.md; on CUDA torch), 'torch', 'openvino' or 'onnxruntime'",
+    )
+    precision: str = Field(
+        default="auto", description="'auto' (float32), 'float32', 'bfloat16' (CPU: bf16 weights; CUDA: autocast), "
+        "'float16' (CUDA autocast) or 'int8' (OpenVINO + NNCF; changes the model id)",
+    )
+    int8_calibration: Path | None = Field(
+        default=None, description="photos INT8 is calibrated on: the list written by scripts/training_images.sh "
+        "(one path per line) or a folder; never evaluation images",
+    )
+    torch_threads: int = Field(default=0, ge=0, description="threads of the network runtime (torch, OpenVINO, ONNX "
+                               "Runtime); 0 = the runtime's default")
+    channels_last: bool = Field(default=True, description="torch on CPU: channels-last memory format")
+    torch_compile: bool = Field(default=False, description="torch runtime: torch.compile the network")
     extract_batch: int = Field(
         default=1, ge=1, description="images per forward pass in extract_many: same-size pyramid levels of "
         "different images share one batch (a GPU's throughput; on CPU 1 is as fast)",
@@ -64,6 +80,9 @@ class Settings(BaseSettings):
 
     # --- input safety -----------------------------------------------------------
     max_pixels: int = Field(default=64_000_000, gt=0, description="decoded pixel cap (decompression bombs)")
+    max_file_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="bytes; a larger image file is refused before decoding"
+    )
     min_image_side: int = Field(default=32, gt=0, description="px; smaller images are rejected")
     url_timeout: float = Field(default=10.0, gt=0)
     url_max_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
@@ -127,6 +146,10 @@ class Settings(BaseSettings):
     )
 
     # --- index and services -----------------------------------------------------
+    id_from: str = Field(
+        default="path", description="id of an image added from a file: 'path' (its canonical path: absolute, "
+        "symlinks resolved, so every spelling of one file is one id) or 'content' (sha256 of its bytes)",
+    )
     es_url: str | None = None
     redis_url: str | None = None
     index_alias: str = "delf-images"

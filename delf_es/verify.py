@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 import pydegensac
 
-from delf_es.errors import FeatureShapeError
+from delf_es.errors import FeatureShapeError, InvalidRequest
 from delf_es.types import Correspondences, Features
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -155,13 +155,13 @@ def match_descriptors(desc_a: np.ndarray, desc_b: np.ndarray, max_distance: floa
 
 def _check_params(kind: str, px_threshold: float, confidence: float, max_iters: int) -> None:
     if kind not in MIN_CORRESPONDENCES:
-        raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
+        raise InvalidRequest(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
     if not px_threshold > 0:
-        raise ValueError(f"px_threshold must be > 0 px, got {px_threshold}")
+        raise InvalidRequest(f"px_threshold must be > 0 px, got {px_threshold}")
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        raise InvalidRequest(f"confidence must be in (0, 1), got {confidence}")
     if int(max_iters) < 1:
-        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+        raise InvalidRequest(f"max_iters must be >= 1, got {max_iters}")
 
 
 def _degensac_seed(seed: int) -> int:
@@ -338,7 +338,7 @@ def scale_consistent(
         (K,) bool: ``inliers`` and scale-consistent.
     """
     if not tolerance > 0:
-        raise ValueError(f"scale tolerance must be > 0 (log2 units), got {tolerance}")
+        raise InvalidRequest(f"scale tolerance must be > 0 (log2 units), got {tolerance}")
     mask = np.asarray(inliers, dtype=bool).copy()
     sa = np.asarray(scales_a, dtype=np.float64).reshape(-1)
     sb = np.asarray(scales_b, dtype=np.float64).reshape(-1)
@@ -383,9 +383,9 @@ class Verifier:
     def __post_init__(self) -> None:
         _check_params(self.kind, self.px_threshold, self.confidence, self.max_iters)
         if not self.max_distance > 0:
-            raise ValueError(f"max_distance must be > 0, got {self.max_distance}")
+            raise InvalidRequest(f"max_distance must be > 0, got {self.max_distance}")
         if self.scale_tolerance is not None and not self.scale_tolerance > 0:
-            raise ValueError(f"scale_tolerance must be > 0 or None, got {self.scale_tolerance}")
+            raise InvalidRequest(f"scale_tolerance must be > 0 or None, got {self.scale_tolerance}")
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "Verifier":

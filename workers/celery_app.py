@@ -19,6 +19,7 @@ from celery import Celery
 from celery.schedules import crontab
 from kombu import Exchange, Queue
 
+from delf_es.errors import ConfigurationError
 from delf_es.settings import Settings
 
 EXTRACT_QUEUE = "extract"
@@ -74,7 +75,7 @@ class WorkerContext:
             from elasticsearch import Elasticsearch
 
             if not self.settings.es_url:
-                raise ValueError("workers write to Elasticsearch: set DELF_ES_ES_URL")
+                raise ConfigurationError("workers write to Elasticsearch: set DELF_ES_ES_URL")
             self._es = Elasticsearch(self.settings.es_url, request_timeout=self.settings.es_timeout, max_retries=1,
                                      retry_on_timeout=False, retry_on_status=())
         return self._es
@@ -106,7 +107,7 @@ class WorkerContext:
 def broker_url(settings: Settings) -> str:
     url = settings.worker_redis_url or settings.redis_url
     if not url:
-        raise ValueError("workers need Redis: set DELF_ES_WORKER_REDIS_URL or DELF_ES_REDIS_URL")
+        raise ConfigurationError("workers need Redis: set DELF_ES_WORKER_REDIS_URL or DELF_ES_REDIS_URL")
     return url
 
 

@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from rich.markup import escape
+
 from delf_es.errors import DelfEsError
 
 
@@ -63,7 +65,7 @@ def register(app: typer.Typer) -> None:
                 except TimeoutError as error:
                     fail(error)
         for image_id, error in sorted(final.failed.items()):
-            console.print(f"[yellow]failed[/yellow] {image_id}: {error}")
+            console.print(f"[yellow]failed[/yellow] {escape(str(image_id))}: {escape(str(error))}")
         print(json.dumps({"job": job, "total": final.total, "indexed": final.done, "failed": len(final.failed)}))
         if final.failed:
             raise typer.Exit(code=1)
@@ -124,7 +126,7 @@ def register(app: typer.Typer) -> None:
         except (DelfEsError, ReindexError, ValueError, TimeoutError) as error:
             fail(error)
         for image_id, error in sorted(result.failed.items()):
-            console.print(f"[yellow]failed[/yellow] {image_id}: {error}")
+            console.print(f"[yellow]failed[/yellow] {escape(str(image_id))}: {escape(str(error))}")
         print(json.dumps(result.as_dict()))
         if result.state == "incomplete":
             console.print(f"[red]not swapped:[/red] {result.target_count} of {result.source_count} images rebuilt; "
@@ -146,5 +148,5 @@ def register(app: typer.Typer) -> None:
                                           auth=(user, password or "") if user else None)
         except RuntimeError as error:
             fail(error)
-        console.print(f"imported {answer.get('successCount', 0)} saved objects into {url}")
+        console.print(f"imported {answer.get('successCount', 0)} saved objects into {escape(str(url))}")
         print(json.dumps(answer))

@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
+from delf_es.errors import JobTimeout
 from delf_es.settings import Settings
 from workers.celery_app import EXTRACT_QUEUE, make_app
 from workers.store import JobProgress, Store
@@ -103,7 +104,7 @@ class Submitter:
             if progress.finished or progress.total == 0:
                 return progress
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id}: {progress.done + len(progress.failed)}/{progress.total} "
+                raise JobTimeout(f"job {job_id}: {progress.done + len(progress.failed)}/{progress.total} "
                                    f"after {timeout} s")
             time.sleep(poll)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import urllib3
 
+from delf_es.errors import KibanaUnavailable
 from delf_es.index.elasticsearch import MAPPINGS_DIR
 from delf_es.index.failures import failures_index
 
@@ -32,7 +33,7 @@ def import_saved_objects(
     timeout: float = 30.0, auth: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """POST the objects to ``<kibana_url>/api/saved_objects/_import`` (multipart ``file``); returns
-    Kibana's answer.  Raises RuntimeError when Kibana refuses them or cannot be reached."""
+    Kibana's answer.  Raises KibanaUnavailable when Kibana refuses them or cannot be reached."""
     body = "".join(json.dumps(obj) + "\n" for obj in saved_objects(path, alias)).encode()
     fields = {"file": ("delf-es.ndjson", body, "application/ndjson")}
     data, content_type = urllib3.encode_multipart_formdata(fields)
@@ -43,11 +44,11 @@ def import_saved_objects(
     try:
         response = urllib3.request("POST", url, body=data, headers=headers, timeout=timeout, retries=False)
     except urllib3.exceptions.HTTPError as exc:
-        raise RuntimeError(f"Kibana at {kibana_url} unreachable: {exc}") from exc
+        raise KibanaUnavailable(f"Kibana at {kibana_url} unreachable: {exc}") from exc
     try:
         answer = json.loads(response.data or b"{}")
     except ValueError:
         answer = {"raw": response.data[:500].decode(errors="replace")}
     if response.status >= 300 or not answer.get("success", False):
-        raise RuntimeError(f"Kibana refused the saved objects (HTTP {response.status}): {json.dumps(answer)[:2000]}")
+        raise KibanaUnavailable(f"Kibana refused the saved objects (HTTP {response.status}): {json.dumps(answer)[:2000]}")
     return answer

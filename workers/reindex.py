@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 
 from elasticsearch import Elasticsearch, helpers
 
+from delf_es.errors import ConfigurationError, ReindexError
 from delf_es.index.elasticsearch import KEYPOINTS_SUFFIX, SCHEMA, ElasticsearchBackend
 from delf_es.index.failures import failures_index
 from delf_es.settings import Settings
@@ -45,10 +46,6 @@ CATCH_UP_ROUNDS = 3
 
 def _is_keypoints(index: str) -> bool:
     return f"{KEYPOINTS_SUFFIX}-{SCHEMA}-" in index
-
-
-class ReindexError(RuntimeError):
-    """The reindex cannot proceed (counts differ, another model's build is in progress...)."""
 
 
 @dataclass
@@ -83,7 +80,7 @@ class Reindexer:
 
     def __init__(self, settings: Settings, submitter: Submitter, model: Mapping[str, Any] | None, model_id: str) -> None:
         if not settings.es_url:
-            raise ValueError("reindexing needs Elasticsearch: set DELF_ES_ES_URL")
+            raise ConfigurationError("reindexing needs Elasticsearch: set DELF_ES_ES_URL")
         self.settings = settings
         self.alias = settings.index_alias
         self.submitter = submitter

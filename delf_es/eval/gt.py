@@ -8,13 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from delf_es.errors import DelfEsError
+from delf_es.errors import InvalidGroundTruth
 from delf_es.imageio import load_image
 from delf_es.settings import Settings
-
-
-class InvalidGroundTruth(DelfEsError, ValueError):
-    """A gt.json file that does not follow the format."""
 
 
 @dataclass(frozen=True)

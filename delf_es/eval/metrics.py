@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from delf_es.errors import InvalidGroundTruth
+
 
 def compute_ap(positive_ranks: Sequence[int], num_positives: int) -> float:
     """AP from the 0-based ranks of the retrieved positives (junk already removed).
@@ -20,7 +22,7 @@ def compute_ap(positive_ranks: Sequence[int], num_positives: int) -> float:
     so ``num_positives`` counts every positive in the database.
     """
     if num_positives <= 0:
-        raise ValueError("a query needs at least one positive")
+        raise InvalidGroundTruth("a query needs at least one positive")
     ranks = np.sort(np.asarray(positive_ranks, dtype=np.float64))
     ap = 0.0
     recall_step = 1.0 / num_positives

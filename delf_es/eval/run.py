@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from delf_es.errors import EvaluationFailed
 from delf_es.eval.feature_cache import FeatureCache, content_hash, crop_key
 from delf_es.eval.gt import GroundTruth, load_ground_truth, query_pixels
 from delf_es.eval.metrics import QueryScore, mean_scores, score_ranking
@@ -92,7 +93,7 @@ def evaluate(
             report = engine.add_features_bulk(database)
             ingest_s = time.perf_counter() - started
             if not report.ok:
-                raise RuntimeError(f"{len(report.failed)} database images failed to index: {report.failed[:3]}")
+                raise EvaluationFailed(f"{len(report.failed)} database images failed to index: {report.failed[:3]}")
             scores: list[QueryScore] = []
             per_query, search_ms = [], []
             for query in tqdm(gt.queries, desc="queries", unit="q"):

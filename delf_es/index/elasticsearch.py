@@ -86,11 +86,14 @@ import numpy as np
 from elasticsearch import ApiError, Elasticsearch, NotFoundError, helpers
 
 from delf_es.errors import (
+    ConfigurationError,
     DelfEsError,
     FeatureShapeError,
     ImageNotFound,
     IndexUnavailable,
+    InvalidRequest,
     ItemFailure,
+    RequestRejected,
     UnsupportedFilter,
 )
 from delf_es.index.codes import int8_codes, non_unit_rows
@@ -155,19 +158,6 @@ _PCA_RE = re.compile(r"-(pca\d+-[0-9a-f]+)@")
 _BULKY_FIELDS = ["keypoint_xy", "keypoint_scale", "keypoint_score", "keypoint_codes", "global_vector"]
 #: What a write needs to know of the live version of an image.
 _VERSION_FIELDS = ["generation", "slot", "num_keypoints", "other_slot_keypoints"]
-
-
-class RequestRejected(DelfEsError):
-    """Elasticsearch refused a request for a reason other than load (a 4xx other than 429):
-    a malformed query, a mapping conflict.  Not worth retrying."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message, status)
-        self.message = message
-        self.status = status
-
-    def __str__(self) -> str:
-        return self.message
 
 
 # --------------------------------------------------------------------------------------
@@ -337,7 +327,7 @@ class ElasticsearchBackend:
 
     def __init__(self, settings: Settings, model_id: str | None = None, client: Elasticsearch | None = None) -> None:
         if client is None and not settings.es_url:
-            raise ValueError("ElasticsearchBackend needs settings.es_url (or a client)")
+            raise ConfigurationError("ElasticsearchBackend needs settings.es_url (or a client)")
         self.settings = settings
         self.alias = settings.index_alias
         self.keypoints_alias = settings.index_alias + KEYPOINTS_SUFFIX
@@ -868,7 +858,7 @@ class ElasticsearchBackend:
     @staticmethod
     def _check_k(k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise InvalidRequest(f"k must be a positive integer, got {k!r}")
         return int(k)
 
     @staticmethod

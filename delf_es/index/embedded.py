@@ -61,9 +61,11 @@ import faiss
 import numpy as np
 
 from delf_es.errors import (
+    ConfigurationError,
     FeatureShapeError,
     ImageNotFound,
     IndexUnavailable,
+    InvalidRequest,
     ItemFailure,
     ModelMismatch,
 )
@@ -220,9 +222,9 @@ class EmbeddedBackend:
         nprobe: int = 16,
     ) -> None:
         if exact_limit is not None and exact_limit < 0:
-            raise ValueError(f"exact_limit must be >= 0 or None, got {exact_limit}")
+            raise ConfigurationError(f"exact_limit must be >= 0 or None, got {exact_limit}")
         if nprobe < 1:
-            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+            raise ConfigurationError(f"nprobe must be >= 1, got {nprobe}")
         self.directory = Path(directory)
         self.exact_limit = exact_limit
         self.nprobe = nprobe
@@ -775,7 +777,7 @@ class EmbeddedBackend:
 
     def _check_query(self, descriptors: np.ndarray, k: int) -> np.ndarray:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise InvalidRequest(f"k must be a positive integer, got {k!r}")
         if not isinstance(descriptors, np.ndarray) or descriptors.ndim != 2:
             got = str(descriptors.shape) if isinstance(descriptors, np.ndarray) else type(descriptors).__name__
             raise FeatureShapeError("descriptors", "(Q, D) array", got)
@@ -862,7 +864,7 @@ class EmbeddedBackend:
         Exact (a matrix product); images without a global descriptor never appear.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise InvalidRequest(f"k must be a positive integer, got {k!r}")
         if not isinstance(vector, np.ndarray) or vector.ndim != 1:
             got = str(vector.shape) if isinstance(vector, np.ndarray) else type(vector).__name__
             raise FeatureShapeError("vector", "(G,) array", got)

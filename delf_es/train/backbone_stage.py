@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from delf_es.errors import DelfEsError
+from delf_es.errors import ConfigurationError, DelfEsError
 from delf_es.imageio import load_image
 from delf_es.model.registry import get_preset
 from delf_es.settings import Settings
@@ -53,7 +53,7 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         if self.background_mode not in BACKGROUND_MODES:
-            raise ValueError(f"background_mode must be one of {BACKGROUND_MODES}")
+            raise ConfigurationError(f"background_mode must be one of {BACKGROUND_MODES}")
 
 
 class BackboneClassifier(nn.Module):

@@ -64,11 +64,11 @@ def test_extract_many_batches_same_size_levels_and_matches_extract(photo):
     other = np.ascontiguousarray(data.astronaut())
     images = [(photo, "a"), (other, "b"), (np.ascontiguousarray(photo[:, ::-1]), "c")]
     calls = []
-    forward = extractor.model.forward_levels
-    extractor.model.forward_levels = lambda level, with_global: calls.append(len(level)) or forward(level, with_global)
+    forward = extractor.network.forward_levels
+    extractor.network.forward_levels = lambda level, with_global: calls.append(len(level)) or forward(level, with_global)
     batched = extractor.extract_many(images)
     assert max(calls) == 2 and len(calls) < 6  # the two same-size images went through together
-    extractor.model.forward_levels = forward
+    extractor.network.forward_levels = forward
     for (pixels, image_id), got in zip(images, batched):
         one = extractor.extract(pixels, image_id)
         assert got.image_id == image_id and got.image_size == one.image_size
