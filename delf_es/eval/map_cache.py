@@ -80,7 +80,9 @@ class MapCachedExtractor(Extractor):
     def __init__(self, settings: Settings, root: Path) -> None:
         super().__init__(settings)
         meta = self.meta
-        self.store = MapStore(root, meta.backbone, meta.local_layer, meta.backbone_digest, settings)
+        # the runtime (and an INT8 calibration) changes the maps: part of the store's name
+        digest = f"{meta.backbone_digest}-{self.runtime.name}{getattr(self, '_id_suffix', '')}".replace("/", "-")
+        self.store = MapStore(root, meta.backbone, meta.local_layer, digest, settings)
 
     @torch.inference_mode()
     def extract_raw_many(self, images: Sequence[np.ndarray]) -> list[RawFeatures]:
@@ -114,7 +116,7 @@ class MapCachedExtractor(Extractor):
         attention = self.model.attention
         if attention is None:
             return local.norm(dim=0)
-        return attention(local[None].to(self.dtype))[0, 0].float()
+        return attention(local[None])[0, 0].float()
 
     def _run_backbone(self, pixels: np.ndarray):
         settings = self.settings
@@ -124,10 +126,8 @@ class MapCachedExtractor(Extractor):
         for scale in sorted(set(settings.scales) | set(settings.global_scales)):
             level_h = level_size(base.shape[-2] * scale, LEVEL_MULTIPLE)
             level_w = level_size(base.shape[-1] * scale, LEVEL_MULTIPLE)
-            level = ((_resize(base, level_h, level_w) - self._mean) / self._std).to(self.dtype)
-            if self.device.type == "cpu":
-                level = level.contiguous(memory_format=torch.channels_last)
-            out = self.model.forward_levels(level, with_global=round(scale, 4) in global_scales)[0]
+            level = (_resize(base, level_h, level_w) - self._mean) / self._std
+            out = self.network.forward_levels(level, with_global=round(scale, 4) in global_scales)[0]
             if out.global_ is not None:
                 vector = out.global_.float().cpu().numpy()
                 global_sum = vector if global_sum is None else global_sum + vector
