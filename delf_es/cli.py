@@ -19,7 +19,13 @@ from delf_es.train.cli import train_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="delf-es: instance-level image search.")
 app.add_typer(train_app, name="train")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # soft_wrap: an error stays one line, whatever the width
+
+
+#: Settings field -> the global option that sets it (for error messages).
+OPTION_NAMES = {"backbone": "--backbone", "backbone_weights": "--backbone-weights", "scales": "--scales",
+                "max_feature_num": "--max-features", "pca_path": "--pca", "use_pca": "--no-pca", "device": "--device",
+                "scoring": "--scoring", "attention_weights": "--attention-weights"}
 
 
 class State:
@@ -29,7 +35,22 @@ class State:
 
     @classmethod
     def settings(cls, **extra) -> Settings:
-        return Settings(**{**cls.overrides, **extra})
+        """Validated settings (delf_es/validation.py); raises InvalidSetting (a DelfEsError)."""
+        from delf_es.validation import load_settings
+
+        return load_settings({**cls.overrides, **extra}, OPTION_NAMES)
+
+    @classmethod
+    def checked(cls, *, model: bool = True, index: bool = False, **extra) -> Settings:
+        """Settings checked before anything heavy runs (device, files, index folder, URLs);
+        a problem ends the command with a one-line error."""
+        from delf_es.validation import preflight
+
+        try:
+            return preflight(cls.settings(**extra), model=model, index=index,
+                             overrides={**cls.overrides, **extra}, options=OPTION_NAMES)
+        except DelfEsError as error:
+            fail(error)
 
 
 @app.callback()
@@ -46,26 +67,43 @@ def main(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from delf_es.validation import unknown_variables
+
+    for warning in unknown_variables():
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     overrides: dict = {}
-    if backbone:
+    # "is not None", never truthiness: --max-features 0 or --scales "" must be refused, not ignored
+    if backbone is not None:
         overrides["backbone"] = backbone
-    if backbone_weights:
+    if backbone_weights is not None:
         overrides["backbone_weights"] = backbone_weights
-    if scales:
-        overrides["scales"] = tuple(float(s) for s in scales.split(","))
-    if max_features:
+    if scales is not None:
+        overrides["scales"] = _parse_scales(scales)
+    if max_features is not None:
         overrides["max_feature_num"] = max_features
-    if pca:
+    if pca is not None:
         overrides["pca_path"] = pca
     if no_pca:
         overrides["use_pca"] = False
-    if device:
+    if device is not None:
         overrides["device"] = device
-    if scoring:
+    if scoring is not None:
         overrides["scoring"] = scoring
-    if attention_weights:
+    if attention_weights is not None:
         overrides["attention_weights"] = attention_weights
     State.overrides = overrides
+
+
+def _parse_scales(text: str) -> tuple[float, ...]:
+    import math
+
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        fail(ValueError(f"--scales {text!r}: comma-separated positive numbers, e.g. 0.7071,1,1.4142"))
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        fail(ValueError(f"--scales {text!r}: every scale must be a positive finite number"))
+    return values
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
@@ -103,10 +141,11 @@ def extract(
     ``<stem>-<hash of the path>.npz`` when inputs share a stem; never over another image's file."""
     from delf_es.features import Extractor
     from delf_es.imageio import load_image
+    from delf_es.degenerate import drop_flat_keypoints
     from delf_es.outputs import feature_file_names, prepare_output_folder, write_features
 
+    settings = State.checked()
     try:
-        settings = State.settings()
         prepare_output_folder(out)
     except DelfEsError as error:
         fail(error)
@@ -121,7 +160,8 @@ def extract(
         for path, name in names.items():
             try:
                 image = load_image(path, settings)
-                features = extractor.extract(image.pixels, image_id=path)
+                features = drop_flat_keypoints(extractor.extract(image.pixels, image_id=path), image.pixels,
+                                               settings.min_keypoint_contrast, settings.max_image_size)
                 write_features(features, out / name)
             except DelfEsError as error:
                 failures += 1
@@ -142,13 +182,14 @@ def match(
 ) -> None:
     """Match two images, verify geometrically and draw the inlier correspondences."""
     try:
-        result = run_match(image_a, image_b, out, State.settings(**({"ransac_model": model} if model else {})))
+        result = run_match(image_a, image_b, out, State.checked(**({"ransac_model": model} if model is not None else {})))
     except DelfEsError as error:
         fail(error)
     print(json.dumps(result))
 
 
 def run_match(image_a: str, image_b: str, out: Path, settings: Settings) -> dict:
+    from delf_es.degenerate import drop_flat_keypoints
     from delf_es.draw import draw_matches
     from delf_es.features import Extractor
     from delf_es.imageio import load_image
@@ -156,7 +197,8 @@ def run_match(image_a: str, image_b: str, out: Path, settings: Settings) -> dict
 
     extractor = Extractor(settings)
     loaded = [load_image(p, settings) for p in (image_a, image_b)]
-    feats = [extractor.extract(im.pixels, image_id=str(p)) for im, p in zip(loaded, (image_a, image_b))]
+    feats = [drop_flat_keypoints(extractor.extract(im.pixels, image_id=str(p)), im.pixels, settings.min_keypoint_contrast,
+                                 settings.max_image_size) for im, p in zip(loaded, (image_a, image_b))]
     correspondences = verify(feats[0], feats[1], settings)
     draw_matches(loaded[0].pixels, loaded[1].pixels, feats[0].keypoints, feats[1].keypoints, correspondences, out)
     return {
@@ -185,7 +227,7 @@ def fit_pca_command(
     from delf_es.imageio import load_image
     from delf_es.pca import PcaProvenance, fit_pca
 
-    settings = State.settings(use_pca=False, max_feature_num=max_per_image)
+    settings = State.checked(use_pca=False, max_feature_num=max_per_image)
     try:
         extractor = Extractor(settings)
     except DelfEsError as error:
@@ -233,8 +275,8 @@ def attention(
     from delf_es.features import Extractor
     from delf_es.imageio import load_image
 
+    settings = State.checked()
     try:
-        settings = State.settings()
         extractor = Extractor(settings)
         pixels = load_image(image, settings).pixels
         scores = score_map(extractor, pixels, scale)
@@ -247,10 +289,10 @@ def attention(
                       "keypoints": int(len(raw.keypoints)), "score_map": list(scores.shape)}))
 
 
-def engine():
+def engine(model: bool = True):
     from delf_es.sdk import DelfEs
 
-    return DelfEs(State.settings())
+    return DelfEs(State.checked(model=model, index=True))
 
 
 @app.command()
@@ -259,14 +301,31 @@ def index(
     metadata: Optional[str] = typer.Option(None, help="JSON object stored with every image"),
     reindex: bool = typer.Option(False, "--reindex", help="re-extract images that are already indexed"),
 ) -> None:
-    """Index images (resumable: ids already in the index are skipped)."""
-    extra = json.loads(metadata) if metadata else None
+    """Index images (resumable: ids already in the index are skipped).  Work is committed every
+    image or second (DELF_ES_COMMIT_SECONDS); Ctrl-C saves what is extracted and says how much."""
+    import signal
+
+    from delf_es.errors import Interrupted
+    from delf_es.sdk import _check_metadata
+    from delf_es.validation import parse_json_object
+
+    try:
+        extra = _check_metadata(parse_json_object(metadata, "--metadata"))
+    except DelfEsError as error:
+        fail(error)
     paths = expand_inputs(inputs)
+    # SIGTERM (a service manager, `kill`) gets the same orderly stop as Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with engine() as sdk:
         try:
             report = sdk.bulk_add([(p, extra) if extra else p for p in paths], skip_existing=not reindex)
         except DelfEsError as error:
             fail(error)
+        except Interrupted as stop:
+            saved = len(stop.report.succeeded)
+            console.print(f"[red]interrupted:[/red] {saved} image(s) saved in this run, "
+                          f"{sdk.count()} in the index; run the same command again to continue")
+            raise typer.Exit(code=130) from None
         for failure in report.failed:
             console.print(f"[yellow]failed[/yellow] {escape(failure.item_id)}: {escape(failure.error)}")
         skipped = len(paths) - len(report.succeeded) - len(report.failed)
@@ -279,56 +338,84 @@ def index(
 @app.command()
 def search(
     image: str = typer.Argument(..., help="query image path or URL"),
-    limit: int = typer.Option(10),
+    limit: int = typer.Option(10, min=1, help="hits shown (>= 1)"),
     pre_filter: Optional[str] = typer.Option(None, "--filter", help="Elasticsearch query on metadata, as JSON"),
     all_orientations: bool = typer.Option(False, "--all-orientations"),
     show: Optional[Path] = typer.Option(None, help="draw the query beside its top hits with match lines"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Search the index with an image; prints a ranked table."""
+    """Search the index with an image; prints a ranked table (and, with --show, draws the top
+    hits whose files can still be read, naming those that cannot)."""
     from rich.table import Table
 
+    from delf_es.validation import parse_json_object
+
+    settings = State.checked(index=True)
+    try:
+        metadata_filter = parse_json_object(pre_filter, "--filter", '{"term": {"metadata.city": "paris"}}')
+        if metadata_filter is not None and not settings.es_url:  # checked now, not after extraction
+            from delf_es.index.filters import compile_filter
+
+            compile_filter(metadata_filter)
+        if show is not None:
+            from delf_es.outputs import prepare_output_folder
+
+            prepare_output_folder(show.parent if str(show.parent) else Path("."))
+    except DelfEsError as error:
+        fail(error)
     with engine() as sdk:
         try:
-            hits = sdk.search_image(image, all_orientations=all_orientations, limit=limit,
-                                    pre_filter=json.loads(pre_filter) if pre_filter else None)
-            if show is not None:
-                draw_search(sdk, image, hits, show)
+            hits = sdk.search_image(image, all_orientations=all_orientations, limit=limit, pre_filter=metadata_filter)
         except DelfEsError as error:
             fail(error)
-    if as_json:
-        print(json.dumps(hits, indent=2))
-        return
-    table = Table(title=escape(f"{len(hits)} matches for {image}"))
-    for column in ("rank", "id", "inliers", "votes", "dist", "metadata"):
-        table.add_column(column)
-    for rank, hit in enumerate(hits, 1):
-        table.add_row(str(rank), escape(hit["id"]), str(hit["inliers"]), str(hit["votes"]), f"{hit['dist']:.3f}",
-                      escape(json.dumps(hit["metadata"])[:60]))
-    Console().print(table)
+        if as_json:
+            print(json.dumps(hits, indent=2))
+        else:
+            table = Table(title=escape(f"{len(hits)} matches for {image}"))
+            for column in ("rank", "id", "inliers", "votes", "dist", "metadata"):
+                table.add_column(column)
+            for rank, hit in enumerate(hits, 1):
+                table.add_row(str(rank), escape(hit["id"]), str(hit["inliers"]), str(hit["votes"]),
+                              f"{hit['dist']:.3f}", escape(json.dumps(hit["metadata"])[:60]))
+            Console().print(table)
+        if show is not None:  # after the results are out: a missing file cannot lose them
+            try:
+                figure, missing = draw_search(sdk, image, hits, show)
+            except DelfEsError as error:
+                fail(error)
+            for hit_id, reason in missing:
+                console.print(f"[yellow]not drawn[/yellow] {escape(hit_id)}: {escape(reason)}")
+            console.print(f"figure: {escape(str(figure))}")
 
 
-def draw_search(sdk, query_path: str, hits: list[dict], out: Path, top: int = 3) -> Path:
-    """Query beside each of its top hits, verified correspondences drawn, stacked vertically."""
+def draw_search(sdk, query_path: str, hits: list[dict], out: Path, top: int = 3) -> tuple[Path, list[tuple[str, str]]]:
+    """Query beside each of its top hits, verified correspondences drawn, stacked vertically.
+    Hits whose image file is missing, moved or unreadable are left out: returns the figure and
+    ``[(hit id, why)]`` for those."""
     from PIL import Image
 
     from delf_es.draw import draw_matches, stack_vertically
     from delf_es.verify import verify
 
     _, query = sdk.load(query_path, None, False)
-    query_features = sdk.extractor.extract(query.pixels, "<query>")
-    panels = []
+    query_features = sdk.extract(query.pixels, "<query>")
+    panels, missing = [], []
     for hit in hits[:top]:
-        _, image = sdk.load(hit["path"], None, False)
-        features = sdk.extractor.extract(image.pixels, hit["id"])
+        try:
+            _, image = sdk.load(hit["path"], None, False)
+        except DelfEsError as error:
+            missing.append((hit["id"], str(error)))
+            continue
+        features = sdk.extract(image.pixels, hit["id"])
         panel = out.with_suffix(f".{len(panels)}.png")
         draw_matches(query.pixels, image.pixels, query_features.keypoints, features.keypoints,
                      verify(query_features, features, sdk.settings), panel)
-        panels.append(Image.open(panel).convert("RGB"))
+        with Image.open(panel) as drawn:
+            panels.append(drawn.convert("RGB"))
         panel.unlink()
     if not panels:
         panels = [Image.fromarray(query.pixels)]
-    return stack_vertically(panels, out)
+    return stack_vertically(panels, out), missing
 
 
 @app.command()
@@ -376,14 +463,14 @@ def eval_command(
 
     extra = json.loads(config.read_text()) if config else {}
     if backend == "elasticsearch":
-        extra["es_url"] = es_url or State.settings().es_url
+        extra["es_url"] = es_url or State.checked(model=False).es_url
         if not extra["es_url"]:
             fail(ValueError("--backend elasticsearch needs --es-url or DELF_ES_ES_URL"))
     elif backend == "embedded":
         extra["es_url"] = None
     else:
         fail(ValueError("--backend is embedded or elasticsearch"))
-    settings = State.settings(**extra)
+    settings = State.checked(**extra)
     try:
         extractor = None
         if maps is not None:
@@ -412,13 +499,13 @@ def demo(out: Path = typer.Option(Path("out"), help="folder for the demo's index
     from delf_es.samples import database_photos, sample_pair
 
     out.mkdir(parents=True, exist_ok=True)
-    settings = State.settings(es_url=None, redis_url=None, data_dir=out / "index")
+    settings = State.checked(index=True, es_url=None, redis_url=None, data_dir=out / "index")
     _, query = sample_pair()
     try:
         with DelfEs(settings) as sdk:
             report = sdk.bulk_add([str(p) for p in database_photos()], skip_existing=True)
             hits = sdk.search_image(str(query), limit=5)
-            figure = draw_search(sdk, str(query), hits, out / "demo_search.png", top=1)
+            figure, _ = draw_search(sdk, str(query), hits, out / "demo_search.png", top=1)
             count = sdk.count()
     except DelfEsError as error:
         fail(error)
@@ -429,6 +516,21 @@ def demo(out: Path = typer.Option(Path("out"), help="folder for the demo's index
     console.print(f"figure: {escape(str(figure))}")
     print(json.dumps({"query": str(query), "hits": [{k: h[k] for k in ("id", "inliers", "dist")} for h in hits],
                       "figure": str(figure)}))
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to listen on; beyond loopback only with DELF_ES_API_TOKEN"),
+    port: int = typer.Option(8080, help="TCP port"),
+    workers: int = typer.Option(1, help="processes (more than 1 needs Elasticsearch)"),
+) -> None:
+    """HTTP search server and web page (docs/api.md); OpenAPI at /docs."""
+    from delf_es.api.serve import serve as run
+
+    try:
+        run(State.settings(), host=host, port=port, workers=workers, overrides=State.overrides)
+    except DelfEsError as error:
+        fail(error)
 
 
 def _register_operations() -> None:

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(default=0, ge=0, description="threads of the network runtime (torch, OpenVINO, ONNX "
                                "Runtime); 0 = the runtime's default")
+    extract_processes: int = Field(
+        default=1, ge=0, description="processes that decode + extract in bulk indexing (delf-es index, "
+        "DelfEs.bulk_add), each with torch_threads threads (0 there = cores / processes); 0 = one per core on CPU",
+    )
     channels_last: bool = Field(default=True, description="torch on CPU: channels-last memory format")
     torch_compile: bool = Field(default=False, description="torch runtime: torch.compile the network")
     extract_batch: int = Field(
@@ -102,6 +106,14 @@ class Settings(BaseSettings):
     ransac_scale_tolerance: float | None = Field(
         default=None, gt=0, description="when set, an inlier also needs its keypoints' pyramid scales to agree with "
         "the model's zoom within this many log2 units (levels are 0.5 apart); None = off (see verify.scale_consistent)",
+    )
+    min_inlier_spread: float = Field(
+        default=0.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
+        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check",
+    )
+    min_keypoint_contrast: float = Field(
+        default=0.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
+        "added and query images, so flat images match nothing (delf_es/degenerate.py); 0 = keep all",
     )
 
     # --- search -------------------------------------------------------------------
@@ -146,6 +158,10 @@ class Settings(BaseSettings):
     )
 
     # --- index and services -----------------------------------------------------
+    commit_seconds: float = Field(
+        default=1.0, ge=0, description="s; bulk adds commit what is extracted at least this often (and every "
+        "batch_size images), so a crash or Ctrl-C loses at most this much work; 0 = after every image",
+    )
     id_from: str = Field(
         default="path", description="id of an image added from a file: 'path' (its canonical path: absolute, "
         "symlinks resolved, so every spelling of one file is one id) or 'content' (sha256 of its bytes)",
@@ -182,6 +198,25 @@ class Settings(BaseSettings):
         "(minute hour day-of-month month day-of-week) or an interval in s",
     )
     worker_flush_interval: float = Field(default=60.0, gt=0, description="s between beat's straggler flushes")
+
+    # --- HTTP server (delf-es serve, delf_es/api/) ---------------------------------
+    api_token: str | None = Field(
+        default=None, repr=False, description="bearer token every /v1 route requires; serve refuses a "
+        "non-loopback host without one",
+    )
+    api_max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="request body cap, bytes")
+    api_max_extractions: int = Field(default=1, ge=1, description="extractions (model runs) at once")
+    api_max_queued: int = Field(
+        default=32, ge=0, description="requests waiting for an extraction slot; beyond that, 503 + Retry-After"
+    )
+    api_request_timeout: float = Field(default=120.0, gt=0, description="s a request may take (queue + work) before 503")
+    api_body_timeout: float = Field(default=30.0, gt=0, description="s to receive a request body before 408")
+    api_cors_origins: tuple[str, ...] = Field(default=(), description="origins allowed by CORS; empty = CORS off")
+    api_upload_dir: Path | None = Field(
+        default=None, description="where uploads for the workers (?wait=false) are staged; the workers must "
+        "see the same folder; None = <data_dir>/api-uploads",
+    )
+    thumbnails: bool = Field(default=True, description="store a small JPEG (<= 256 px, <= 16 KB) with each image")
 
     @field_validator("scales", "global_scales")
     @classmethod

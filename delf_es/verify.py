@@ -200,6 +200,7 @@ def estimate_model(
     confidence: float,
     max_iters: int,
     seed: int,
+    min_spread_px: float = 0.0,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Robustly fit a model mapping ``points_a`` to ``points_b``.
 
@@ -218,6 +219,9 @@ def estimate_model(
         confidence: RANSAC confidence in (0, 1) (early stop).
         max_iters: maximum RANSAC iterations.
         seed: >= 0 for reproducible sampling; < 0 lets pydegensac seed from the clock.
+        min_spread_px: a model whose inliers spread less than this (minor-axis std, px) in
+            either image is degenerate (a line, a spot) and reported as no model
+            (:func:`delf_es.degenerate.inlier_spread`); 0 = no check.
 
     Returns:
         ``(model, inlier_mask)``: model is (3, 3) float64 (homography normalised to
@@ -259,6 +263,9 @@ def estimate_model(
     elif abs(model[2, 2]) > 1e-12:
         model = model / model[2, 2]
     inliers[np.flatnonzero(finite)] = mask
+    if min_spread_px > 0 and min(inlier_spread(pa[inliers]), inlier_spread(pb[inliers])) < min_spread_px:
+        logger.debug("%s model on %d inliers rejected: inliers on a line or in a spot", kind, int(inliers.sum()))
+        return None, np.zeros(k, dtype=bool)
     return model, inliers
 
 
@@ -369,6 +376,7 @@ class Verifier:
         seed: RANSAC seed (>= 0 reproducible).
         scale_tolerance: when set, inliers must also be scale-consistent within this many log2
             units (:func:`scale_consistent`); None = off.
+        min_spread_px: degenerate-inlier threshold, px (see :func:`estimate_model`).
     """
 
     max_distance: float
@@ -379,6 +387,7 @@ class Verifier:
     max_iters: int
     seed: int
     scale_tolerance: float | None = None
+    min_spread_px: float = 0.0
 
     def __post_init__(self) -> None:
         _check_params(self.kind, self.px_threshold, self.confidence, self.max_iters)
@@ -398,6 +407,7 @@ class Verifier:
             max_iters=settings.ransac_max_iters,
             seed=settings.ransac_seed,
             scale_tolerance=settings.ransac_scale_tolerance,
+            min_spread_px=settings.min_inlier_spread,
         )
 
     def __call__(self, a: Features, b: Features) -> Correspondences:
@@ -411,6 +421,7 @@ class Verifier:
             self.confidence,
             self.max_iters,
             self.seed,
+            self.min_spread_px,
         )
         if self.scale_tolerance is not None:
             inliers = scale_consistent(model, self.kind, a.keypoints[matches[:, 0]], a.scales[matches[:, 0]],

@@ -29,11 +29,21 @@ def register(app: typer.Typer) -> None:
         """Start a Celery worker of the fleet (Redis and Elasticsearch from DELF_ES_* settings)."""
         from workers.celery_app import make_app
 
+        from delf_es.parallel import usable_cores
+
+        settings = State.checked(model=False)
+        processes = concurrency or usable_cores()
+        if pool == "prefork" and not settings.torch_threads:
+            # each prefork process gets its share of the cores (N processes x cores/N threads): two
+            # processes of 2 threads on 2 cores oversubscribe them (delf_es/parallel.py)
+            threads = max(1, usable_cores() // processes)
+            settings = settings.model_copy(update={"torch_threads": threads})
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         try:
-            celery_app = make_app(State.settings())
+            celery_app = make_app(settings)
         except ValueError as error:
             fail(error)
-        argv = ["worker", "-Q", queues, "-c", str(concurrency or os.cpu_count() or 1), "-P", pool,
+        argv = ["worker", "-Q", queues, "-c", str(processes), "-P", pool,
                 "--loglevel", loglevel, "-n", f"delf-{os.getpid()}@%h"]
         celery_app.worker_main(argv + (["-B"] if beat else []))
 
@@ -49,7 +59,7 @@ def register(app: typer.Typer) -> None:
 
         extra = json.loads(metadata) if metadata else {}
         paths = expand_inputs(inputs)
-        with Submitter(State.settings()) as submitter:
+        with Submitter(State.checked(model=False)) as submitter:
             job = submitter.submit([(p, extra) for p in paths])
             console.print(f"job {job}: {len(paths)} images queued")
             if not wait:
@@ -76,7 +86,7 @@ def register(app: typer.Typer) -> None:
         from delf_es.sdk import DelfEs
 
         try:
-            with DelfEs(State.settings()) as sdk:
+            with DelfEs(State.checked(model=False)) as sdk:
                 found = sdk.failures(limit)
         except DelfEsError as error:
             fail(error)
@@ -110,8 +120,8 @@ def register(app: typer.Typer) -> None:
         if attention_weights:
             model["attention_weights"] = str(attention_weights.resolve())
         try:
-            settings = State.settings()
-            model_id = Extractor(State.settings(**model)).model_id
+            settings = State.checked(model=False)
+            model_id = Extractor(State.checked(model=False, **model)).model_id
             with Submitter(settings) as submitter:
                 reindexer = Reindexer(settings, submitter, model, model_id)
                 console.print(f"reindexing {settings.index_alias} for model {model_id}")
@@ -144,7 +154,7 @@ def register(app: typer.Typer) -> None:
         from workers.kibana import import_saved_objects
 
         try:
-            answer = import_saved_objects(url, alias or State.settings().index_alias,
+            answer = import_saved_objects(url, alias or State.checked(model=False).index_alias,
                                           auth=(user, password or "") if user else None)
         except RuntimeError as error:
             fail(error)

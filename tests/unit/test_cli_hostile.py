@@ -108,3 +108,20 @@ def test_three_spellings_of_one_file_index_one_image(tmp_path, index_env, monkey
     assert _has(again, "0 indexed, 1 already there") and _has(again, "1 images in the index"), again.output
     stats = json.loads(runner.invoke(app, [*FAST, "stats"]).stdout)
     assert stats["images"] == 1
+
+
+def test_search_show_keeps_the_results_when_a_hit_file_is_missing(tmp_path, index_env):
+    from skimage import data
+
+    photo = tmp_path / "db" / "astronaut.png"
+    photo.parent.mkdir()
+    Image.fromarray(data.astronaut()[:256, :256]).save(photo)
+    query = tmp_path / "query.png"
+    Image.fromarray(data.astronaut()[16:240, 16:240]).save(query)
+    assert runner.invoke(app, [*FAST, "index", str(photo)]).exit_code == 0
+    photo.rename(tmp_path / "moved.png")  # the hit's file is gone
+    figure = tmp_path / "figs" / "hits.png"
+    result = runner.invoke(app, [*FAST, "search", str(query), "--show", str(figure)])
+    assert result.exit_code == 0, result.output
+    assert _has(result, "1 matches for") and _has(result, "astronaut.png")  # the table is printed
+    assert _has(result, "not drawn") and _has(result, "file not found") and figure.exists()

@@ -1,0 +1,74 @@
+"""Ctrl-C and SIGTERM during `delf-es index` save what was extracted and say how much (issue 15
+item 3); a resumed run finishes the rest without duplicates.  A real subprocess, real model,
+embedded index in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+def _photos(folder, count=6, side=256):
+    from skimage import data
+
+    base = data.astronaut()
+    folder.mkdir()
+    for i in range(count):
+        crop = np.ascontiguousarray(np.roll(base, 37 * i, axis=1)[:side, :side])
+        Image.fromarray(crop).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def _index(folder, env):
+    return subprocess.Popen([sys.executable, "-m", "delf_es.cli", "-v", "index", str(folder)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _env(tmp_path):
+    env = {**os.environ, "DELF_ES_DATA_DIR": str(tmp_path / "index"), "DELF_ES_TORCH_THREADS": "1",
+           "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    env.pop("DELF_ES_ES_URL", None)
+    env.pop("DELF_ES_REDIS_URL", None)
+    return env
+
+
+def _count(tmp_path) -> int:
+    from delf_es.index.embedded import EmbeddedBackend
+
+    with EmbeddedBackend(tmp_path / "index" / "delf-images") as backend:
+        return backend.count()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_index_saves_what_it_extracted_and_says_so(tmp_path, stop):
+    folder = _photos(tmp_path / "photos")
+    env = _env(tmp_path)
+    process = _index(folder, env)
+    committed: list[str] = []
+    for line in process.stderr:  # wait until at least one image is committed, then interrupt
+        if "committed" in line:
+            committed.append(line)
+            process.send_signal(stop)
+            break
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    match = re.search(r"interrupted: (\d+) image\(s\) saved in this run, (\d+) in the index", err)
+    assert match, err
+    saved = int(match.group(1))
+    assert saved >= 1 and int(match.group(2)) == saved == _count(tmp_path)
+    assert "Traceback" not in err
+    # the rerun resumes: the rest is indexed, nothing twice
+    done = subprocess.run([sys.executable, "-m", "delf_es.cli", "index", str(folder)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{6 - saved} indexed, {saved} already there" in done.stderr and _count(tmp_path) == 6
