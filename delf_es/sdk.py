@@ -28,6 +28,7 @@ from delf_es.errors import BulkIndexFailed, DelfEsError, ImageNotFound, InvalidR
 from delf_es.ids import file_image_id, is_url
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
+from delf_es.parallel import ExtractorPool, process_plan
 from delf_es.search import Searcher
 from delf_es.settings import Settings
 from delf_es.types import Features, SearchHit
@@ -409,6 +410,10 @@ class DelfEs:
                     batch.clear()
                 log.info("committed %d image(s): %s", len(written), json.dumps(sorted(written)))
 
+        processes, threads = process_plan(self.settings)
+        if processes > 1 and len(items) > 1:
+            return self._bulk_add_in_processes(items, ids, existing, skip_existing, flush, batch, handled, succeeded,
+                                               failed, processes, threads, progress, batch_size, refresh_after)
         try:
             for item, known_id in zip(tqdm(items, disable=not progress, desc="indexing", unit="img"), ids):
                 fields = _item_fields(item)
@@ -432,6 +437,51 @@ class DelfEs:
             flush()
         except KeyboardInterrupt:
             flush()  # what is extracted is saved; a second Ctrl-C here aborts one atomic write
+            raise Interrupted(BulkReport(succeeded=succeeded, failed=failed)) from None
+        if refresh_after:
+            self.backend.refresh()
+        return BulkReport(succeeded=succeeded, failed=failed)
+
+    def _bulk_add_in_processes(self, items, ids, existing, skip_existing, flush, batch, handled, succeeded, failed,
+                               processes, threads, progress, batch_size, refresh_after) -> BulkReport:
+        """``bulk_add`` with decode + extraction in ``processes`` worker processes of ``threads``
+        threads each (delf_es/parallel.py); writes, commit timing and Ctrl-C as in ``bulk_add``.
+        Items are deduplicated by id before they are sent (one file, several spellings)."""
+        import time
+
+        from tqdm import tqdm
+
+        from delf_es.errors import Interrupted
+
+        work = []
+        for item, known_id in zip(items, ids):
+            if known_id is not None and (known_id in handled or (skip_existing and known_id in existing)):
+                continue
+            if known_id is not None:
+                handled.add(known_id)
+            work.append(_item_fields(item))
+        batch_started = time.monotonic()
+        try:
+            with ExtractorPool(self.settings, min(processes, max(1, len(work))), threads) as pool:
+                results = zip(work, pool.extract(work))
+                for fields, result in tqdm(results, total=len(work), disable=not progress, unit="img",
+                                           desc=f"indexing ({pool.processes} processes)"):
+                    if not batch:
+                        batch_started = time.monotonic()
+                    if isinstance(result, ItemFailure):
+                        failed.append(result)
+                        continue
+                    name, features = result
+                    try:
+                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                    except DelfEsError as error:
+                        failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
+                    if batch and (len(batch) >= batch_size
+                                  or time.monotonic() - batch_started >= self.settings.commit_seconds):
+                        flush()
+            flush()
+        except KeyboardInterrupt:
+            flush()
             raise Interrupted(BulkReport(succeeded=succeeded, failed=failed)) from None
         if refresh_after:
             self.backend.refresh()
@@ -587,6 +637,10 @@ def _interrupts_deferred() -> Iterator[None]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _label(fields: Mapping[str, Any]) -> str:
+    return fields["path"] if isinstance(fields["path"], str) else "<bytes>"
 
 
 def _item_fields(item: Any) -> dict[str, Any]:

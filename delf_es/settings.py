@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(default=0, ge=0, description="threads of the network runtime (torch, OpenVINO, ONNX "
                                "Runtime); 0 = the runtime's default")
+    extract_processes: int = Field(
+        default=1, ge=0, description="processes that decode + extract in bulk indexing (delf-es index, "
+        "DelfEs.bulk_add), each with torch_threads threads (0 there = cores / processes); 0 = one per core on CPU",
+    )
     channels_last: bool = Field(default=True, description="torch on CPU: channels-last memory format")
     torch_compile: bool = Field(default=False, description="torch runtime: torch.compile the network")
     extract_batch: int = Field(
