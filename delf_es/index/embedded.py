@@ -679,6 +679,12 @@ class EmbeddedBackend:
         with self._reading():
             return {image_id for image_id in image_ids if image_id in self._row_of}
 
+    def revisions(self, image_ids: Iterable[str]) -> dict[str, str]:
+        """The current revision of each indexed id: its SQLite row, new at every write (a
+        replaced image gets a new row; rows are never reused)."""
+        with self._reading():
+            return {i: str(self._row_of[i]) for i in image_ids if i in self._row_of}
+
     def count(self) -> int:
         """Number of indexed images."""
         with self._reading():
