@@ -247,3 +247,16 @@ class RuntimeUnavailable(DelfEsError, RuntimeError):
 
     def __str__(self) -> str:
         return f"{self.runtime}: {self.message}" if self.runtime else self.message
+
+
+class IndexLocked(IndexUnavailable):
+    """Another process is writing the embedded index (one writer at a time; readers are never
+    refused).  ``holder`` is what it recorded: pid, command, host, since."""
+
+    def __init__(self, message: str, holder: dict | None = None) -> None:
+        super().__init__(message, holder)
+        self.message = message
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return self.message
