@@ -44,17 +44,17 @@ RESULTS = Path("benchmarks/results")
 #: name -> (settings overrides, options); options: threads, processes, old_padding, cpu_autocast, cap_s
 ROWS: dict[str, tuple[dict, dict]] = {
     "torch-float32": ({"runtime": "torch", "precision": "float32"}, {}),
-    "torch-float32-nchw": ({"runtime": "torch", "precision": "float32", "channels_last": False}, {}),
-    "torch-float32-pad-copies": ({"runtime": "torch", "precision": "float32"}, {"old_padding": True}),
-    "torch-bfloat16-weights": ({"runtime": "torch", "precision": "bfloat16"}, {"cap_s": 150}),
-    "torch-bfloat16-autocast": ({"runtime": "torch", "precision": "bfloat16"}, {"cpu_autocast": True, "cap_s": 150}),
-    "torch-compile": ({"runtime": "torch", "precision": "float32", "torch_compile": True}, {"cap_s": 150}),
-    "onnxruntime-float32": ({"runtime": "onnxruntime", "precision": "float32"}, {}),
     "openvino-float32": ({"runtime": "openvino", "precision": "float32"}, {}),
     "openvino-int8": ({"runtime": "openvino", "precision": "int8"}, {}),
+    "onnxruntime-float32": ({"runtime": "onnxruntime", "precision": "float32"}, {}),
     "torch-float32-2x1": ({"runtime": "torch", "precision": "float32"}, {"processes": 2}),
     "openvino-float32-2x1": ({"runtime": "openvino", "precision": "float32"}, {"processes": 2}),
     "openvino-int8-2x1": ({"runtime": "openvino", "precision": "int8"}, {"processes": 2}),
+    "torch-float32-nchw": ({"runtime": "torch", "precision": "float32", "channels_last": False}, {}),
+    "torch-float32-pad-copies": ({"runtime": "torch", "precision": "float32"}, {"old_padding": True}),
+    "torch-bfloat16-weights": ({"runtime": "torch", "precision": "bfloat16"}, {"cap_s": 45}),
+    "torch-bfloat16-autocast": ({"runtime": "torch", "precision": "bfloat16"}, {"cpu_autocast": True, "cap_s": 45}),
+    "torch-compile": ({"runtime": "torch", "precision": "float32", "torch_compile": True}, {"cap_s": 45}),
 }
 REFERENCE = "torch-float32"
 
@@ -233,12 +233,18 @@ def run_row(name: str, paths: list[str], args, work: Path) -> dict:
     procs = [subprocess.Popen([sys.executable, __file__, "--child", json.dumps(s)], env=env) for s in specs]
     rss_kb = []
     for proc in procs:
-        _, status, usage = os.wait4(proc.pid, 0)
+        while True:  # wait4 for the child's own peak RSS; a row that hangs is killed at the deadline
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - begin > args.row_timeout:
+                proc.kill()
+            time.sleep(0.5)
         proc.returncode = os.waitstatus_to_exitcode(status)
         rss_kb.append(usage.ru_maxrss)
-    wall = time.perf_counter() - begin
     if any(p.returncode for p in procs):
-        return {"row": name, "error": f"exit codes {[p.returncode for p in procs]}"}
+        print(json.dumps({"row": name, "error": f"exit codes {[p.returncode for p in procs]}"}), flush=True)
+        return {"row": name, "error": f"exit codes {[p.returncode for p in procs]} (timeout {args.row_timeout} s)"}
     parts = [json.loads(Path(s["json"]).read_text()) for s in specs]
     times = [t for part in parts for t in part["times"]]
     measured = sum(len(p["times"]) for p in parts)
@@ -320,6 +326,7 @@ def main() -> None:
     parser.add_argument("--calibration", default="/work/cache/speed/training.txt",
                         help="INT8 calibration photos (the list of scripts/training_images.sh)")
     parser.add_argument("--out", default=str(RESULTS / "extract_speed.json"))
+    parser.add_argument("--row-timeout", type=float, default=600, help="s; a row still running is killed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--attach-map", nargs="+", metavar="ROW=EVAL.json")
     args = parser.parse_args()

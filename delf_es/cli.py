@@ -520,6 +520,21 @@ def demo(out: Path = typer.Option(Path("out"), help="folder for the demo's index
                       "figure": str(figure)}))
 
 
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to listen on; beyond loopback only with DELF_ES_API_TOKEN"),
+    port: int = typer.Option(8080, help="TCP port"),
+    workers: int = typer.Option(1, help="processes (more than 1 needs Elasticsearch)"),
+) -> None:
+    """HTTP search server and web page (docs/api.md); OpenAPI at /docs."""
+    from delf_es.api.serve import serve as run
+
+    try:
+        run(State.settings(), host=host, port=port, workers=workers, overrides=State.overrides)
+    except DelfEsError as error:
+        fail(error)
+
+
 def _register_operations() -> None:
     """Worker fleet and operations commands (workers/cli.py); absent if the package is not installed."""
     try:

@@ -260,3 +260,49 @@ class IndexLocked(IndexUnavailable):
 
     def __str__(self) -> str:
         return self.message
+
+
+# ---------------------------------------------------------------- HTTP server (delf_es/api/)
+
+
+class UploadTooLarge(DelfEsError, ValueError):
+    """A request body is larger than ``api_max_upload_bytes`` (refused while it streams in)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"request body larger than the {self.limit}-byte limit"
+
+
+class AuthenticationRequired(DelfEsError):
+    """No ``Authorization: Bearer <token>`` header on a route that needs one (HTTP 401)."""
+
+
+class AccessDenied(DelfEsError):
+    """A bearer token was sent but it is not the server's (HTTP 403)."""
+
+
+class Overloaded(DelfEsError):
+    """The server is busy: too many extractions queued, or the request ran past its time
+    limit.  ``retry_after`` s is a hint for the client (HTTP 503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after)
+        self.message = message
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TaskNotFound(DelfEsError, KeyError):
+    """No worker task with that id is known."""
+
+    def __str__(self) -> str:
+        return f"no task with id {self.args[0]!r}" if self.args else "task not found"
+
+
+class UploadTimedOut(DelfEsError):
+    """A request body did not arrive within ``api_body_timeout`` s (HTTP 408)."""

@@ -16,6 +16,7 @@ import json
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -29,6 +30,7 @@ from delf_es.errors import BulkIndexFailed, DelfEsError, ImageNotFound, InvalidR
 from delf_es.ids import file_image_id, is_url
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
+from delf_es.parallel import ExtractorPool, process_plan
 from delf_es.search import Searcher
 from delf_es.settings import Settings
 from delf_es.types import Features, SearchHit
@@ -37,6 +39,36 @@ log = logging.getLogger(__name__)
 
 #: Elasticsearch's limit on document ids; longer names are refused rather than silently hashed.
 MAX_ID_BYTES = 512
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """What :meth:`DelfEs.search_loaded` found: the query's size (px, the whole image even with
+    a region), its keypoint count and the hits (dicts as :meth:`DelfEs.search_image` returns)."""
+
+    width: int
+    height: int
+    keypoints: int
+    hits: list[dict[str, Any]]
+
+
+def crop(pixels: np.ndarray, bbox: tuple[float, float, float, float], min_side: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """The region ``(x1, y1, x2, y2)`` px (clipped to the image) of (H, W, 3) ``pixels`` and its
+    top-left corner (x, y) px; :class:`InvalidRequest` when it is not a box of at least ``min_side``."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"bbox must be 4 numbers x1,y1,x2,y2 px, got {bbox!r}") from None
+    if not all(np.isfinite([x1, y1, x2, y2])) or x2 <= x1 or y2 <= y1:
+        raise InvalidRequest(f"bbox must have x1 < x2 and y1 < y2 (finite px), got {list(bbox)}")
+    height, width = pixels.shape[:2]
+    left, top = int(max(0, np.floor(x1))), int(max(0, np.floor(y1)))
+    right, bottom = int(min(width, np.ceil(x2))), int(min(height, np.ceil(y2)))
+    if right - left < min_side or bottom - top < min_side:
+        raise InvalidRequest(
+            f"bbox {list(bbox)} leaves {max(0, right - left)}x{max(0, bottom - top)} px of the "
+            f"{width}x{height} image; at least {min_side} px a side is needed")
+    return np.ascontiguousarray(pixels[top:bottom, left:right]), (float(left), float(top))
 
 
 def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
@@ -144,20 +176,34 @@ class DelfEs:
             return self._submitter().submit_one(_check_id(source if is_url(source) else os.path.realpath(source)),
                                                 _check_metadata(metadata))
         name, image = self.load(path, img, bytestream)
-        features = self.extract(image.pixels, image_id=name)
-        return self.add_features(features, path=name, metadata=metadata, refresh_after=refresh_after)
+        self.add_loaded(name, image, metadata=metadata, refresh_after=refresh_after)
+        return name
+
+    def add_loaded(
+        self, image_id: str, image: LoadedImage, metadata: Mapping[str, Any] | None = None,
+        refresh_after: bool = False,
+    ) -> Features:
+        """Index a decoded image under ``image_id`` (also its stored path); returns its features."""
+        _check_id(image_id)
+        _check_metadata(metadata)  # before the model runs: a bad request costs no CPU
+        features = self.extract(image.pixels, image_id=image_id)
+        self.add_features(features, path=image_id, metadata=metadata, refresh_after=refresh_after,
+                          thumbnail=self._thumbnail(image))
+        return features
 
     def add_features(
         self, features: Features, path: str | None = None, metadata: Mapping[str, Any] | None = None,
-        refresh_after: bool = False,
+        refresh_after: bool = False, thumbnail: bytes | None = None,
     ) -> str:
-        """Index precomputed features (their ``image_id`` is the id)."""
+        """Index precomputed features (their ``image_id`` is the id), with an optional
+        thumbnail JPEG (:func:`delf_es.thumbnails.make_thumbnail`)."""
         record = ImageRecord(
             image_id=_check_id(features.image_id),
             path=path or features.image_id,
             metadata=_check_metadata(metadata),
             features=features,
             created_at=_now(),
+            thumbnail=thumbnail,
         )
         report = self.backend.upsert([record], refresh=refresh_after)
         if not report.ok:
@@ -217,10 +263,39 @@ class DelfEs:
         if pre_filter is not None and not isinstance(pre_filter, Mapping):
             raise InvalidRequest(f"pre_filter must be a mapping (an Elasticsearch query), got {type(pre_filter).__name__}")
         _, image = self.load(path, None, bytestream)
-        pixels = [image.pixels] if not all_orientations else _orientations(image.pixels)
+        return self.search_loaded(image, all_orientations=all_orientations, pre_filter=pre_filter, limit=limit,
+                                  min_inliers=min_inliers).hits
+
+    def search_loaded(
+        self,
+        image: LoadedImage,
+        *,
+        bbox: tuple[float, float, float, float] | None = None,
+        all_orientations: bool = False,
+        pre_filter: MetadataFilter | None = None,
+        limit: int = 10,
+        min_inliers: int | None = None,
+        matches: bool = False,
+    ) -> QueryResult:
+        """:meth:`search_image` on a decoded image, with what a server shows about the query.
+
+        Args:
+            bbox: ``(x1, y1, x2, y2)`` px of ``image``: search with that region only.
+            matches: give each hit ``matches``, its verified pairs ``[[qx, qy, x, y], ...]``
+                in px of the original query image and of the original database image.
+        """
+        pixels = image.pixels
+        offset = (0.0, 0.0)
+        if bbox is not None:
+            pixels, offset = crop(pixels, bbox, self.settings.min_image_side)
+        if matches and all_orientations:
+            raise InvalidRequest("matches are given in the query's own orientation: not with all_orientations")
+        variants = [pixels] if not all_orientations else _orientations(pixels)
         best: dict[str, tuple[SearchHit, int]] = {}
-        for variant in pixels:
+        keypoints = 0
+        for variant in variants:
             query = self.extract(variant, image_id="<query>")
+            keypoints = keypoints or query.num_keypoints
             for hit in self.searcher().search(query, metadata_filter=pre_filter):
                 if hit.image_id not in best or hit.score > best[hit.image_id][0].score:
                     best[hit.image_id] = (hit, query.num_keypoints)
@@ -228,7 +303,54 @@ class DelfEs:
         hits = sorted(best.values(), key=lambda p: (-p[0].score, -p[0].inliers, -p[0].votes, p[0].image_id))
         hits = [(h, n) for h, n in hits if h.inliers >= threshold][:limit]
         stored = {i: self._get_or_none(i) for i in (h.image_id for h, _ in hits)}
-        return [_result(h, n, stored[h.image_id]) for h, n in hits if stored[h.image_id] is not None]
+        results = []
+        for hit, n in hits:
+            if stored[hit.image_id] is None:
+                continue
+            result = _result(hit, n, stored[hit.image_id])
+            if matches:
+                pairs = hit.inlier_pairs if hit.inlier_pairs is not None else np.zeros((0, 4), np.float32)
+                shifted = pairs.astype(np.float64) + np.array([offset[0], offset[1], 0.0, 0.0])
+                result["matches"] = np.round(shifted, 1).tolist()
+            results.append(result)
+        width, height = image.size
+        return QueryResult(width=width, height=height, keypoints=keypoints, hits=results)
+
+    def search_indexed(
+        self, image_id: str, *, pre_filter: MetadataFilter | None = None, limit: int = 10,
+        min_inliers: int | None = None, matches: bool = False,
+    ) -> QueryResult:
+        """Search with an indexed image, from what the index stores of it (keypoints and int8
+        descriptor codes; no original file, no global descriptor): the shortlist is therefore
+        the local one (keypoint votes), whatever ``shortlist_mode`` says.  The image itself is
+        normally the first hit."""
+        from delf_es.index.codes import decode_codes
+
+        stored = self.backend.get(image_id)
+        locations = self.backend.keypoints([image_id]).get(image_id)
+        codes = self.backend.descriptor_codes([image_id]).get(image_id)
+        if locations is None or codes is None or not len(codes):
+            raise InvalidRequest(f"{image_id!r} has no stored keypoints to search with")
+        n = len(locations)
+        query = Features(
+            image_id="<query>", model_id=stored.model_id, image_size=(stored.width, stored.height),
+            keypoints=np.asarray(locations, np.float32), scales=np.ones(n, np.float32),
+            scores=np.linspace(1.0, 0.0, n, dtype=np.float32), descriptors=decode_codes(codes),
+        )
+        settings = self.settings.model_copy(update={"shortlist_mode": "local"})
+        found = Searcher(self.backend, self.cache, settings, self.model_id).search(query, metadata_filter=pre_filter)
+        threshold = self.settings.min_inliers if min_inliers is None else min_inliers
+        results = []
+        for hit in [h for h in found if h.inliers >= threshold][:limit]:
+            record = self._get_or_none(hit.image_id)
+            if record is None:
+                continue
+            result = _result(hit, n, record)
+            if matches:
+                pairs = hit.inlier_pairs if hit.inlier_pairs is not None else np.zeros((0, 4), np.float32)
+                result["matches"] = np.round(pairs.astype(np.float64), 1).tolist()
+            results.append(result)
+        return QueryResult(width=stored.width, height=stored.height, keypoints=n, hits=results)
 
     def search_features(self, query: Features, pre_filter: MetadataFilter | None = None, limit: int | None = None) -> list[SearchHit]:
         """The full ranked shortlist for precomputed query features (evaluation uses this)."""
@@ -293,6 +415,10 @@ class DelfEs:
                     batch.clear()
                 log.info("committed %d image(s): %s", len(written), json.dumps(sorted(written)))
 
+        processes, threads = process_plan(self.settings)
+        if processes > 1 and len(items) > 1:
+            return self._bulk_add_in_processes(items, ids, existing, skip_existing, flush, batch, handled, succeeded,
+                                               failed, processes, threads, progress, batch_size, refresh_after)
         try:
             for item, known_id in zip(tqdm(items, disable=not progress, desc="indexing", unit="img"), ids):
                 fields = _item_fields(item)
@@ -305,7 +431,8 @@ class DelfEs:
                     name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
                     features = self.extract(image.pixels, image_id=name)
                     log.info("extracted %s (%d keypoints)", name, features.num_keypoints)
-                    batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                    batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now(),
+                                             thumbnail=self._thumbnail(image)))
                     handled.add(name)
                 except DelfEsError as error:
                     failed.append(ItemFailure(item_id=label, error=str(error)))
@@ -320,8 +447,62 @@ class DelfEs:
             self.backend.refresh()
         return BulkReport(succeeded=succeeded, failed=failed)
 
+    def _bulk_add_in_processes(self, items, ids, existing, skip_existing, flush, batch, handled, succeeded, failed,
+                               processes, threads, progress, batch_size, refresh_after) -> BulkReport:
+        """``bulk_add`` with decode + extraction in ``processes`` worker processes of ``threads``
+        threads each (delf_es/parallel.py); writes, commit timing and Ctrl-C as in ``bulk_add``.
+        Items are deduplicated by id before they are sent (one file, several spellings)."""
+        import time
+
+        from tqdm import tqdm
+
+        from delf_es.errors import Interrupted
+
+        work = []
+        for item, known_id in zip(items, ids):
+            if known_id is not None and (known_id in handled or (skip_existing and known_id in existing)):
+                continue
+            if known_id is not None:
+                handled.add(known_id)
+            work.append(_item_fields(item))
+        batch_started = time.monotonic()
+        try:
+            with ExtractorPool(self.settings, min(processes, max(1, len(work))), threads) as pool:
+                results = zip(work, pool.extract(work))
+                for fields, result in tqdm(results, total=len(work), disable=not progress, unit="img",
+                                           desc=f"indexing ({pool.processes} processes)"):
+                    if not batch:
+                        batch_started = time.monotonic()
+                    if isinstance(result, ItemFailure):
+                        failed.append(result)
+                        continue
+                    name, features = result
+                    try:
+                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                    except DelfEsError as error:
+                        failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
+                    if batch and (len(batch) >= batch_size
+                                  or time.monotonic() - batch_started >= self.settings.commit_seconds):
+                        flush()
+            flush()
+        except KeyboardInterrupt:
+            flush()
+            raise Interrupted(BulkReport(succeeded=succeeded, failed=failed)) from None
+        if refresh_after:
+            self.backend.refresh()
+        return BulkReport(succeeded=succeeded, failed=failed)
+
     def count(self) -> int:
         return self.backend.count()
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The small JPEG stored with the image (None when stored without one);
+        :class:`~delf_es.errors.ImageNotFound` if unknown."""
+        return self.backend.thumbnail(image_id)
+
+    def thumbnail_bytes(self) -> int:
+        """Bytes of all stored thumbnails."""
+        return self.backend.thumbnail_bytes()
 
     # ------------------------------------------------------------------ worker fleet
 
@@ -411,6 +592,13 @@ class DelfEs:
         except DelfEsError:
             return None
 
+    def _thumbnail(self, image: LoadedImage) -> bytes | None:
+        if not self.settings.thumbnails:
+            return None
+        from delf_es.thumbnails import make_thumbnail
+
+        return make_thumbnail(image.pixels)
+
     def _get_or_none(self, image_id: str) -> StoredImage | None:
         try:
             return self.backend.get(image_id)
@@ -454,6 +642,10 @@ def _interrupts_deferred() -> Iterator[None]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _label(fields: Mapping[str, Any]) -> str:
+    return fields["path"] if isinstance(fields["path"], str) else "<bytes>"
 
 
 def _item_fields(item: Any) -> dict[str, Any]:
@@ -503,7 +695,7 @@ def _stored_dict(stored: StoredImage) -> dict[str, Any]:
     return {
         "id": stored.image_id, "path": stored.path, "metadata": stored.metadata, "width": stored.width,
         "height": stored.height, "num_keypoints": stored.num_keypoints, "model_id": stored.model_id,
-        "created_at": stored.created_at,
+        "created_at": stored.created_at, "thumbnail_bytes": stored.thumbnail_bytes,
     }
 
 

@@ -38,6 +38,8 @@ from delf_es.verify import estimate_model
 
 log = logging.getLogger(__name__)
 
+_NO_PAIRS = np.zeros((0, 4), np.float32)
+
 
 @dataclass
 class _Candidate:
@@ -107,11 +109,13 @@ class Searcher:
             if matching:
                 q_idx, db_idx = mutual_matches(descriptors, codes.get(image_id), s.knn_min_similarity)
                 candidate.votes = max(candidate.votes, len(q_idx))
-                inliers = self._ransac(query, q_idx, db_idx, locations.get(image_id))
+                pairs = self._ransac(query, q_idx, db_idx, locations.get(image_id))
             else:
-                inliers = self._verify(query, candidate, locations.get(image_id))
+                pairs = self._verify(query, candidate, locations.get(image_id))
+            inliers = len(pairs)
             return SearchHit(image_id=image_id, score=float(inliers), inliers=inliers,
-                             votes=candidate.votes, global_similarity=candidate.global_similarity)
+                             votes=candidate.votes, global_similarity=candidate.global_similarity,
+                             inlier_pairs=pairs)
 
         if s.verify_threads == 1 or len(shortlist) < 2:
             return [verify_one(image_id) for image_id in shortlist]
@@ -152,24 +156,26 @@ class Searcher:
             found.update(fetched)
         return found
 
-    def _verify(self, query: Features, candidate: _Candidate, locations: np.ndarray | None) -> int:
+    def _verify(self, query: Features, candidate: _Candidate, locations: np.ndarray | None) -> np.ndarray:
         if locations is None or not candidate.query_index:
-            return 0
+            return _NO_PAIRS
         q_idx, db_idx = one_to_one(
             np.concatenate(candidate.query_index), np.concatenate(candidate.keypoint_index),
             np.concatenate(candidate.similarity),
         )
         return self._ransac(query, q_idx, db_idx, locations)
 
-    def _ransac(self, query: Features, q_idx: np.ndarray, db_idx: np.ndarray, locations: np.ndarray | None) -> int:
+    def _ransac(self, query: Features, q_idx: np.ndarray, db_idx: np.ndarray, locations: np.ndarray | None) -> np.ndarray:
+        """The verified pairs, (K, 4) float32 ``[qx, qy, x, y]`` px (K = the inlier count)."""
         if locations is None or not len(q_idx):
-            return 0
+            return _NO_PAIRS
         valid = db_idx < len(locations)
         q_idx, db_idx = q_idx[valid], db_idx[valid]
         s = self.settings
         _, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
                                  s.ransac_confidence, s.ransac_max_iters, s.ransac_seed, s.min_inlier_spread)
-        return int(mask.sum())
+        mask = np.asarray(mask, bool)
+        return np.hstack([query.keypoints[q_idx][mask], locations[db_idx][mask]]).astype(np.float32)
 
 
 def rank_hits(hits: list[SearchHit], s: Settings) -> list[SearchHit]:

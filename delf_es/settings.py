@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(default=0, ge=0, description="threads of the network runtime (torch, OpenVINO, ONNX "
                                "Runtime); 0 = the runtime's default")
+    extract_processes: int = Field(
+        default=1, ge=0, description="processes that decode + extract in bulk indexing (delf-es index, "
+        "DelfEs.bulk_add), each with torch_threads threads (0 there = cores / processes); 0 = one per core on CPU",
+    )
     channels_last: bool = Field(default=True, description="torch on CPU: channels-last memory format")
     torch_compile: bool = Field(default=False, description="torch runtime: torch.compile the network")
     extract_batch: int = Field(
@@ -181,6 +185,25 @@ class Settings(BaseSettings):
         "(minute hour day-of-month month day-of-week) or an interval in s",
     )
     worker_flush_interval: float = Field(default=60.0, gt=0, description="s between beat's straggler flushes")
+
+    # --- HTTP server (delf-es serve, delf_es/api/) ---------------------------------
+    api_token: str | None = Field(
+        default=None, repr=False, description="bearer token every /v1 route requires; serve refuses a "
+        "non-loopback host without one",
+    )
+    api_max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="request body cap, bytes")
+    api_max_extractions: int = Field(default=1, ge=1, description="extractions (model runs) at once")
+    api_max_queued: int = Field(
+        default=32, ge=0, description="requests waiting for an extraction slot; beyond that, 503 + Retry-After"
+    )
+    api_request_timeout: float = Field(default=120.0, gt=0, description="s a request may take (queue + work) before 503")
+    api_body_timeout: float = Field(default=30.0, gt=0, description="s to receive a request body before 408")
+    api_cors_origins: tuple[str, ...] = Field(default=(), description="origins allowed by CORS; empty = CORS off")
+    api_upload_dir: Path | None = Field(
+        default=None, description="where uploads for the workers (?wait=false) are staged; the workers must "
+        "see the same folder; None = <data_dir>/api-uploads",
+    )
+    thumbnails: bool = Field(default=True, description="store a small JPEG (<= 256 px, <= 16 KB) with each image")
 
     @field_validator("scales", "global_scales")
     @classmethod

@@ -29,11 +29,21 @@ def register(app: typer.Typer) -> None:
         """Start a Celery worker of the fleet (Redis and Elasticsearch from DELF_ES_* settings)."""
         from workers.celery_app import make_app
 
+        from delf_es.parallel import usable_cores
+
+        settings = State.checked(model=False)
+        processes = concurrency or usable_cores()
+        if pool == "prefork" and not settings.torch_threads:
+            # each prefork process gets its share of the cores (N processes x cores/N threads): two
+            # processes of 2 threads on 2 cores oversubscribe them (delf_es/parallel.py)
+            threads = max(1, usable_cores() // processes)
+            settings = settings.model_copy(update={"torch_threads": threads})
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         try:
-            celery_app = make_app(State.checked(model=False))
+            celery_app = make_app(settings)
         except ValueError as error:
             fail(error)
-        argv = ["worker", "-Q", queues, "-c", str(concurrency or os.cpu_count() or 1), "-P", pool,
+        argv = ["worker", "-Q", queues, "-c", str(processes), "-P", pool,
                 "--loglevel", loglevel, "-n", f"delf-{os.getpid()}@%h"]
         celery_app.worker_main(argv + (["-B"] if beat else []))
 

@@ -25,6 +25,7 @@ class ImageRecord:
         metadata: JSON-able mapping; string values are keyword fields, numbers numeric.
         features: extracted local + global features (model_id, keypoints, descriptors...).
         created_at: ISO-8601 UTC timestamp of the write.
+        thumbnail: small JPEG (:mod:`delf_es.thumbnails`) stored with the image, or None.
     """
 
     image_id: str
@@ -32,6 +33,7 @@ class ImageRecord:
     metadata: Mapping[str, Any]
     features: Features
     created_at: str
+    thumbnail: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class StoredImage:
         width, height: original image size, px.
         num_keypoints: keypoints stored for it.
         model_id, pca_id: what produced its features.
+        thumbnail_bytes: size of the stored thumbnail, 0 when there is none.
     """
 
     image_id: str
@@ -52,6 +55,7 @@ class StoredImage:
     num_keypoints: int
     model_id: str
     created_at: str
+    thumbnail_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,14 @@ class Backend(Protocol):
     def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored descriptors as (N, D) int8 codes (:func:`~delf_es.index.codes.int8_codes`) per
         image, rows in keypoint order (missing ids are left out)."""
+        ...
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The stored thumbnail JPEG, None if stored without; :class:`~delf_es.errors.ImageNotFound` if unknown."""
+        ...
+
+    def thumbnail_bytes(self) -> int:
+        """Bytes of all stored thumbnails."""
         ...
 
     def refresh(self) -> None:

@@ -155,7 +155,7 @@ MAX_ID_BYTES = 512
 _HASHED_ID_PREFIX = "~sha256:"
 _PCA_RE = re.compile(r"-(pca\d+-[0-9a-f]+)@")
 #: Fields of the image document that ``get`` leaves out.
-_BULKY_FIELDS = ["keypoint_xy", "keypoint_scale", "keypoint_score", "keypoint_codes", "global_vector"]
+_BULKY_FIELDS = ["keypoint_xy", "keypoint_scale", "keypoint_score", "keypoint_codes", "global_vector", "thumbnail"]
 #: What a write needs to know of the live version of an image.
 _VERSION_FIELDS = ["generation", "slot", "num_keypoints", "other_slot_keypoints"]
 
@@ -283,6 +283,7 @@ class _Indices:
     local_dims: int
     global_dims: int | None
     quantised_global: bool
+    thumbnails: bool = False  # the mapping has the thumbnail fields (indexes since the HTTP API)
 
 
 @dataclass(frozen=True)
@@ -408,6 +409,7 @@ class ElasticsearchBackend:
             local_dims=int(meta["local_dims"]),
             global_dims=int(global_dims) if global_dims else None,
             quantised_global=global_type.get("index_options", {}).get("type", "hnsw") != "hnsw",
+            thumbnails="thumbnail" in mapping.get("properties", {}),
         )
         return self._indices
 
@@ -480,6 +482,10 @@ class ElasticsearchBackend:
         }
         if len(features.global_desc):
             doc["global_vector"] = _vector(features.global_desc)
+        if record.thumbnail and self._indices is not None and self._indices.thumbnails:
+            # (an index created before thumbnails existed has no such field: "dynamic": "strict")
+            doc["thumbnail"] = base64.b64encode(record.thumbnail).decode("ascii")
+            doc["thumbnail_bytes"] = len(record.thumbnail)
         return doc
 
     def _keypoint_actions(self, write: _Write) -> Iterator[dict[str, Any]]:
@@ -766,7 +772,27 @@ class ElasticsearchBackend:
             num_keypoints=int(source["num_keypoints"]),
             model_id=source["model_id"],
             created_at=source["created_at"],
+            thumbnail_bytes=int(source.get("thumbnail_bytes") or 0),
         )
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The stored thumbnail JPEG, None if stored without; :class:`ImageNotFound` if unknown."""
+        try:
+            found = self._call("get", self._client.get, index=self.alias, id=document_id(image_id),
+                               source_includes=["thumbnail"])
+        except NotFoundError:
+            raise ImageNotFound(image_id) from None
+        data = (found.get("_source") or {}).get("thumbnail")
+        return base64.b64decode(data) if data else None
+
+    def thumbnail_bytes(self) -> int:
+        """Bytes of all stored thumbnails (a sum aggregation over ``thumbnail_bytes``)."""
+        try:
+            found = self._call("stats", self._client.search, index=self.alias, size=0,
+                               aggs={"thumbnails": {"sum": {"field": "thumbnail_bytes"}}})
+        except NotFoundError:
+            return 0
+        return int((found.get("aggregations") or {}).get("thumbnails", {}).get("value") or 0)
 
     def _mget(self, image_ids: list[str], source: Any) -> Iterator[dict[str, Any]]:
         """The found image documents among ``image_ids`` (none if the index does not exist)."""

@@ -354,6 +354,8 @@ class EmbeddedBackend:
                     descriptors BLOB NOT NULL,
                     global_desc BLOB NOT NULL)"""
             )
+            # Thumbnails in their own table: indexes written before they existed need no migration.
+            db.execute("CREATE TABLE IF NOT EXISTS thumbnails (image_id TEXT PRIMARY KEY, jpeg BLOB NOT NULL)")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('generation', '0')", (SCHEMA,))
             meta = dict(db.execute("SELECT key, value FROM meta"))
             if meta["schema"] != SCHEMA:
@@ -527,6 +529,9 @@ class EmbeddedBackend:
                             " created_at, keypoints, descriptors, global_desc) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                             values,
                         )
+                        db.execute("DELETE FROM thumbnails WHERE image_id = ?", (item_id,))
+                        if record.thumbnail:
+                            db.execute("INSERT INTO thumbnails VALUES (?, ?)", (item_id, bytes(record.thumbnail)))
                         db.execute("RELEASE item")
                     except (_ItemRejected, FeatureShapeError, sqlite3.IntegrityError) as exc:
                         db.execute("ROLLBACK TO item")
@@ -693,6 +698,7 @@ class EmbeddedBackend:
                         failed.append(ItemFailure(str(image_id), "not found"))
                         continue
                     db.execute("DELETE FROM images WHERE row = ?", (old[0],))
+                    db.execute("DELETE FROM thumbnails WHERE image_id = ?", (str(image_id),))
                     removed[old[0]] = old[1]
                     succeeded.append(str(image_id))
                 if removed:
@@ -716,14 +722,29 @@ class EmbeddedBackend:
         """The stored document of ``image_id``; :class:`ImageNotFound` if unknown."""
         with self._reading():
             row = self._reader().execute(
-                "SELECT image_id, path, metadata, width, height, num_keypoints, model_id, created_at"
+                "SELECT image_id, path, metadata, width, height, num_keypoints, model_id, created_at,"
+                " (SELECT length(jpeg) FROM thumbnails t WHERE t.image_id = images.image_id)"
                 " FROM images WHERE image_id = ?",
                 (image_id,),
             ).fetchone()
         if row is None:
             raise ImageNotFound(image_id)
-        image_id, path, metadata, width, height, num_keypoints, model_id, created_at = row
-        return StoredImage(image_id, path, json.loads(metadata), width, height, num_keypoints, model_id, created_at)
+        image_id, path, metadata, width, height, num_keypoints, model_id, created_at, thumbnail = row
+        return StoredImage(image_id, path, json.loads(metadata), width, height, num_keypoints, model_id, created_at,
+                           thumbnail_bytes=int(thumbnail or 0))
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The stored thumbnail JPEG, None if stored without; :class:`ImageNotFound` if unknown."""
+        with self._reading():
+            if image_id not in self._row_of:
+                raise ImageNotFound(image_id)
+            row = self._reader().execute("SELECT jpeg FROM thumbnails WHERE image_id = ?", (image_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def thumbnail_bytes(self) -> int:
+        """Bytes of all stored thumbnails."""
+        with self._reading():
+            return int(self._reader().execute("SELECT COALESCE(SUM(length(jpeg)), 0) FROM thumbnails").fetchone()[0])
 
     def existing(self, image_ids: Iterable[str]) -> set[str]:
         """The subset of ``image_ids`` that is indexed."""
