@@ -522,6 +522,19 @@ def _index_state(directory: Path) -> dict:
     return {"ids": ids, "half_written": half}
 
 
+def _reopen_count(directory: Path):
+    """What the index itself says after the kill (it rebuilds its keypoint index if needed)."""
+    from delf_es.index.embedded import EmbeddedBackend
+
+    if not directory.exists():
+        return 0
+    try:
+        with EmbeddedBackend(directory) as backend:
+            return backend.count()
+    except Exception as error:  # noqa: BLE001 - recorded: an index that cannot reopen is a failure
+        return f"{type(error).__name__}: {error}"
+
+
 def kill_rounds(tmp: Path, kills: int, images: int, side: int, seed: int) -> dict:
     rng = random.Random(seed)
     photos = _kill_photos(tmp / "kill-photos", images, side)
@@ -558,11 +571,13 @@ def kill_rounds(tmp: Path, kills: int, images: int, side: int, seed: int) -> dic
         # finished extractions of this round that are not in the index: work the kill threw away
         lost_work = sorted(extracted_now - present)
         duplicates = sorted(i for i, c in state["ids"].items() if c > 1)
+        reopened = _reopen_count(directory)
         rounds.append({"round": number, "killed": killed, "after_s": None if final else round(delay, 2),
                        "exit": process.returncode, "committed_this_round": len(committed_now),
                        "extracted_this_round": len(extracted_now), "in_index": len(present),
                        "reported_saved_but_missing": lost_reported, "finished_work_lost": len(lost_work),
-                       "duplicates": duplicates, "half_written": state["half_written"]})
+                       "duplicates": duplicates, "half_written": state["half_written"],
+                       "reopened_count": reopened, "reopen_agrees": reopened == len(present)})
         print(f"  round {number}: killed={killed} in_index={len(present)} lost_reported={len(lost_reported)} "
               f"work_lost={len(lost_work)} dup={len(duplicates)} half={len(state['half_written'])}", flush=True)
     final_state = _index_state(directory)
@@ -577,6 +592,7 @@ def kill_rounds(tmp: Path, kills: int, images: int, side: int, seed: int) -> dic
         "half_written": sum(len(r["half_written"]) for r in rounds),
         "final_images_in_index": len(final_state["ids"]),
         "final_all_present": set(final_state["ids"]) == set(photos),
+        "reopen_disagreements": sum(not r["reopen_agrees"] for r in rounds),
         "rounds": rounds,
     }
 

@@ -67,6 +67,10 @@ def main(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The Elasticsearch client logs every failed attempt with urllib3's traceback (~60 lines per
+    # call when the server is down); the IndexUnavailable that follows says it in one line.
+    for noisy in ("elastic_transport", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     from delf_es.validation import unknown_variables
 
     for warning in unknown_variables():
@@ -128,7 +132,12 @@ def progress() -> Progress:
 
 
 def fail(error: Exception) -> None:
-    console.print(f"[red]error:[/red] {escape(str(error))}")  # paths may hold "[...]": never markup
+    from delf_es.errors import IndexUnavailable
+
+    message = str(error)
+    if isinstance(error, IndexUnavailable) and message.startswith("Elasticsearch at "):
+        message += " -- is it running? Check DELF_ES_ES_URL, or start it with scripts/services.sh start"
+    console.print(f"[red]error:[/red] {escape(message)}")  # paths may hold "[...]": never markup
     raise typer.Exit(code=2)
 
 
@@ -319,13 +328,13 @@ def index(
     with engine() as sdk:
         try:
             report = sdk.bulk_add([(p, extra) if extra else p for p in paths], skip_existing=not reindex)
-        except DelfEsError as error:
-            fail(error)
-        except Interrupted as stop:
+        except Interrupted as stop:  # before DelfEsError: it is one too
             saved = len(stop.report.succeeded)
             console.print(f"[red]interrupted:[/red] {saved} image(s) saved in this run, "
                           f"{sdk.count()} in the index; run the same command again to continue")
             raise typer.Exit(code=130) from None
+        except DelfEsError as error:
+            fail(error)
         for failure in report.failed:
             console.print(f"[yellow]failed[/yellow] {escape(failure.item_id)}: {escape(failure.error)}")
         skipped = len(paths) - len(report.succeeded) - len(report.failed)

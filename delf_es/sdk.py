@@ -23,7 +23,9 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache, codes_namespace
+from delf_es.cache import (
+    LocationCache, MemoryLocationCache, RedisLocationCache, codes_namespace, image_revisions, revision_key,
+)
 from delf_es.errors import BulkIndexFailed, DelfEsError, ImageNotFound, InvalidRequest, ItemFailure
 from delf_es.ids import file_image_id, is_url
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
@@ -132,10 +134,13 @@ class DelfEs:
         return Searcher(self.backend, self.cache, self.settings, self.model_id)
 
     def _cache_written(self, model_id: str, locations: Mapping[str, np.ndarray]) -> None:
-        """After a write: cache the new locations; drop cached codes of a replaced version
-        (read again on demand: they are 5x the locations' size, so not cached on add)."""
-        self.cache.put_many(model_id, locations)
-        self.cache.delete(codes_namespace(model_id), list(locations))
+        """After a write: cache the new locations under the new revision's key (cache.py).  Entries
+        of the replaced revision are never read again (another key), so a cache that missed
+        this write (paused, down) cannot serve them; they expire."""
+        if not locations:
+            return
+        revisions = image_revisions(self.backend, list(locations))
+        self.cache.put_many(model_id, {revision_key(i, revisions[i]): a for i, a in locations.items() if i in revisions})
 
     # ------------------------------------------------------------------ image-match API
 
@@ -471,9 +476,10 @@ class DelfEs:
                     if isinstance(result, ItemFailure):
                         failed.append(result)
                         continue
-                    name, features = result
+                    name, features, thumbnail = result
                     try:
-                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now(),
+                                                 thumbnail=thumbnail))
                     except DelfEsError as error:
                         failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
                     if batch and (len(batch) >= batch_size

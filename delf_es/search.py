@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from delf_es.cache import LocationCache, codes_namespace
+from delf_es.cache import LocationCache, codes_namespace, image_revisions, revision_key
 from delf_es.index.codes import decode_codes
 from delf_es.index.base import Backend, MetadataFilter, Neighbours
 from delf_es.settings import Settings
@@ -95,8 +95,12 @@ class Searcher:
         if without_pairs and len(descriptors) and not matching:
             restricted = self.backend.knn(descriptors, s.knn_k, metadata_filter, image_ids=without_pairs)
             self._collect(restricted, candidates, count_votes=True)
-        locations = self._cached(self.model_id, image_ids, self.backend.keypoints)
-        codes = self._cached(codes_namespace(self.model_id), image_ids, self.backend.descriptor_codes) if matching else {}
+        # The index's revision of each shortlisted image is part of its cache key: an entry cached
+        # for another revision (a re-add while Redis was paused, killed or partitioned) is a miss.
+        revisions = image_revisions(self.backend, image_ids)
+        locations = self._cached(self.model_id, image_ids, revisions, self.backend.keypoints)
+        codes = (self._cached(codes_namespace(self.model_id), image_ids, revisions, self.backend.descriptor_codes)
+                 if matching else {})
         # scales are read only for the scale rule (one more read of the shortlist; not cached)
         scales = self.backend.keypoint_scales(image_ids) if s.ransac_scale_tolerance is not None else {}
         # One BLAS thread: the products here are small (1000 x 40 x 1000), and OpenBLAS threads
@@ -171,13 +175,17 @@ class Searcher:
             if count_votes:
                 candidate.votes += int(len(np.unique(query_index[group])))
 
-    def _cached(self, namespace: str, image_ids: list[str], read) -> dict[str, np.ndarray]:
-        """Arrays of ``image_ids`` from the cache; misses read with ``read`` and written back."""
-        found, seen = self.cache.read_many(namespace, image_ids)
-        missing = [i for i in image_ids if i not in found]
+    def _cached(self, namespace: str, image_ids: list[str], revisions: dict[str, str], read) -> dict[str, np.ndarray]:
+        """Arrays of ``image_ids`` from the cache under their revision keys; misses read with
+        ``read`` and written back.  Ids without a revision (no longer indexed) are left out."""
+        keys = {i: revision_key(i, revisions[i]) for i in image_ids if i in revisions}
+        cached, seen = self.cache.read_many(namespace, list(keys.values()))
+        found = {i: cached[key] for i, key in keys.items() if key in cached}
+        missing = [i for i in keys if i not in found]
         if missing:
             fetched = read(missing)
-            self.cache.fill_many(namespace, fetched, seen)  # not over a writer's newer version
+            # not over a writer's newer version of the same key (versions, cache.py)
+            self.cache.fill_many(namespace, {keys[i]: a for i, a in fetched.items() if i in keys}, seen)
             found.update(fetched)
         return found
 

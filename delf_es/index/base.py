@@ -149,6 +149,11 @@ class Backend(Protocol):
         """Images whose global descriptor is nearest to (G,) ``vector``: (image_id, cosine), best first."""
         ...
 
+    def revisions(self, image_ids: Iterable[str]) -> dict[str, str]:
+        """A token per indexed id that changes at every write of that image (missing ids left
+        out); search caches are keyed by it, so a cached entry of another write is a miss."""
+        ...
+
     def keypoints(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored keypoint locations, (N, 2) float32 px per image (missing ids are left out)."""
         ...

@@ -813,6 +813,13 @@ class ElasticsearchBackend:
         wanted = list(dict.fromkeys(str(image_id) for image_id in image_ids))
         return {doc["_source"]["image_id"] for doc in self._mget(wanted, ["image_id"])}
 
+    def revisions(self, image_ids: Iterable[str]) -> dict[str, str]:
+        """The current revision of each indexed id: its image document's random ``generation``
+        (new at every write), read in real time with the locations' own ``mget``."""
+        wanted = list(dict.fromkeys(str(image_id) for image_id in image_ids))
+        return {doc["_source"]["image_id"]: str(doc["_source"].get("generation", 0))
+                for doc in self._mget(wanted, ["image_id", "generation"])}
+
     def count(self) -> int:
         """Number of indexed images."""
         try:

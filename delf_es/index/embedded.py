@@ -22,8 +22,15 @@ Storage layout of ``directory``:
   is rebuilt from the descriptors in SQLite.  A crash anywhere (between the SQLite
   commit and the faiss update, or while writing the snapshot) therefore leaves at
   worst a stale or partial snapshot, which is ignored.
-* ``LOCK``: held with ``flock`` while open, so a second process (or a second
-  instance) cannot open the same directory and diverge from it.
+* ``LOCK``: the single-writer lock (:mod:`delf_es.index.writer_lock`): ``flock`` taken at the
+  first write and held until close, with the holder's PID, command and start time written in
+  it, so a second writer is refused with :class:`~delf_es.errors.IndexLocked` naming them.
+  Readers never take it: any number of processes search, get and count while one writes.
+  Each reader works on a snapshot: its in-memory state is loaded inside one SQLite read
+  transaction (WAL gives it a consistent view while the writer commits), and before each read
+  it compares the database's ``generation`` with its own and reloads when another process
+  wrote (a faiss snapshot of that generation is used if the writer left one, else the keypoint
+  index is rebuilt from SQLite: the price of a reader that outlives many writes).
 
 Keypoint search: faiss ids encode ``(row << KEYPOINT_BITS) | keypoint_index``, where
 ``row`` is the image's SQLite rowid (never reused: replacing an image gets a new row).
@@ -61,6 +68,7 @@ import faiss
 import numpy as np
 
 from delf_es.errors import (
+    IndexLocked,
     ConfigurationError,
     FeatureShapeError,
     ImageNotFound,
@@ -72,6 +80,7 @@ from delf_es.errors import (
 from delf_es.index.codes import UNIT_NORM_TOLERANCE, int8_codes
 from delf_es.index.base import BulkReport, ImageRecord, MetadataFilter, Neighbours, StoredImage
 from delf_es.index.filters import compile_filter
+from delf_es.index.writer_lock import WriterLock
 from delf_es.types import Features
 
 __all__ = ["EmbeddedBackend", "compile_filter", "KEYPOINT_BITS", "SCHEMA"]
@@ -83,15 +92,11 @@ SCHEMA = "delf-es-embedded/1"
 KEYPOINT_BITS = 24
 MAX_KEYPOINTS = 1 << KEYPOINT_BITS
 DATABASE_NAME = "images.sqlite3"
-LOCK_NAME = "LOCK"
+LOCK_NAME = "LOCK"  # the writer lock (delf_es/index/writer_lock.py)
 _SNAPSHOT_RE = re.compile(r"^keypoints\.(\d+)\.faiss$")
 #: Host parameters per ``IN (...)`` query, below SQLite's limit.
 _SQL_CHUNK = 500
 
-try:  # POSIX only; elsewhere the directory is not protected against a second process.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 
 # --------------------------------------------------------------------------------------
@@ -235,7 +240,7 @@ class EmbeddedBackend:
         self._connections_lock = threading.Lock()
         self._closed = True
         self._broken: str | None = None  # set when faiss could not be brought in step with SQLite
-        self._lock_file = None
+        self._writer = WriterLock(self.directory / LOCK_NAME)
         # In-memory state, changed only under the exclusive lock.
         self._model_id: str | None = None
         self._local_dim: int | None = None
@@ -250,10 +255,9 @@ class EmbeddedBackend:
         self._ivf_trained_on = 0
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._acquire_directory()
             self._db = self._connect()
             self._create_schema(model_id)
-            self._load()
+            self._load_snapshot_state()
         except sqlite3.Error as exc:
             self._release_directory()
             raise IndexUnavailable(f"cannot open embedded index {self.directory}: {exc}") from exc
@@ -264,23 +268,63 @@ class EmbeddedBackend:
 
     # ---- opening --------------------------------------------------------------------
 
-    def _acquire_directory(self) -> None:
-        handle = open(self.directory / LOCK_NAME, "a+b")
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                handle.close()
-                raise IndexUnavailable(f"embedded index {self.directory} is already open elsewhere") from exc
-        self._lock_file = handle
-
     def _release_directory(self) -> None:
         with contextlib.suppress(Exception):
             if getattr(self, "_db", None) is not None:
                 self._db.close()
-        if self._lock_file is not None:
-            self._lock_file.close()  # releases the flock
-            self._lock_file = None
+        self._writer.release()  # the kernel drops the flock with the descriptor
+
+    def _load_snapshot_state(self) -> None:
+        """(Re)load the in-memory state inside one read transaction: a consistent snapshot
+        even while another process commits (WAL)."""
+        self._row_of, self._docs, self._globals = {}, {}, {}
+        self._global_matrix = None
+        self._snapshot_generation = -1
+        self._db.execute("BEGIN")
+        try:
+            self._load()
+        finally:
+            self._db.execute("COMMIT")
+
+    def _database_generation(self) -> int:
+        row = self._reader().execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _catch_up(self) -> None:
+        """A reader (not the writer): reload if another process wrote since our snapshot."""
+        if self._writer.held or self._closed:
+            return
+        if self._database_generation() == self._generation:
+            return
+        with self._write_mutex:
+            with self._rw.write():
+                if not self._closed and self._database_generation() != self._generation:
+                    logger.info("embedded index %s changed on disk: reloading", self.directory)
+                    self._load_snapshot_state()
+
+    def _checkpoint_if_free(self) -> None:
+        """A reader closing: if no one is writing and our state is the database's, take the
+        writer lock for the checkpoint (the next opener then skips a rebuild); never waits."""
+        if self._writer.held or self._index is None:
+            return
+        try:
+            self._writer.acquire(str(self.directory))
+        except IndexLocked:
+            return
+        if self._database_generation() != self._generation:
+            self._writer.release()  # another process wrote after our snapshot: not ours to save
+            return
+        self._remove_stale_snapshots()  # leftovers of a crashed writer (no writer is running now)
+
+    def _become_writer(self) -> None:
+        """Before a write (write mutex held): take the writer lock (IndexLocked names the holder)
+        and catch up with what other writers committed before we got it."""
+        if self._writer.held:
+            return
+        self._writer.acquire(str(self.directory))
+        if self._database_generation() != self._generation:
+            with self._rw.write():
+                self._load_snapshot_state()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -349,7 +393,8 @@ class EmbeddedBackend:
         self._index = self._load_snapshot()
         if self._index is None or self._needs_rebuild(self._index.ntotal):  # e.g. reopened with another exact_limit
             self._rebuild_index()
-        self._remove_stale_snapshots()
+        if self._writer.held:  # a reader must not delete the snapshot a writer just wrote
+            self._remove_stale_snapshots()
 
     def _snapshot_path(self, generation: int) -> Path:
         return self.directory / f"keypoints.{generation}.faiss"
@@ -439,6 +484,10 @@ class EmbeddedBackend:
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
+        try:
+            self._catch_up()
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(f"embedded index {self.directory}: {exc}") from exc
         with self._rw.read():
             self._check_open()
             try:
@@ -464,6 +513,7 @@ class EmbeddedBackend:
         failed: list[ItemFailure] = []
         with self._write_mutex:
             self._check_open()
+            self._become_writer()
             db = self._db
             pending = {"model_id": self._model_id, "local_dim": self._local_dim, "global_dim": self._global_dim}
             added: dict[int, _Added] = {}
@@ -640,6 +690,7 @@ class EmbeddedBackend:
         failed: list[ItemFailure] = []
         with self._write_mutex:
             self._check_open()
+            self._become_writer()
             db = self._db
             removed: dict[int, int] = {}
             try:
@@ -704,6 +755,12 @@ class EmbeddedBackend:
         """The subset of ``image_ids`` that is indexed."""
         with self._reading():
             return {image_id for image_id in image_ids if image_id in self._row_of}
+
+    def revisions(self, image_ids: Iterable[str]) -> dict[str, str]:
+        """The current revision of each indexed id: its SQLite row, new at every write (a
+        replaced image gets a new row; rows are never reused)."""
+        with self._reading():
+            return {i: str(self._row_of[i]) for i in image_ids if i in self._row_of}
 
     def count(self) -> int:
         """Number of indexed images."""
@@ -916,13 +973,16 @@ class EmbeddedBackend:
     def refresh(self) -> None:
         """Writes are searchable as soon as they return; this also checkpoints the keypoint
         index to disk so the next open skips the rebuild."""
+        if not self._writer.held:
+            self._catch_up()  # a reader: see what the writer committed
+            return
         with self._write_mutex:
             with self._reading():
                 self._write_snapshot()
 
     def _write_snapshot(self) -> None:
-        if self._snapshot_generation == self._generation or self._index is None:
-            return
+        if self._snapshot_generation == self._generation or self._index is None or not self._writer.held:
+            return  # only the writer writes snapshots
         generation = self._generation
         final = self._snapshot_path(generation)
         temporary = final.with_name(final.name + ".tmp")
@@ -942,6 +1002,7 @@ class EmbeddedBackend:
                 if self._closed:
                     return
                 try:
+                    self._checkpoint_if_free()
                     self._write_snapshot()
                 finally:
                     self._closed = True

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from delf_es.cache import MemoryLocationCache, codes_namespace
+from delf_es.cache import revision_key, MemoryLocationCache, codes_namespace
 from delf_es.index.base import ImageRecord
 from delf_es.index.embedded import EmbeddedBackend
 from delf_es.index.codes import int8_codes
@@ -97,8 +97,9 @@ def test_global_shortlist_with_matching_runs_no_keypoint_knn(scene, monkeypatch)
     monkeypatch.setattr(backend, "knn", no_knn)
     hits = search.search(query)
     assert hits[0].image_id == "target" and hits[0].inliers >= 150
-    # the codes were cached on the miss, under their own namespace
-    cached = search.cache.get_many(codes_namespace(MODEL), ["target"])["target"]
+    # the codes were cached on the miss, under their own namespace and the image's revision
+    key = revision_key("target", backend.revisions(["target"])["target"])
+    cached = search.cache.get_many(codes_namespace(MODEL), [key])[key]
     np.testing.assert_array_equal(cached, backend.descriptor_codes(["target"])["target"])
     assert search.search(query)[0].inliers == hits[0].inliers  # from the cache now
 
@@ -138,12 +139,16 @@ def test_metadata_filter_excludes_the_target(scene):
     assert "target" not in [h.image_id for h in hits]
 
 
+def _key(backend, image_id: str) -> str:
+    return revision_key(image_id, backend.revisions([image_id])[image_id])
+
+
 def test_locations_come_from_the_cache_and_misses_are_written_back(scene):
     backend, query = scene
     search = searcher(backend)
     search.search(query)
-    assert "target" in search.cache.get_many(MODEL, ["target"])
-    cached = search.cache.get_many(MODEL, ["target"])["target"]
+    key = _key(backend, "target")
+    cached = search.cache.get_many(MODEL, [key])[key]
     np.testing.assert_array_equal(cached, backend.keypoints(["target"])["target"])
 
 
@@ -154,16 +159,28 @@ def test_a_write_back_racing_a_writer_keeps_the_writers_locations(scene, monkeyp
     search = searcher(backend)
     rewritten = np.full((7, 2), 5.0, np.float32)
     read = backend.keypoints
+    key = _key(backend, "target")
 
     def read_then_lose_the_race(image_ids):
         old = read(image_ids)
-        search.cache.put_many(MODEL, {"target": rewritten})  # the writer commits and caches
+        search.cache.put_many(MODEL, {key: rewritten})  # the writer commits and caches
         return old
 
     monkeypatch.setattr(backend, "keypoints", read_then_lose_the_race)
     search.search(query)
-    np.testing.assert_array_equal(search.cache.get_many(MODEL, ["target"])["target"], rewritten)
-    assert search.cache.get_many(MODEL, ["a", "b", "c", "d"])  # the other shortlisted images were filled
+    np.testing.assert_array_equal(search.cache.get_many(MODEL, [key])[key], rewritten)
+    assert search.cache.get_many(MODEL, [_key(backend, i) for i in "abcd"])  # the other shortlisted images were filled
+
+
+def test_a_cached_entry_of_another_revision_is_never_served(scene):
+    """Stale locations cached for a previous write of 'target' (a writer's invalidation lost to
+    a paused Redis) are not read: the index's revision is part of the key."""
+    backend, query = scene
+    search = searcher(backend)
+    stale = np.zeros((len(backend.keypoints(["target"])["target"]), 2), np.float32)
+    old = revision_key("target", str(int(backend.revisions(["target"])["target"]) - 1))
+    search.cache.put_many(MODEL, {old: stale, "target": stale, "target@0": stale})
+    assert search.search(query)[0].inliers >= 150
 
 
 def test_query_without_keypoints_returns_only_global_hits(scene):
