@@ -476,9 +476,10 @@ class DelfEs:
                     if isinstance(result, ItemFailure):
                         failed.append(result)
                         continue
-                    name, features = result
+                    name, features, thumbnail = result
                     try:
-                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now(),
+                                                 thumbnail=thumbnail))
                     except DelfEsError as error:
                         failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
                     if batch and (len(batch) >= batch_size

@@ -151,6 +151,8 @@ def test_serve_on_elasticsearch_and_redis_with_a_worker_for_wait_false(services,
                              timeout=240, what="the worker to index louvre.jpg", poll=1)
             assert state["state"] == "indexed" and state["done"] == 1, state
             assert not (tmp_path / "uploads" / "jobs" / task_id).exists()  # staged upload removed
+            thumbnail = client.get("/v1/images/louvre.jpg/thumbnail")  # made by the worker
+            assert thumbnail.status_code == 200 and thumbnail.content[:2] == b"\xff\xd8"
             fleet.es.indices.refresh(index=fleet.alias)
             served = client.post("/v1/search", files={"file": ("q.jpg", shared(QUERY).read_bytes())},
                                  data={"matches": "true"}).json()["hits"]
