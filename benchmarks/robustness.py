@@ -224,7 +224,7 @@ def build_cases(paths: dict[str, str], rng: random.Random) -> list[dict]:
     }
     for name, values in bad_env.items():
         for value in values:
-            cli(f"{name}={value!r}", ["search", p["good.png"]], env={name: value})
+            cli(f"{name}={value!r}", ["search", p["good.png"]], env={name: value}, fast=False)
     cli("DELF_ES_MAX_FEATURES=3 (typo)", ["stats"], expect="ok", env={"DELF_ES_MAX_FEATURES": "3"})
 
     # --- files -------------------------------------------------------------------------

@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     )
     local_layer: str | None = Field(default=None, description="None = the backbone preset's choice")
     max_image_size: int = Field(default=1024, gt=0, description="longer side, px, before the pyramid")
-    max_feature_num: int = Field(default=1000, ge=1)
+    max_feature_num: int = Field(default=1000, ge=1, le=1 << 20, description="keypoints kept per image")
     score_threshold: float = Field(default=0.0, ge=0.0, description="keep descriptors scoring above this")
     device: str = "cpu"
     runtime: str = Field(
