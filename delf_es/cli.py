@@ -462,6 +462,8 @@ def eval_command(
     cache: Optional[Path] = typer.Option(None, help="feature cache folder (default: <data_dir>/features)"),
     figures: bool = typer.Option(True, help="write the AP plot and the worst-queries figure"),
     hits: bool = typer.Option(False, help="store every ranked hit per query (for benchmarks/rank_by.py)"),
+    maps: Optional[Path] = typer.Option(None, help="backbone-map cache folder (delf_es/eval/map_cache.py): a new head "
+                                        "or descriptor projection is scored without re-running the backbone"),
 ) -> None:
     """Evaluate retrieval on a gt.json set: mAP (Revisited Oxford/Paris), R@1/5/10, timings."""
     from delf_es.eval.gt import load_ground_truth
@@ -486,8 +488,13 @@ def eval_command(
         fail(ValueError("--backend is embedded or elasticsearch"))
     settings = State.checked(**extra)
     try:
+        extractor = None
+        if maps is not None:
+            from delf_es.eval.map_cache import MapCachedExtractor
+
+            extractor = MapCachedExtractor(settings, maps)
         result = evaluate(gt_json, distractors, settings, out, cache or settings.data_dir / "features", label=label,
-                          keep_hits=hits)
+                          keep_hits=hits, extractor=extractor)
         if figures:
             ap_bars(result, out / f"{label}-ap.png")
             from delf_es.features import Extractor

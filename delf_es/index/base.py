@@ -158,6 +158,15 @@ class Backend(Protocol):
         """Stored keypoint locations, (N, 2) float32 px per image (missing ids are left out)."""
         ...
 
+    def keypoint_scales(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored keypoint pyramid scales, (N,) float32 per image in keypoint order (missing ids and
+        images stored without scales are left out)."""
+        ...
+
+    def global_descriptors(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored (G,) float32 unit global descriptors per image (missing ids are left out)."""
+        ...
+
     def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored descriptors as (N, D) int8 codes (:func:`~delf_es.index.codes.int8_codes`) per
         image, rows in keypoint order (missing ids are left out)."""

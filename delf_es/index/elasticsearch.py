@@ -836,6 +836,42 @@ class ElasticsearchBackend:
             for doc in self._mget(wanted, ["image_id", "keypoint_xy"])
         }
 
+    def keypoint_scales(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored keypoint pyramid scales, (N,) float32 per image; unknown ids left out (one ``mget``
+        per 500 ids, reading only the packed scales)."""
+        wanted = list(dict.fromkeys(str(image_id) for image_id in image_ids))
+        return {
+            doc["_source"]["image_id"]: _unpack(doc["_source"].get("keypoint_scale"), 1).reshape(-1)
+            for doc in self._mget(wanted, ["image_id", "keypoint_scale"])
+        }
+
+    def global_descriptors(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored (G,) float32 global descriptors; unknown ids and images without one left out.
+        Vectors are excluded from ``_source`` (index.mapping.exclude_source_vectors), so the
+        ``mget`` asks for them back with ``_source_exclude_vectors=false``."""
+        wanted = [document_id(i) for i in dict.fromkeys(str(image_id) for image_id in image_ids)]
+        out: dict[str, np.ndarray] = {}
+        for start in range(0, len(wanted), MGET_CHUNK):
+            try:
+                found = self._call(
+                    "mget", self._client.perform_request, "POST", f"/{self.alias}/_mget",
+                    params={"_source_exclude_vectors": "false", "_source_includes": "image_id,global_vector"},
+                    headers={"accept": "application/json", "content-type": "application/json"},
+                    body={"ids": wanted[start : start + MGET_CHUNK]},
+                )
+            except NotFoundError:
+                return out
+            for doc in found["docs"]:
+                vector = doc.get("_source", {}).get("global_vector") if doc.get("found") else None
+                if vector is None:
+                    continue
+                if isinstance(vector, str):  # returned in the base64 big-endian form it was sent in
+                    array = np.frombuffer(base64.b64decode(vector), ">f4").astype(np.float32)
+                else:
+                    array = np.asarray(vector, np.float32)
+                out[doc["_source"]["image_id"]] = array
+        return out
+
     def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored descriptors as (N, D) int8 codes (:func:`~delf_es.index.codes.int8_codes`) per
         image; unknown ids left out.  Read from the image documents (one ``mget`` per 500 ids),

@@ -354,6 +354,10 @@ class EmbeddedBackend:
                     descriptors BLOB NOT NULL,
                     global_desc BLOB NOT NULL)"""
             )
+            # keypoint pyramid scales (scale-consistent verification) came after schema 1's first
+            # release: older files get the column with NULLs (their scales read as unknown)
+            if "scales" not in {row[1] for row in db.execute("PRAGMA table_info(images)")}:
+                db.execute("ALTER TABLE images ADD COLUMN scales BLOB")
             # Thumbnails in their own table: indexes written before they existed need no migration.
             db.execute("CREATE TABLE IF NOT EXISTS thumbnails (image_id TEXT PRIMARY KEY, jpeg BLOB NOT NULL)")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('generation', '0')", (SCHEMA,))
@@ -526,7 +530,7 @@ class EmbeddedBackend:
                             db.execute("DELETE FROM images WHERE row = ?", (old[0],))
                         cursor = db.execute(
                             "INSERT INTO images (image_id, path, metadata, width, height, num_keypoints, model_id,"
-                            " created_at, keypoints, descriptors, global_desc) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            " created_at, keypoints, descriptors, global_desc, scales) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                             values,
                         )
                         db.execute("DELETE FROM thumbnails WHERE image_id = ?", (item_id,))
@@ -620,6 +624,7 @@ class EmbeddedBackend:
             _blob(features.keypoints),
             _blob(descriptors),
             _blob(global_desc),
+            _blob(features.scales),
         )
         doc = _Doc(image_id, json.loads(metadata_json), n)
         return image_id, values, doc, descriptors, global_desc, binds
@@ -765,6 +770,18 @@ class EmbeddedBackend:
     def keypoints(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored keypoint locations, (N, 2) float32 (x, y) px per image; unknown ids left out."""
         return {image_id: _unblob(blob, 2) for image_id, blob in self._blobs("keypoints", image_ids)}
+
+    def keypoint_scales(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored keypoint pyramid scales, (N,) float32 per image, rows in keypoint order; unknown
+        ids and images indexed before scales were stored are left out."""
+        return {image_id: _unblob(blob, 1).reshape(-1) for image_id, blob in self._blobs("scales", image_ids)
+                if blob is not None}
+
+    def global_descriptors(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored (G,) float32 global descriptors; unknown ids and images without one left out."""
+        with self._reading():
+            rows = {image_id: self._row_of[image_id] for image_id in map(str, image_ids) if image_id in self._row_of}
+            return {image_id: self._globals[row].copy() for image_id, row in rows.items() if row in self._globals}
 
     def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored descriptors as (N, D) int8 codes (as the Elasticsearch backend stores them, so
