@@ -225,9 +225,9 @@ def run_match(image_a: str, image_b: str, out: Path, settings: Settings) -> dict
 def fit_pca_command(
     images: list[str] = typer.Argument(..., help="training images (never an evaluation set), folders or @list.txt"),
     out: Path = typer.Option(..., help="where to write the PCA artifact (.npz, plus a .json summary)"),
-    dims: int = typer.Option(40, help="output dimensions"),
+    dims: int = typer.Option(40, min=1, help="output dimensions"),
     fitted_on: str = typer.Option("", help="what the images are, recorded in the artifact"),
-    max_per_image: int = typer.Option(1000, help="keypoints taken from each image"),
+    max_per_image: int = typer.Option(1000, min=1, help="keypoints taken from each image"),
 ) -> None:
     """Fit the L2 -> PCA -> L2 reduction on descriptors of the given images."""
     import numpy as np
@@ -276,7 +276,7 @@ def fit_pca_command(
 def attention(
     image: str = typer.Argument(..., help="image file"),
     out: Path = typer.Option(Path("attention.png"), help="figure: the score map over the image + selected keypoints"),
-    scale: float = typer.Option(1.0, help="pyramid scale whose score map is drawn"),
+    scale: float = typer.Option(1.0, min=1e-3, help="pyramid scale whose score map is drawn (> 0)"),
 ) -> None:
     """Show what the model looks at: keypoint scores (the attention head, or descriptor norms
     under norm scoring) over the image and the keypoints extraction keeps."""
@@ -471,7 +471,14 @@ def eval_command(
     from delf_es.eval.plots import ap_bars, worst_queries
     from delf_es.eval.run import evaluate
 
-    extra = json.loads(config.read_text()) if config else {}
+    from delf_es.safe_files import read_regular_file
+    from delf_es.validation import parse_json_object
+
+    try:
+        extra = parse_json_object(read_regular_file(config, 1 << 20).decode("utf-8", "replace"), "--config",
+                                  '{"shortlist_mode": "global"}') if config else {}
+    except DelfEsError as error:
+        fail(error)
     if backend == "elasticsearch":
         extra["es_url"] = es_url or State.checked(model=False).es_url
         if not extra["es_url"]:

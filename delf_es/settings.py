@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     )
     local_layer: str | None = Field(default=None, description="None = the backbone preset's choice")
     max_image_size: int = Field(default=1024, gt=0, description="longer side, px, before the pyramid")
-    max_feature_num: int = Field(default=1000, ge=1)
+    max_feature_num: int = Field(default=1000, ge=1, le=1 << 20, description="keypoints kept per image")
     score_threshold: float = Field(default=0.0, ge=0.0, description="keep descriptors scoring above this")
     device: str = "cpu"
     runtime: str = Field(
@@ -108,12 +108,15 @@ class Settings(BaseSettings):
         "the model's zoom within this many log2 units (levels are 0.5 apart); None = off (see verify.scale_consistent)",
     )
     min_inlier_spread: float = Field(
-        default=0.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
-        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check",
+        default=16.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
+        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check.  Chosen on the "
+        "pairs: true pairs spread >= 26.6 px, a 24 px textured spot 12 px, a line 3-6 px "
+        "(benchmarks/results/degenerate_geometry*.json)",
     )
     min_keypoint_contrast: float = Field(
-        default=0.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
-        "added and query images, so flat images match nothing (delf_es/degenerate.py); 0 = keep all",
+        default=1.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
+        "added and query images, so flat images match nothing (delf_es/degenerate.py); 0 = keep all.  Chosen on "
+        "the pairs: 1 costs 1 of 1008 true-pair inliers, 2 cost 19 (benchmarks/results/degenerate_geometry*.json)",
     )
 
     # --- search -------------------------------------------------------------------

@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 import pydegensac
 
+from delf_es.degenerate import inlier_spread
 from delf_es.errors import FeatureShapeError, InvalidRequest
 from delf_es.types import Correspondences, Features
 

@@ -31,7 +31,8 @@ from typing import Any
 import redis.exceptions
 from celery import Celery
 
-from delf_es.cache import codes_namespace
+from delf_es.degenerate import drop_flat_keypoints
+from delf_es.cache import image_revisions, revision_key
 from delf_es.errors import DelfEsError, FetchFailed, IndexUnavailable, InvalidImage, RetriesExhausted, UnsafeURL
 from delf_es.index.base import ImageRecord
 from delf_es.index.failures import FailedImage, failures_index, now
@@ -152,7 +153,8 @@ def _extract(task, item: dict[str, Any]) -> dict[str, Any]:
         return _give_up(ctx, item, "decode", exc, extractor.model_id)
     decoded = time.perf_counter()
     try:
-        features = extractor.extract(image.pixels, image_id=image_id)
+        features = drop_flat_keypoints(extractor.extract(image.pixels, image_id=image_id), image.pixels,
+                                       settings.min_keypoint_contrast, settings.max_image_size)
     except Exception as exc:  # noqa: BLE001 - one bad image must not stall its job: record it
         return _give_up(ctx, item, "extract", exc, extractor.model_id)
     extracted = time.perf_counter()
@@ -247,6 +249,8 @@ def _extract_batch(task, items: list[dict[str, Any]], staged: set[str]) -> list[
     for (item, pixels, decode_s), feats in zip(loaded, features):
         if feats is None:
             continue
+        # as DelfEs.extract does: keypoints on flat pixels never match (delf_es/degenerate.py)
+        feats = drop_flat_keypoints(feats, pixels, settings.min_keypoint_contrast, settings.max_image_size)
         _stage(ctx, item, feats, _thumbnail(settings, pixels))
         staged.add(item["image_id"])
         ctx.store.add_stats(decode_s=decode_s, extract_s=extract_each, extracted=1)
@@ -382,6 +386,7 @@ def _write(ctx, batch: list[tuple[str, bytes | None]]) -> list[tuple[str, str, s
         cache = ctx.location_cache
         if cache is not None:
             written = {s.features.image_id: s.features.keypoints for s in items if s.features.image_id not in failed}
-            cache.put_many(model_id, written)
-            cache.delete(codes_namespace(model_id), list(written))  # codes of a replaced version
+            # under the new revision's key: searches read <id>@<revision> (delf_es/cache.py)
+            revisions = image_revisions(backend, list(written))
+            cache.put_many(model_id, {revision_key(i, revisions[i]): a for i, a in written.items() if i in revisions})
     return [(key, image_of[key], errors.get(key, "")) for key, _ in batch]
