@@ -25,19 +25,6 @@ class ConfigurationError(DelfEsError, ValueError):
     reindexing needs Elasticsearch), an index knob out of range, an unknown layer name."""
 
 
-class InvalidSetting(DelfEsError, ValueError):
-    """A setting, command-line option or ``DELF_ES_*`` value is invalid.  ``source`` says where
-    it came from (``--max-features`` or ``DELF_ES_MAX_FEATURE_NUM``)."""
-
-    def __init__(self, message: str, source: str = "") -> None:
-        super().__init__(message, source)
-        self.message = message
-        self.source = source
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.message}" if self.source else self.message
-
-
 class JobTimeout(DelfEsError, TimeoutError):
     """Waiting for a worker job (or a service to come up) took longer than the caller allowed."""
 
@@ -234,10 +221,10 @@ class OutputConflict(DelfEsError, FileExistsError):
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a bulk add, after what was extracted had been committed: ``report`` lists
-    what was saved.  A KeyboardInterrupt, deliberately not a :class:`DelfEsError` (nor an
-    Exception): ``except Exception`` must not swallow an interrupt."""
+class Interrupted(DelfEsError, KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM in the CLI) during a bulk add, after what was extracted had been
+    committed: ``report`` lists what was saved.  Also a KeyboardInterrupt, so code that stops on
+    ``except KeyboardInterrupt`` still stops."""
 
     def __init__(self, report: object) -> None:
         super().__init__(report)
@@ -260,6 +247,19 @@ class RuntimeUnavailable(DelfEsError, RuntimeError):
 
     def __str__(self) -> str:
         return f"{self.runtime}: {self.message}" if self.runtime else self.message
+
+
+class IndexLocked(IndexUnavailable):
+    """Another process is writing the embedded index (one writer at a time; readers are never
+    refused).  ``holder`` is what it recorded: pid, command, host, since."""
+
+    def __init__(self, message: str, holder: dict | None = None) -> None:
+        super().__init__(message, holder)
+        self.message = message
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # ---------------------------------------------------------------- HTTP server (delf_es/api/)
@@ -306,3 +306,16 @@ class TaskNotFound(DelfEsError, KeyError):
 
 class UploadTimedOut(DelfEsError):
     """A request body did not arrive within ``api_body_timeout`` s (HTTP 408)."""
+
+
+class InvalidSetting(DelfEsError, ValueError):
+    """A setting, command-line option or ``DELF_ES_*`` value is invalid.  ``source`` says where
+    it came from (``--max-features -5`` or ``DELF_ES_MAX_FEATURE_NUM=-1``)."""
+
+    def __init__(self, message: str, source: str = "") -> None:
+        super().__init__(message, source)
+        self.message = message
+        self.source = source
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.message}" if self.source else self.message

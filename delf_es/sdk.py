@@ -306,10 +306,11 @@ class DelfEs:
         self, image_id: str, *, pre_filter: MetadataFilter | None = None, limit: int = 10,
         min_inliers: int | None = None, matches: bool = False,
     ) -> QueryResult:
-        """Search with an indexed image, from what the index stores of it (keypoints and int8
-        descriptor codes; no original file, no global descriptor): the shortlist is therefore
-        the local one (keypoint votes), whatever ``shortlist_mode`` says.  The image itself is
-        normally the first hit."""
+        """Search with an indexed image, from what the index stores of it (keypoints, their
+        scales, int8 descriptor codes and the global descriptor; the original file is never
+        read).  Descriptors are the int8 codes decoded, so scores can differ slightly from a
+        search with the original photo.  Without a stored global descriptor the shortlist is
+        the local one (keypoint votes).  The image itself is normally the first hit."""
         from delf_es.index.codes import decode_codes
 
         stored = self.backend.get(image_id)
@@ -318,12 +319,18 @@ class DelfEs:
         if locations is None or codes is None or not len(codes):
             raise InvalidRequest(f"{image_id!r} has no stored keypoints to search with")
         n = len(locations)
+        scales = self.backend.keypoint_scales([image_id]).get(image_id)
+        global_desc = self.backend.global_descriptors([image_id]).get(image_id)
         query = Features(
             image_id="<query>", model_id=stored.model_id, image_size=(stored.width, stored.height),
-            keypoints=np.asarray(locations, np.float32), scales=np.ones(n, np.float32),
+            keypoints=np.asarray(locations, np.float32),
+            scales=np.asarray(scales, np.float32) if scales is not None and len(scales) == n else np.ones(n, np.float32),
             scores=np.linspace(1.0, 0.0, n, dtype=np.float32), descriptors=decode_codes(codes),
+            global_desc=np.asarray(global_desc, np.float32) if global_desc is not None else np.zeros(0, np.float32),
         )
-        settings = self.settings.model_copy(update={"shortlist_mode": "local"})
+        settings = self.settings
+        if not query.global_desc.size:
+            settings = settings.model_copy(update={"shortlist_mode": "local"})
         found = Searcher(self.backend, self.cache, settings, self.model_id).search(query, metadata_filter=pre_filter)
         threshold = self.settings.min_inliers if min_inliers is None else min_inliers
         results = []
@@ -461,9 +468,10 @@ class DelfEs:
                     if isinstance(result, ItemFailure):
                         failed.append(result)
                         continue
-                    name, features = result
+                    name, features, thumbnail = result
                     try:
-                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now(),
+                                                 thumbnail=thumbnail))
                     except DelfEsError as error:
                         failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
                     if batch and (len(batch) >= batch_size

@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     )
     local_layer: str | None = Field(default=None, description="None = the backbone preset's choice")
     max_image_size: int = Field(default=1024, gt=0, description="longer side, px, before the pyramid")
-    max_feature_num: int = Field(default=1000, ge=1)
+    max_feature_num: int = Field(default=1000, ge=1, le=1 << 20, description="keypoints kept per image")
     score_threshold: float = Field(default=0.0, ge=0.0, description="keep descriptors scoring above this")
     device: str = "cpu"
     runtime: str = Field(
@@ -103,13 +103,20 @@ class Settings(BaseSettings):
     ransac_confidence: float = Field(default=0.999, gt=0, lt=1)
     ransac_max_iters: int = Field(default=2000, gt=0)
     ransac_seed: int = 0
+    ransac_scale_tolerance: float | None = Field(
+        default=None, gt=0, description="when set, an inlier also needs its keypoints' pyramid scales to agree with "
+        "the model's zoom within this many log2 units (levels are 0.5 apart); None = off (see verify.scale_consistent)",
+    )
     min_inlier_spread: float = Field(
-        default=0.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
-        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check",
+        default=16.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
+        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check.  Chosen on the "
+        "pairs: true pairs spread >= 26.6 px, a 24 px textured spot 12 px, a line 3-6 px "
+        "(benchmarks/results/degenerate_geometry*.json)",
     )
     min_keypoint_contrast: float = Field(
-        default=0.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
-        "added and query images, so flat images match nothing (delf_es/degenerate.py); 0 = keep all",
+        default=1.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
+        "added and query images, so flat images match nothing (delf_es/degenerate.py); 0 = keep all.  Chosen on "
+        "the pairs: 1 costs 1 of 1008 true-pair inliers, 2 cost 19 (benchmarks/results/degenerate_geometry*.json)",
     )
 
     # --- search -------------------------------------------------------------------
@@ -139,6 +146,15 @@ class Settings(BaseSettings):
         description="final order: 'inliers+global' (inliers + rank_global_weight x global cosine; best measured, "
         "benchmarks/rank_by.py), 'inliers' or 'verified-then-global' (>= min_inliers by inliers, the rest by global similarity)",
     )
+    query_expansion: int = Field(
+        default=0, ge=0, description="verified query expansion (alpha-QE, as in the DELG and cirtorch evaluations): "
+        "re-query the global index with the query's global descriptor averaged with those of its best this many "
+        "verified hits (>= qe_min_inliers), verify the new images it brings and re-rank by the expanded "
+        "similarity; 0 = off.  Costs one more global kNN, one read of those hits' vectors and the RANSAC of the "
+        "new images (benchmarks/results/eval/ rows 'qe-*')",
+    )
+    qe_min_inliers: int = Field(default=20, ge=1, description="inliers for a hit to join the expanded query")
+    qe_alpha: float = Field(default=3.0, ge=0, description="alpha-QE: a verified hit weighs cos(query, hit)^alpha")
     rank_global_weight: float = Field(
         default=50.0, ge=0, description="inliers one unit of global cosine is worth (rank_by='inliers+global'); "
         "chosen on each half of the paris250 queries, identical in both folds"

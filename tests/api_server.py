@@ -31,7 +31,8 @@ class Server:
         token: DELF_ES_API_TOKEN (None = no auth, loopback only).
     """
 
-    def __init__(self, env: dict[str, str], log: Path, token: str | None = None, args: list[str] | None = None) -> None:
+    def __init__(self, env: dict[str, str], log: Path, token: str | None = None, args: list[str] | None = None,
+                 global_args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = token
@@ -43,7 +44,7 @@ class Server:
         self.log_path = log
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "delf_es.cli", "serve", "--port", str(self.port), *(args or [])],
+            [sys.executable, "-m", "delf_es.cli", *(global_args or []), "serve", "--port", str(self.port), *(args or [])],
             env=full, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 

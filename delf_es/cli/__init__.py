@@ -44,6 +44,10 @@ def main(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The Elasticsearch client logs every failed attempt with urllib3's traceback (~60 lines per
+    # call when the server is down); the IndexUnavailable that follows says it in one line.
+    for noisy in ("elastic_transport", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     from delf_es.validation import unknown_variables
 
     for warning in unknown_variables():

@@ -86,5 +86,10 @@ def progress() -> Progress:
 
 def fail(error: BaseException) -> NoReturn:
     """Print ``error`` and exit with status 2 (bad input or a service down: nothing to retry here)."""
-    console.print(f"[red]error:[/red] {escape(str(error))}")  # paths may hold "[...]": never markup
+    from delf_es.errors import IndexUnavailable
+
+    message = str(error)
+    if isinstance(error, IndexUnavailable) and message.startswith("Elasticsearch at "):
+        message += " -- is it running? Check DELF_ES_ES_URL, or start it with delf-es services start"
+    console.print(f"[red]error:[/red] {escape(message)}")  # paths may hold "[...]": never markup
     raise typer.Exit(code=2)

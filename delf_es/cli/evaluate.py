@@ -24,13 +24,23 @@ def eval_command(
     cache: Optional[Path] = typer.Option(None, help="feature cache folder (default: <data_dir>/features)"),
     figures: bool = typer.Option(True, help="write the AP plot and the worst-queries figure"),
     hits: bool = typer.Option(False, help="store every ranked hit per query (for benchmarks/rank_by.py)"),
+    maps: Optional[Path] = typer.Option(None, help="backbone-map cache folder (delf_es/eval/map_cache.py): a new head "
+                                        "or descriptor projection is scored without re-running the backbone; its "
+                                        "features equal extraction up to float16, so give it its own --cache"),
 ) -> None:
     """Evaluate retrieval on a gt.json set: mAP (Revisited Oxford/Paris), R@1/5/10, timings."""
     from delf_es.eval.gt import load_ground_truth
     from delf_es.eval.plots import ap_bars, worst_queries
     from delf_es.eval.run import evaluate
 
-    extra = json.loads(config.read_text()) if config else {}
+    from delf_es.safe_files import read_regular_file
+    from delf_es.validation import parse_json_object
+
+    try:
+        extra = parse_json_object(read_regular_file(config, 1 << 20).decode("utf-8", "replace"), "--config",
+                                  '{"shortlist_mode": "global"}') if config else {}
+    except DelfEsError as error:
+        fail(error)
     if backend == "elasticsearch":
         extra["es_url"] = es_url or checked_of(ctx, model=False).es_url
         if not extra["es_url"]:
@@ -41,8 +51,13 @@ def eval_command(
         fail(InvalidRequest("--backend is embedded or elasticsearch"))
     settings = checked_of(ctx, **extra)
     try:
+        extractor = None
+        if maps is not None:
+            from delf_es.eval.map_cache import MapCachedExtractor
+
+            extractor = MapCachedExtractor(settings, maps)
         result = evaluate(gt_json, distractors, settings, out, cache or settings.data_dir / "features", label=label,
-                          keep_hits=hits)
+                          keep_hits=hits, extractor=extractor)
         if figures:
             ap_bars(result, out / f"{label}-ap.png")
             from delf_es.features import Extractor

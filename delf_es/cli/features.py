@@ -99,9 +99,9 @@ def fit_pca_command(
     ctx: typer.Context,
     images: list[str] = typer.Argument(..., help="training images (never an evaluation set), folders or @list.txt"),
     out: Path = typer.Option(..., help="where to write the PCA artifact (.npz, plus a .json summary)"),
-    dims: int = typer.Option(40, help="output dimensions"),
+    dims: int = typer.Option(40, min=1, help="output dimensions"),
     fitted_on: str = typer.Option("", help="what the images are, recorded in the artifact"),
-    max_per_image: int = typer.Option(1000, help="keypoints taken from each image"),
+    max_per_image: int = typer.Option(1000, min=1, help="keypoints taken from each image"),
 ) -> None:
     """Fit the L2 -> PCA -> L2 reduction on descriptors of the given images."""
     import numpy as np
@@ -150,7 +150,7 @@ def attention(
     ctx: typer.Context,
     image: str = typer.Argument(..., help="image file"),
     out: Path = typer.Option(Path("attention.png"), help="figure: the score map over the image + selected keypoints"),
-    scale: float = typer.Option(1.0, help="pyramid scale whose score map is drawn"),
+    scale: float = typer.Option(1.0, min=1e-3, help="pyramid scale whose score map is drawn (> 0)"),
 ) -> None:
     """Show what the model looks at: keypoint scores (the attention head, or descriptor norms
     under norm scoring) over the image and the keypoints extraction keeps."""

@@ -45,13 +45,13 @@ def index(
     with engine(ctx) as sdk:
         try:
             report = sdk.bulk_add([(p, extra) if extra else p for p in paths], skip_existing=not reindex)
-        except DelfEsError as error:
-            fail(error)
-        except Interrupted as stop:
+        except Interrupted as stop:  # before DelfEsError: it is one too
             saved = len(stop.report.succeeded)
             console.print(f"[red]interrupted:[/red] {saved} image(s) saved in this run, "
                           f"{sdk.count()} in the index; run the same command again to continue")
             raise typer.Exit(code=130) from None
+        except DelfEsError as error:
+            fail(error)
         for failure in report.failed:
             console.print(f"[yellow]failed[/yellow] {escape(failure.item_id)}: {escape(failure.error)}")
         skipped = len(paths) - len(report.succeeded) - len(report.failed)

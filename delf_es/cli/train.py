@@ -114,3 +114,146 @@ def backbone_command(
         fail(error)
     print(json.dumps({"out": str(out), "epochs": summary["epochs"], "last": summary["history"][-1] if summary["history"] else {},
                       "weights": str(out / "backbone.pt")}, indent=2))
+
+
+def _photos(folder: Path) -> list[Path]:
+    from delf_es.train.data import IMAGE_SUFFIXES
+
+    found = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise typer.BadParameter(f"no photos in {folder}")
+    return found
+
+
+def _pair_cache(photos: Path, cache: Optional[Path], size: int, pairs: int, seed: int, settings,
+                folder: Optional[Path] = None):
+    """The (photo, homography warp) pair cache of ``photos`` (built once, then reused); with
+    ``folder``, that built cache, restricted to the pairs of photos still in ``photos``."""
+    import torch
+
+    from delf_es.model.delf import build_model
+    from delf_es.train.geometry import PairCache, WarpConfig, build_pair_cache, restrict_to_photos
+
+    if folder is not None:
+        return restrict_to_photos(PairCache.load(folder), {p.name for p in _photos(photos)})
+
+    config = WarpConfig(size=_sizes(str(size))[0], pairs_per_image=pairs, seed=seed)
+    model, meta = build_model(settings.model_copy(update={"scoring": "norm"}))
+    model = model.to(memory_format=torch.channels_last)
+    return build_pair_cache(_photos(photos), model, meta, config, cache or settings.data_dir / "train-pairs", settings)
+
+
+@train_app.command("pairs")
+def pairs_command(
+    ctx: typer.Context,
+    photos: Path = typer.Argument(..., help="folder of unlabeled photos (e.g. from scripts/training_photos.py)"),
+    cache: Optional[Path] = typer.Option(None, help="pair-map cache root (default: <data_dir>/train-pairs)"),
+    size: int = typer.Option(320, help="view side, px (multiple of 32)"),
+    pairs: int = typer.Option(2, help="(view, homography warp) pairs per photo"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """Cache the frozen backbone's maps of (photo view, random homography warp) pairs: the input of
+    ``train matchability`` and ``train descriptor`` (run once; the commands reuse it)."""
+    import time
+
+    import torch
+
+    settings = settings_of(ctx)
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    try:
+        built = _pair_cache(photos, cache, size, pairs, seed, settings)
+    except (DelfEsError, ValueError) as error:
+        fail(error)
+    print(json.dumps({"cache": str(built.folder), "pairs": int(len(built.photos)),
+                      "train": int((built.split == "train").sum()), "val": int((built.split == "val").sum()),
+                      "seconds": round(time.perf_counter() - started, 1)}, indent=2))
+
+
+def _default_pca(settings):
+    from delf_es.features import default_pca_path
+    from delf_es.model.delf import build_model
+    from delf_es.pca import PcaArtifact
+
+    _, meta = build_model(settings.model_copy(update={"scoring": "norm"}))
+    return PcaArtifact.load(settings.pca_path or default_pca_path(meta.backbone, meta.local_layer, "norm")), meta
+
+
+@train_app.command("matchability")
+def matchability_command(
+    ctx: typer.Context,
+    photos: Path = typer.Argument(..., help="folder of unlabeled photos (the pair cache of `train pairs`)"),
+    out: Path = typer.Option(..., help="run folder: attention.pt, train.json"),
+    objective: str = typer.Option("bce", help="'bce' (matchable or not) or 'rank' (pairwise ranking, AUC surrogate)"),
+    cache: Optional[Path] = typer.Option(None, help="pair-map cache root (default: <data_dir>/train-pairs)"),
+    size: int = typer.Option(320), pairs: int = typer.Option(2), seed: int = typer.Option(0),
+    pair_cache: Optional[Path] = typer.Option(None, help="a built pair cache folder to use (its pairs of photos "
+                                              "no longer in PHOTOS are left out)"),
+    epochs: int = typer.Option(12), lr: float = typer.Option(1e-3), hidden: int = typer.Option(512),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+    export: Optional[Path] = typer.Option(None, help="also copy the trained head here (e.g. delf_es/weights/...)"),
+) -> None:
+    """Matchability attention from geometry: the DELF head trained so its score ranks cells by
+    whether their descriptor's mutual nearest neighbour lands where the homography says."""
+    import shutil
+
+    import torch
+
+    from delf_es.train.geometry_stage import MatchabilityConfig, train_matchability
+
+    settings = settings_of(ctx)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        built = _pair_cache(photos, cache, size, pairs, seed, settings, pair_cache)
+        pca, meta = _default_pca(settings)
+        config = MatchabilityConfig(objective=objective, epochs=epochs, lr=lr, hidden=hidden, seed=seed)
+        provenance = {"backbone": meta.backbone, "local_layer": meta.local_layer, "backbone_digest": meta.backbone_digest,
+                      "images": built.num_photos, "background_images": 0, "target_pca": pca.id,
+                      "trained_on": f"(view, homography warp) pairs of {built.num_photos} photos in {photos} (scripts/training_photos.py)",
+                      "command": "delf-es " + " ".join(sys.argv[1:])}
+        summary = train_matchability(built, pca, config, out, provenance)
+    except (DelfEsError, ValueError) as error:
+        fail(error)
+    if export is not None:
+        export.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "attention.pt", export)
+    print(json.dumps({"out": str(out), "train_seconds": summary["train_seconds"], "val": summary["val"],
+                      "last": summary["history"][-1]}, indent=2))
+
+
+@train_app.command("descriptor")
+def descriptor_command(
+    ctx: typer.Context,
+    photos: Path = typer.Argument(..., help="folder of unlabeled photos (the pair cache of `train pairs`)"),
+    out: Path = typer.Option(..., help="artifact .npz (with .json and .train.json beside it)"),
+    cache: Optional[Path] = typer.Option(None, help="pair-map cache root (default: <data_dir>/train-pairs)"),
+    size: int = typer.Option(320), pairs: int = typer.Option(2), seed: int = typer.Option(0),
+    pair_cache: Optional[Path] = typer.Option(None, help="a built pair cache folder to use (its pairs of photos "
+                                              "no longer in PHOTOS are left out)"),
+    epochs: int = typer.Option(15), lr: float = typer.Option(1e-3),
+    temperature: float = typer.Option(0.07), reconstruction: float = typer.Option(1.0),
+    threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+) -> None:
+    """Learned local descriptor from geometry: a 720 -> 40 projection (initialised from the PCA)
+    trained with InfoNCE over true correspondences plus reconstruction; use with --pca-path."""
+    import torch
+
+    from delf_es.train.geometry_stage import DescriptorConfig, train_descriptor
+
+    settings = settings_of(ctx)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        built = _pair_cache(photos, cache, size, pairs, seed, settings, pair_cache)
+        pca, _ = _default_pca(settings)
+        config = DescriptorConfig(epochs=epochs, lr=lr, temperature=temperature, reconstruction=reconstruction, seed=seed)
+        summary = train_descriptor(built, pca, config, out, {
+            "fitted_on": f"(view, homography warp) pairs of {built.num_photos} photos in {photos} (scripts/training_photos.py)",
+            "command": "delf-es " + " ".join(sys.argv[1:])})
+    except (DelfEsError, ValueError) as error:
+        fail(error)
+    print(json.dumps({"out": str(out), "artifact": summary["artifact"], "train_seconds": summary["train_seconds"],
+                      "val": summary["val"], "last": summary["history"][-1]}, indent=2))

@@ -157,8 +157,22 @@ class Backend(Protocol):
         """Images whose global descriptor is nearest to (G,) ``vector``, best first."""
         ...
 
+    def revisions(self, image_ids: Iterable[str]) -> dict[str, str]:
+        """A token per indexed id that changes at every write of that image (missing ids left
+        out); search caches are keyed by it, so a cached entry of another write is a miss."""
+        ...
+
     def keypoints(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored keypoint locations, (N, 2) float32 px per image (missing ids are left out)."""
+        ...
+
+    def keypoint_scales(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored keypoint pyramid scales, (N,) float32 per image in keypoint order (missing ids and
+        images stored without scales are left out)."""
+        ...
+
+    def global_descriptors(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored (G,) float32 unit global descriptors per image (missing ids are left out)."""
         ...
 
     def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:

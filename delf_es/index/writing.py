@@ -1,17 +1,19 @@
-"""The write step every writer shares (the SDK and the workers): upsert, then refresh the search
-cache for what was written.
+"""The write step every writer shares (the SDK and the workers): upsert, then cache what was written.
 
 The cache is cache-aside for searches (``delf_es/cache.py``): after a write, the new keypoint
-locations are put (so the next search needs no index read) and cached int8 codes of a replaced
-version are dropped (read again on demand: they are 5x the locations' size, so not cached on
-write).  Only images the index accepted touch the cache.
+locations are put under the new revision's key (``<id>@<revision>``, the revision read back from
+the index), so the next search needs no index read, and entries of a replaced revision are never
+read again (another key): a cache that missed this write (paused, down) cannot serve them.  Only
+images the index accepted touch the cache.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
-from delf_es.cache import LocationCache, codes_namespace
+import numpy as np
+
+from delf_es.cache import LocationCache, image_revisions, revision_key
 from delf_es.index.base import Backend, BulkReport, ImageRecord
 
 
@@ -25,11 +27,11 @@ def upsert_and_refresh_cache(
     if cache is None or not report.succeeded:
         return report
     written = set(report.succeeded)
-    by_model: dict[str, dict] = {}
+    by_model: dict[str, dict[str, np.ndarray]] = {}
     for record in records:
         if record.image_id in written:
             by_model.setdefault(record.features.model_id, {})[record.image_id] = record.features.keypoints
     for model_id, locations in by_model.items():
-        cache.put_many(model_id, locations)
-        cache.delete(codes_namespace(model_id), list(locations))
+        revisions = image_revisions(backend, list(locations))
+        cache.put_many(model_id, {revision_key(i, revisions[i]): a for i, a in locations.items() if i in revisions})
     return report

@@ -20,6 +20,7 @@ arriving mid-write is either written in this batch or waits for the next, never 
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
@@ -104,6 +105,7 @@ class Staged:
         metadata: JSON-able mapping stored with it.
         failures: name of the failures index to clear on success.
         features: the extracted features (``image_id``, ``model_id`` inside).
+        thumbnail: the JPEG stored with the image (delf_es/thumbnails.py), or None.
     """
 
     key: str
@@ -112,16 +114,20 @@ class Staged:
     metadata: dict[str, Any]
     failures: str
     features: Features
+    thumbnail: bytes | None = None
 
     def encode(self) -> bytes:
-        header = {"alias": self.alias, "path": self.path, "metadata": self.metadata, "failures": self.failures}
+        header = {"alias": self.alias, "path": self.path, "metadata": self.metadata, "failures": self.failures,
+                  "thumbnail": base64.b64encode(self.thumbnail).decode("ascii") if self.thumbnail else None}
         return json.dumps(header).encode() + b"\n" + self.features.to_bytes()
 
     @classmethod
     def decode(cls, key: str, data: bytes) -> "Staged":
         header, _, body = data.partition(b"\n")
         meta = json.loads(header)
-        return cls(key, meta["alias"], meta["path"], meta["metadata"], meta["failures"], Features.from_bytes(body))
+        thumbnail = base64.b64decode(meta["thumbnail"]) if meta.get("thumbnail") else None
+        return cls(key, meta["alias"], meta["path"], meta["metadata"], meta["failures"], Features.from_bytes(body),
+                   thumbnail)
 
 
 @dataclass(frozen=True)

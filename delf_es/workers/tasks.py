@@ -31,6 +31,7 @@ from typing import Any
 import redis.exceptions
 from celery import Celery
 
+from delf_es.degenerate import drop_flat_keypoints
 from delf_es.errors import DelfEsError, FetchFailed, IndexUnavailable, InvalidImage, RetriesExhausted, UnsafeURL
 from delf_es.index.base import ImageRecord
 from delf_es.index.writing import upsert_and_refresh_cache
@@ -152,11 +153,12 @@ def _extract(task, item: dict[str, Any]) -> dict[str, Any]:
         return _give_up(ctx, item, "decode", exc, extractor.model_id)
     decoded = time.perf_counter()
     try:
-        features = extractor.extract(image.pixels, image_id=image_id)
+        features = drop_flat_keypoints(extractor.extract(image.pixels, image_id=image_id), image.pixels,
+                                       settings.min_keypoint_contrast, settings.max_image_size)
     except Exception as exc:  # noqa: BLE001 - one bad image must not stall its job: record it
         return _give_up(ctx, item, "extract", exc, extractor.model_id)
     extracted = time.perf_counter()
-    _stage(ctx, item, features)
+    _stage(ctx, item, features, _thumbnail(settings, image.pixels))
     ctx.store.add_stats(decode_s=decoded - started, extract_s=extracted - decoded, extracted=1)
     ctx.store.add_timings(decode=decoded - started, extract=extracted - decoded)
     task.app.send_task(FLUSH)
@@ -164,7 +166,16 @@ def _extract(task, item: dict[str, Any]) -> dict[str, Any]:
             "keypoints": features.num_keypoints, "decode_s": decoded - started, "extract_s": extracted - decoded}
 
 
-def _stage(ctx, item: dict[str, Any], features) -> None:
+def _thumbnail(settings: Settings, pixels) -> bytes | None:
+    """The JPEG stored with the image (made here: the index writer never sees the pixels)."""
+    if not settings.thumbnails:
+        return None
+    from delf_es.thumbnails import make_thumbnail
+
+    return make_thumbnail(pixels)
+
+
+def _stage(ctx, item: dict[str, Any], features, thumbnail: bytes | None = None) -> None:
     settings = ctx.settings
     alias = item.get("alias") or settings.index_alias
     source = str(item.get("source") or item["image_id"])
@@ -175,6 +186,7 @@ def _stage(ctx, item: dict[str, Any], features) -> None:
         metadata=dict(item.get("metadata") or {}),
         failures=item.get("failures") or failures_index(settings.index_alias),
         features=features,
+        thumbnail=thumbnail,
     ), item.get("job"))
 
 
@@ -234,10 +246,12 @@ def _extract_batch(task, items: list[dict[str, Any]], staged: set[str]) -> list[
                 results.append(_give_up(ctx, item, "extract", exc, extractor.model_id))
                 features.append(None)
     extract_each = (time.perf_counter() - started) / len(loaded)
-    for (item, _, decode_s), feats in zip(loaded, features):
+    for (item, pixels, decode_s), feats in zip(loaded, features):
         if feats is None:
             continue
-        _stage(ctx, item, feats)
+        # as DelfEs.extract does: keypoints on flat pixels never match (delf_es/degenerate.py)
+        feats = drop_flat_keypoints(feats, pixels, settings.min_keypoint_contrast, settings.max_image_size)
+        _stage(ctx, item, feats, _thumbnail(settings, pixels))
         staged.add(item["image_id"])
         ctx.store.add_stats(decode_s=decode_s, extract_s=extract_each, extracted=1)
         ctx.store.add_timings(decode=decode_s, extract=extract_each)
@@ -356,7 +370,8 @@ def _write(ctx, batch: list[tuple[str, bytes | None]]) -> list[tuple[str, str, s
         created = now()
         report = upsert_and_refresh_cache(  # IndexUnavailable propagates: the task retries, the batch stays staged
             backend, ctx.location_cache,
-            [ImageRecord(s.features.image_id, s.path, s.metadata, s.features, created) for s in items],
+            [ImageRecord(s.features.image_id, s.path, s.metadata, s.features, created, thumbnail=s.thumbnail)
+             for s in items],
         )
         failed = {f.item_id: f.error for f in report.failed}
         by_failures: dict[str, list[Staged]] = {}

@@ -151,6 +151,8 @@ def test_serve_on_elasticsearch_and_redis_with_a_worker_for_wait_false(services,
                              timeout=240, what="the worker to index louvre.jpg", poll=1)
             assert state["state"] == "indexed" and state["done"] == 1, state
             assert not (tmp_path / "uploads" / "jobs" / task_id).exists()  # staged upload removed
+            thumbnail = client.get("/v1/images/louvre.jpg/thumbnail")  # made by the worker
+            assert thumbnail.status_code == 200 and thumbnail.content[:2] == b"\xff\xd8"
             fleet.es.indices.refresh(index=fleet.alias)
             served = client.post("/v1/search", files={"file": ("q.jpg", shared(QUERY).read_bytes())},
                                  data={"matches": "true"}).json()["hits"]
@@ -169,3 +171,31 @@ def test_serve_on_elasticsearch_and_redis_with_a_worker_for_wait_false(services,
     finally:
         server.stop()
         fleet.close()
+
+
+@pytest.mark.integration
+def test_serve_with_two_worker_processes_on_elasticsearch(services, tmp_path):
+    """--workers 2: two uvicorn processes, each with its own engine on the same index; the global
+    options of the command line reach both (here the fast model, given as options, not variables)."""
+    import uuid
+
+    from delf_es.eval.run import drop_indices
+    from elasticsearch import Elasticsearch
+
+    alias = f"test-api-workers-{uuid.uuid4().hex[:8]}"
+    env = {"DELF_ES_ES_URL": services.es_url, "DELF_ES_REDIS_URL": services.redis_url, "DELF_ES_INDEX_ALIAS": alias}
+    server = Server(env, tmp_path / "serve.log", token=TOKEN, args=["--workers", "2"],
+                    global_args=["--backbone", "efficientnet-lite0", "--scales", "0.7071,1,1.4142"])
+    try:
+        server.wait_ready(timeout=240)
+        with server.client() as client:
+            photo = shared(PHOTOS["eiffel.jpg"]).read_bytes()
+            written = client.put("/v1/images/eiffel.jpg?refresh=true", content=photo, headers={"Content-Type": "image/jpeg"})
+            assert written.status_code == 201 and written.json()["model_id"].startswith("efficientnet-lite0")
+            answers = [client.get("/v1/stats").json() for _ in range(6)]  # served by either process
+            assert all(a["images"] == 1 and a["backend"] == "elasticsearch" for a in answers)
+        assert "Started parent process" in server.log() or server.log().count("Application startup complete") >= 2
+    finally:
+        server.stop()
+        with Elasticsearch(services.es_url) as es:
+            drop_indices(es, f"{alias}*")

@@ -292,3 +292,17 @@ def test_thumbnails_fit_256_px_and_16_kb_even_for_noise(shape):
     image = Image.open(io.BytesIO(data))
     assert image.format == "JPEG" and max(image.size) <= MAX_SIDE and len(data) <= MAX_BYTES
     assert image.size[0] / image.size[1] == pytest.approx(shape[1] / shape[0], rel=0.2)
+
+
+def test_staged_features_carry_the_thumbnail_to_the_index_writer():
+    from delf_es.workers.store import Staged
+
+    from delf_es.types import Features
+
+    features = Features("a", "m@1", (10, 10), np.zeros((1, 2), np.float32), np.ones(1, np.float32),
+                        np.ones(1, np.float32), np.eye(1, 4, dtype=np.float32))
+    jpeg = make_thumbnail(np.zeros((20, 30, 3), np.uint8))
+    for thumbnail in (jpeg, None):
+        staged = Staged("k", "alias", "a.jpg", {"x": 1}, "failures", features, thumbnail)
+        back = Staged.decode("k", staged.encode())
+        assert back.thumbnail == thumbnail and back.features.image_id == "a" and back.metadata == {"x": 1}

@@ -48,7 +48,8 @@ def test_pool_returns_in_process_features_in_input_order_and_failures_per_item(p
     assert isinstance(results[1], ItemFailure) and results[1].item_id == str(corrupt)
     engine = DelfEs(settings)
     for result, path in zip([results[0], results[2], results[3]], paths):
-        name, features = result
+        name, features, thumbnail = result
+        assert thumbnail[:2] == b"\xff\xd8"  # the JPEG thumbnail, made in the worker process
         expected_name, image = engine.load(str(path), None, False)
         assert name == expected_name
         expected = engine.extract(image.pixels, name)

@@ -22,8 +22,15 @@ Storage layout of ``directory``:
   is rebuilt from the descriptors in SQLite.  A crash anywhere (between the SQLite
   commit and the faiss update, or while writing the snapshot) therefore leaves at
   worst a stale or partial snapshot, which is ignored.
-* ``LOCK``: held with ``flock`` while open, so a second process (or a second
-  instance) cannot open the same directory and diverge from it.
+* ``LOCK``: the single-writer lock (:mod:`delf_es.index.writer_lock`): ``flock`` taken at the
+  first write and held until close, with the holder's PID, command and start time written in
+  it, so a second writer is refused with :class:`~delf_es.errors.IndexLocked` naming them.
+  Readers never take it: any number of processes search, get and count while one writes.
+  Each reader works on a snapshot: its in-memory state is loaded inside one SQLite read
+  transaction (WAL gives it a consistent view while the writer commits), and before each read
+  it compares the database's ``generation`` with its own and reloads when another process
+  wrote (a faiss snapshot of that generation is used if the writer left one, else the keypoint
+  index is rebuilt from SQLite: the price of a reader that outlives many writes).
 
 Keypoint search: faiss ids encode ``(row << KEYPOINT_BITS) | keypoint_index``, where
 ``row`` is the image's SQLite rowid (never reused: replacing an image gets a new row).

@@ -22,9 +22,10 @@ from delf_es.errors import ConfigurationError, FeatureShapeError, ImageNotFound,
 from delf_es.index.base import BulkReport, GlobalHit, ImageRecord, MetadataFilter, Neighbours, StoredImage
 from delf_es.index.codes import int8_codes
 from delf_es.index.embedded.keypoint_index import MAX_KEYPOINTS, KeypointIndex
-from delf_es.index.embedded.storage import Doc, ReadWriteLock, Storage, blob, unblob
+from delf_es.index.embedded.storage import LOCK_NAME, Doc, ReadWriteLock, Storage, blob, unblob
 from delf_es.index.filters import compile_filter
 from delf_es.index.records import check_descriptors, check_k, check_vector, record_problem
+from delf_es.index.writer_lock import WriterLock
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class EmbeddedBackend(Storage, KeypointIndex):
         self._connections_lock = threading.Lock()
         self._closed = True
         self._broken: str | None = None  # set when faiss could not be brought in step with SQLite
-        self._lock_file = None
+        self._writer = WriterLock(self.directory / LOCK_NAME)
         # In-memory state, changed only under the exclusive lock.
         self._model_id: str | None = None
         self._local_dim: int | None = None
@@ -95,10 +96,9 @@ class EmbeddedBackend(Storage, KeypointIndex):
         self._ivf_trained_on = 0
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._acquire_directory()
             self._db = self._connect()
             self._create_schema(model_id)
-            self._load()
+            self._load_snapshot_state()
         except sqlite3.Error as exc:
             self._release_directory()
             raise IndexUnavailable(f"cannot open embedded index {self.directory}: {exc}") from exc
@@ -123,6 +123,7 @@ class EmbeddedBackend(Storage, KeypointIndex):
         failed: list[ItemFailure] = []
         with self._write_mutex:
             self._check_open()
+            self._become_writer()
             db = self._db
             pending = {"model_id": self._model_id, "local_dim": self._local_dim, "global_dim": self._global_dim}
             added: dict[int, _Added] = {}
@@ -139,7 +140,7 @@ class EmbeddedBackend(Storage, KeypointIndex):
                             db.execute("DELETE FROM images WHERE row = ?", (old[0],))
                         cursor = db.execute(
                             "INSERT INTO images (image_id, path, metadata, width, height, num_keypoints, model_id,"
-                            " created_at, keypoints, descriptors, global_desc) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            " created_at, keypoints, descriptors, global_desc, scales) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                             values,
                         )
                         db.execute("DELETE FROM thumbnails WHERE image_id = ?", (item_id,))
@@ -179,7 +180,8 @@ class EmbeddedBackend(Storage, KeypointIndex):
     def _validate(
         self, record: Any, pending: Mapping[str, Any]
     ) -> tuple[str, tuple[Any, ...], Doc, np.ndarray, np.ndarray, dict[str, Any]]:
-        """Check one record against the index's (pending) model and dims; raise _ItemRejected.
+        """Check one record against the index's (pending) model and dims with the rules both
+        backends share (delf_es/index/records.py); raise _ItemRejected.
 
         Returns the row values, the in-memory doc, the arrays and the model/dims it binds."""
         problem = record_problem(record, model_id=pending["model_id"], local_dims=pending["local_dim"],
@@ -212,6 +214,7 @@ class EmbeddedBackend(Storage, KeypointIndex):
             blob(features.keypoints),
             blob(descriptors),
             blob(global_desc),
+            blob(features.scales),
         )
         doc = Doc(image_id, json.loads(metadata_json), n)
         return image_id, values, doc, descriptors, global_desc, binds
@@ -250,6 +253,7 @@ class EmbeddedBackend(Storage, KeypointIndex):
         failed: list[ItemFailure] = []
         with self._write_mutex:
             self._check_open()
+            self._become_writer()
             db = self._db
             removed: dict[int, int] = {}
             try:
@@ -315,6 +319,12 @@ class EmbeddedBackend(Storage, KeypointIndex):
         with self._reading():
             return {image_id for image_id in image_ids if image_id in self._row_of}
 
+    def revisions(self, image_ids: Iterable[str]) -> dict[str, str]:
+        """The current revision of each indexed id: its SQLite row, new at every write (a
+        replaced image gets a new row; rows are never reused)."""
+        with self._reading():
+            return {i: str(self._row_of[i]) for i in image_ids if i in self._row_of}
+
     def count(self) -> int:
         """Number of indexed images."""
         with self._reading():
@@ -323,6 +333,18 @@ class EmbeddedBackend(Storage, KeypointIndex):
     def keypoints(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored keypoint locations, (N, 2) float32 (x, y) px per image; unknown ids left out."""
         return {image_id: unblob(blob, 2) for image_id, blob in self._blobs("keypoints", image_ids)}
+
+    def keypoint_scales(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored keypoint pyramid scales, (N,) float32 per image, rows in keypoint order; unknown
+        ids and images indexed before scales were stored are left out."""
+        return {image_id: unblob(blob, 1).reshape(-1) for image_id, blob in self._blobs("scales", image_ids)
+                if blob is not None}
+
+    def global_descriptors(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored (G,) float32 global descriptors; unknown ids and images without one left out."""
+        with self._reading():
+            rows = {image_id: self._row_of[image_id] for image_id in map(str, image_ids) if image_id in self._row_of}
+            return {image_id: self._globals[row].copy() for image_id, row in rows.items() if row in self._globals}
 
     def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored descriptors as (N, D) int8 codes (as the Elasticsearch backend stores them, so
@@ -421,6 +443,9 @@ class EmbeddedBackend(Storage, KeypointIndex):
     def refresh(self) -> None:
         """Writes are searchable as soon as they return; this also checkpoints the keypoint
         index to disk so the next open skips the rebuild."""
+        if not self._writer.held:
+            self._catch_up()  # a reader: see what the writer committed
+            return
         with self._write_mutex:
             with self._reading():
                 self._write_snapshot()
@@ -432,6 +457,7 @@ class EmbeddedBackend(Storage, KeypointIndex):
                 if self._closed:
                     return
                 try:
+                    self._checkpoint_if_free()
                     self._write_snapshot()
                 finally:
                     self._closed = True

@@ -227,8 +227,8 @@ class KeypointIndex:
         )
 
     def _write_snapshot(self) -> None:
-        if self._snapshot_generation == self._generation or self._index is None:
-            return
+        if self._snapshot_generation == self._generation or self._index is None or not self._writer.held:
+            return  # only the writer writes snapshots
         generation = self._generation
         final = self._snapshot_path(generation)
         temporary = final.with_name(final.name + ".tmp")

@@ -1,5 +1,5 @@
-"""The embedded index's storage: the SQLite database (source of truth), the directory lock, the
-readers-writer lock, and the blob encoding of arrays.  Mixed into
+"""The embedded index's storage: the SQLite database (source of truth), the writer lock and the
+reader snapshots, the readers-writer lock, and the blob encoding of arrays.  Mixed into
 :class:`~delf_es.index.embedded.backend.EmbeddedBackend` (see the package docstring for the layout).
 """
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -14,18 +15,15 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from delf_es.errors import IndexUnavailable, ModelMismatch
+from delf_es.errors import IndexLocked, IndexUnavailable, ModelMismatch
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = "delf-es-embedded/1"
 DATABASE_NAME = "images.sqlite3"
-LOCK_NAME = "LOCK"
+LOCK_NAME = "LOCK"  # the writer lock (delf_es/index/writer_lock.py)
 #: Host parameters per ``IN (...)`` query, below SQLite's limit.
 SQL_CHUNK = 500
-
-try:  # POSIX only; elsewhere the directory is not protected against a second process.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 
 class ReadWriteLock:
@@ -88,25 +86,65 @@ def unblob(data: bytes, columns: int) -> np.ndarray:
 
 
 class Storage:
-    """SQLite and directory handling of the embedded backend (a mixin: the backend's state)."""
-
-    def _acquire_directory(self) -> None:
-        handle = open(self.directory / LOCK_NAME, "a+b")
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                handle.close()
-                raise IndexUnavailable(f"embedded index {self.directory} is already open elsewhere") from exc
-        self._lock_file = handle
+    """SQLite, lock and snapshot handling of the embedded backend (a mixin: the backend's state)."""
 
     def _release_directory(self) -> None:
         with contextlib.suppress(Exception):
             if getattr(self, "_db", None) is not None:
                 self._db.close()
-        if self._lock_file is not None:
-            self._lock_file.close()  # releases the flock
-            self._lock_file = None
+        self._writer.release()  # the kernel drops the flock with the descriptor
+
+    def _load_snapshot_state(self) -> None:
+        """(Re)load the in-memory state inside one read transaction: a consistent snapshot
+        even while another process commits (WAL)."""
+        self._row_of, self._docs, self._globals = {}, {}, {}
+        self._global_matrix = None
+        self._snapshot_generation = -1
+        self._db.execute("BEGIN")
+        try:
+            self._load()
+        finally:
+            self._db.execute("COMMIT")
+
+    def _database_generation(self) -> int:
+        row = self._reader().execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _catch_up(self) -> None:
+        """A reader (not the writer): reload if another process wrote since our snapshot."""
+        if self._writer.held or self._closed:
+            return
+        if self._database_generation() == self._generation:
+            return
+        with self._write_mutex:
+            with self._rw.write():
+                if not self._closed and self._database_generation() != self._generation:
+                    logger.info("embedded index %s changed on disk: reloading", self.directory)
+                    self._load_snapshot_state()
+
+    def _checkpoint_if_free(self) -> None:
+        """A reader closing: if no one is writing and our state is the database's, take the
+        writer lock for the checkpoint (the next opener then skips a rebuild); never waits."""
+        if self._writer.held or self._index is None:
+            return
+        try:
+            self._writer.acquire(str(self.directory))
+        except IndexLocked:
+            return
+        if self._database_generation() != self._generation:
+            self._writer.release()  # another process wrote after our snapshot: not ours to save
+            return
+        self._remove_stale_snapshots()  # leftovers of a crashed writer (no writer is running now)
+
+    def _become_writer(self) -> None:
+        """Before a write (write mutex held): take the writer lock (IndexLocked names the holder)
+        and catch up with what other writers committed before we got it."""
+        if self._writer.held:
+            return
+        self._writer.acquire(str(self.directory))
+        if self._database_generation() != self._generation:
+            with self._rw.write():
+                self._load_snapshot_state()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -136,6 +174,10 @@ class Storage:
                     descriptors BLOB NOT NULL,
                     global_desc BLOB NOT NULL)"""
             )
+            # keypoint pyramid scales (scale-consistent verification) came after schema 1's first
+            # release: older files get the column with NULLs (their scales read as unknown)
+            if "scales" not in {row[1] for row in db.execute("PRAGMA table_info(images)")}:
+                db.execute("ALTER TABLE images ADD COLUMN scales BLOB")
             # Thumbnails in their own table: indexes written before they existed need no migration.
             db.execute("CREATE TABLE IF NOT EXISTS thumbnails (image_id TEXT PRIMARY KEY, jpeg BLOB NOT NULL)")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?), ('generation', '0')", (SCHEMA,))
@@ -171,7 +213,8 @@ class Storage:
         self._index = self._load_snapshot()
         if self._index is None or self._needs_rebuild(self._index.ntotal):  # e.g. reopened with another exact_limit
             self._rebuild_index()
-        self._remove_stale_snapshots()
+        if self._writer.held:  # a reader must not delete the snapshot a writer just wrote
+            self._remove_stale_snapshots()
 
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -190,6 +233,10 @@ class Storage:
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
+        try:
+            self._catch_up()
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(f"embedded index {self.directory}: {exc}") from exc
         with self._rw.read():
             self._check_open()
             try:

@@ -35,10 +35,10 @@ from elasticsearch import Elasticsearch, NotFoundError
 
 from delf_es.errors import ImageNotFound
 from delf_es.index.base import BulkReport, GlobalHit, ImageRecord, MetadataFilter, Neighbours, StoredImage
-from delf_es.index.es.codec import BULKY_FIELDS, document_id, unpack, unpack_codes
+from delf_es.index.es.codec import BULKY_FIELDS, decode_float_vector, document_id, unpack, unpack_codes
 from delf_es.index.es.queries import Queries
 from delf_es.index.es.templates import Aliases
-from delf_es.index.es.transport import Transport
+from delf_es.index.es.transport import MGET_CHUNK, Transport
 from delf_es.index.es.writes import Writer
 from delf_es.settings import Settings
 
@@ -140,6 +140,12 @@ class ElasticsearchBackend:
         """The subset of ``image_ids`` that is indexed."""
         return {doc["_source"]["image_id"] for doc in self._documents(image_ids, [])}
 
+    def revisions(self, image_ids: Iterable[str]) -> dict[str, str]:
+        """The current revision of each indexed id: its image document's random ``generation``
+        (new at every write), read in real time with the locations' own ``mget``."""
+        return {doc["_source"]["image_id"]: str(doc["_source"].get("generation", 0))
+                for doc in self._documents(image_ids, ["generation"])}
+
     def count(self) -> int:
         """Number of indexed images."""
         try:
@@ -152,6 +158,35 @@ class ElasticsearchBackend:
         One ``mget`` per 500 ids, reading only the packed locations."""
         return {doc["_source"]["image_id"]: unpack(doc["_source"].get("keypoint_xy"), 2)
                 for doc in self._documents(image_ids, ["keypoint_xy"])}
+
+    def keypoint_scales(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored keypoint pyramid scales, (N,) float32 per image; unknown ids left out (one ``mget``
+        per 500 ids, reading only the packed scales)."""
+        return {doc["_source"]["image_id"]: unpack(doc["_source"].get("keypoint_scale"), 1).reshape(-1)
+                for doc in self._documents(image_ids, ["keypoint_scale"])}
+
+    def global_descriptors(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored (G,) float32 global descriptors; unknown ids and images without one left out.
+        Vectors are excluded from ``_source`` (index.mapping.exclude_source_vectors), so the
+        ``mget`` asks for them back with ``_source_exclude_vectors=false``."""
+        wanted = [document_id(i) for i in dict.fromkeys(str(image_id) for image_id in image_ids)]
+        out: dict[str, np.ndarray] = {}
+        for start in range(0, len(wanted), MGET_CHUNK):
+            try:
+                found = self.transport.call(
+                    "mget", self.transport.client.perform_request, "POST", f"/{self.alias}/_mget",
+                    params={"_source_exclude_vectors": "false", "_source_includes": "image_id,global_vector"},
+                    headers={"accept": "application/json", "content-type": "application/json"},
+                    body={"ids": wanted[start : start + MGET_CHUNK]},
+                )
+            except NotFoundError:
+                return out
+            for doc in found["docs"]:
+                vector = doc.get("_source", {}).get("global_vector") if doc.get("found") else None
+                if vector is None:
+                    continue
+                out[doc["_source"]["image_id"]] = decode_float_vector(vector)
+        return out
 
     def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored descriptors as (N, D) int8 codes (:func:`~delf_es.index.codes.int8_codes`) per

@@ -53,6 +53,14 @@ def float_vector(values: np.ndarray) -> str:
     return base64.b64encode(np.asarray(values, ">f4").tobytes()).decode("ascii")
 
 
+def decode_float_vector(vector: Any) -> np.ndarray:
+    """A (G,) float32 vector as Elasticsearch returns it: the base64 big-endian form it was sent in,
+    or a list of numbers."""
+    if isinstance(vector, str):
+        return np.frombuffer(base64.b64decode(vector), ">f4").astype(np.float32)
+    return np.asarray(vector, np.float32)
+
+
 def byte_vector(codes: np.ndarray) -> str:
     """An int8 vector in Elasticsearch's hexadecimal form for ``element_type: byte``."""
     return np.ascontiguousarray(codes, np.int8).tobytes().hex()
