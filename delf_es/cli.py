@@ -463,7 +463,8 @@ def eval_command(
     figures: bool = typer.Option(True, help="write the AP plot and the worst-queries figure"),
     hits: bool = typer.Option(False, help="store every ranked hit per query (for benchmarks/rank_by.py)"),
     maps: Optional[Path] = typer.Option(None, help="backbone-map cache folder (delf_es/eval/map_cache.py): a new head "
-                                        "or descriptor projection is scored without re-running the backbone"),
+                                        "or descriptor projection is scored without re-running the backbone; its "
+                                        "features equal extraction up to float16, so give it its own --cache"),
 ) -> None:
     """Evaluate retrieval on a gt.json set: mAP (Revisited Oxford/Paris), R@1/5/10, timings."""
     from delf_es.eval.gt import load_ground_truth
