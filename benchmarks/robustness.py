@@ -26,7 +26,7 @@ kill (images whose extraction had completed, by the log, minus those committed; 
 duplicates (rows per id) and half-written images (keypoints / descriptors / global descriptor
 missing or of the wrong shape; target 0).
 
-    /work/bin/heavy 1 python benchmarks/robustness.py   -> benchmarks/results/robustness.json
+    /work/bin/heavy 1 python benchmarks/robustness.py   -> benchmarks/results/robustness.json (+ .png)
 """
 
 from __future__ import annotations
@@ -679,10 +679,14 @@ def main() -> None:
     parser.add_argument("--kill-side", type=int, default=256)
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-kills", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from --out")
     parser.add_argument("--only", default=None, help="regex: run only matching cases (debugging; not written out)")
     args = parser.parse_args()
     if args.worker:
         worker_main()
+        return
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
     result: dict = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="delf-es-robustness-") as folder:
@@ -702,8 +706,40 @@ def main() -> None:
     previous.update(result)  # a partial run (--skip-...) keeps the other part's last numbers
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(previous, indent=1))
+    plot(previous, args.out.with_suffix(".png"))
     summary = {k: v for k, v in result.get("kill_rounds", {}).items() if k != "rounds"}
     print(json.dumps({"counts": result.get("hostile_inputs", {}).get("counts"), "kills": summary}, indent=1))
+
+
+
+def plot(result: dict, out: Path) -> None:
+    """Outcome counts per entry point, and per kill: committed images and work lost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    rows = result.get("hostile_inputs", {}).get("results", [])
+    outcomes = ["typed_error", "correct", "wrongly_accepted", "wrongly_refused", "traceback", "hang"]
+    kinds = sorted({r["kind"] for r in rows})
+    for i, kind in enumerate(kinds):
+        counts = [sum(r["kind"] == kind and r["outcome"] == o for r in rows) for o in outcomes]
+        left.bar(np.arange(len(outcomes)) + i * 0.8 / max(1, len(kinds)), counts, width=0.8 / max(1, len(kinds)), label=kind)
+    left.set_xticks(np.arange(len(outcomes)) + 0.3, outcomes, rotation=20)
+    left.set_title(f"{len(rows)} hostile inputs")
+    left.legend()
+    rounds = result.get("kill_rounds", {}).get("rounds", [])
+    if rounds:
+        x = [r["round"] for r in rounds]
+        right.bar(x, [r["in_index"] for r in rounds], color="tab:blue", label="images in the index after the round")
+        right.plot(x, [r["finished_work_lost"] for r in rounds], "o-", color="tab:red", label="finished work lost")
+        right.plot(x, [len(r["reported_saved_but_missing"]) for r in rounds], "x", color="k", label="reported saved, missing")
+        right.set_xlabel("round (kill -9 at a random moment; last: run to the end)")
+        right.set_title("kill -9 during `delf-es index`")
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":
