@@ -379,6 +379,7 @@ def worker_main() -> None:
 
     answer = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     runner = CliRunner()
+    _reuse_models()
     engines: dict = {}
     for line in sys.stdin:
         case = pickle.loads(base64.b64decode(line))  # pickle: SDK cases hold bytes, sets, NaN, objects
@@ -393,6 +394,25 @@ def worker_main() -> None:
         except BaseException as error:  # the harness itself must not die
             outcome = {"outcome": "traceback", "detail": "harness: " + "".join(traceback.format_exception_only(error))}
         answer.write(json.dumps(outcome) + "\n")
+
+
+def _reuse_models() -> None:
+    """One model per distinct model configuration for the whole sweep, instead of one per case
+    (each CLI command builds its Extractor; loading the weights is most of a case's CPU).  What
+    a case checks does not change: a configuration whose model cannot be built raises here as
+    in the CLI (nothing is cached then), and extraction itself runs for every case."""
+    import delf_es.features as features
+
+    built: dict[str, object] = {}
+    real = features.Extractor
+
+    def extractor(settings, *args, **kwargs):
+        key = settings.model_dump_json()
+        if key not in built:
+            built[key] = real(settings, *args, **kwargs)
+        return built[key]
+
+    features.Extractor = extractor
 
 
 def _run_cli(runner, app, case: dict, env: dict) -> dict:

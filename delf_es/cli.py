@@ -113,8 +113,10 @@ def _parse_scales(text: str) -> tuple[float, ...]:
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
     """Files as given; folders expanded to the images below them (sorted); ``@list.txt`` read line
     by line (delf_es/inputs.py: special files are never read, so a FIFO cannot hang the run).
-    A bad ``@list`` ends the command with a one-line error; an unreadable sub-folder is reported."""
-    from delf_es.inputs import expand_inputs as expand
+    A bad ``@list`` or no image at all ends the command with a one-line error; an unreadable
+    sub-folder is reported."""
+    inputs = list(inputs)
+    from delf_es.inputs import IMAGE_SUFFIXES, expand_inputs as expand
 
     try:
         found = expand(inputs)
@@ -122,6 +124,11 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
         fail(error)
     for problem in found.unreadable:
         console.print(f"[yellow]skipped[/yellow] {escape(str(problem))}")
+    if not found.sources:  # an empty folder or list: say so rather than "0 extracted"
+        from delf_es.errors import UnreadableFile
+
+        fail(UnreadableFile(f"no image files found (image suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})",
+                            " ".join(inputs)))
     return found.sources
 
 
