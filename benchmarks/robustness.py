@@ -421,7 +421,10 @@ def _run_cli(runner, app, case: dict, env: dict) -> dict:
     for handler in logging.root.handlers[:]:  # each run's basicConfig binds the runner's (then closed) stderr
         logging.root.removeHandler(handler)
     args = [a.replace("{tmp}", case["tmp"]) for a in case["args"]]
-    base = {"DELF_ES_DATA_DIR": case["tmp"] + "/index", "COLUMNS": "200"}
+    # one index per model configuration: an index is bound to the model that first wrote it
+    # (another model's features are refused with ModelMismatch, correctly, but not what a case tests)
+    model = "fast" if case["args"][: len(FAST)] == FAST else "default"
+    base = {"DELF_ES_DATA_DIR": f"{case['tmp']}/index-{model}", "COLUMNS": "200"}
     result = runner.invoke(app, args, env={**base, **env}, catch_exceptions=True)
     text = result.output
     crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
