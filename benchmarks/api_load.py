@@ -12,14 +12,14 @@ crops, sent as JPEG files, so every request runs the full pipeline (decode, extr
 shortlist, RANSAC).
 
 Measured, in one run:
-- ``DelfEs.search_image`` in process on the same queries (the baseline), before the server
-  opens the index;
+- ``DelfEs.search_image`` in process on the same queries (the baseline) on a copy of the index,
+  alternating query by query with the same search over HTTP (paired: both see the same load);
 - per client count: a fixed number of searches, requests/s, latency p50/p95, errors, server
   RSS before/after;
-- HTTP overhead at 1 client: client latency minus the server's own time for the search
-  (``took_ms``: body read, decode, search) -- what HTTP adds -- and client latency minus the
-  in-process ``search_image`` time of the same query (paired; includes run-to-run noise of
-  the model); hits compared with ``search_image``'s (ids and order);
+- HTTP overhead: client latency minus the server's own time for the search (``took_ms``: body
+  read, decode, search) -- what HTTP adds -- and, in the paired rounds, client latency minus the
+  in-process ``search_image`` time of the same query just before (includes the model's
+  run-to-run noise); hits compared with ``search_image``'s (ids and order);
 - 100 malformed requests (tests/api_server.py's list, cycled): each a 4xx with the JSON error;
   the server healthy afterwards.
 The machine is shared (2 cores): the JSON records the load average.
@@ -31,6 +31,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -158,8 +159,11 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set_ylabel("latency, s")
     axes[1].legend()
     overhead = result["http_overhead"]
-    axes[2].bar(["client - server took_ms", "client - search_image"],
-                [overhead["transport_ms"]["p50"], overhead["vs_search_image_ms"]["p50"]])
+    values = [overhead["transport_ms"]["p50"], overhead["vs_search_image_ms"]["p50"]]
+    axes[2].bar(["client - server took_ms", "client - search_image\n(paired, same query)"], values,
+                color=["tab:blue", "tab:gray"])
+    for x, value in enumerate(values):
+        axes[2].annotate(f"{value:.1f} ms", (x, value), ha="center", va="bottom")
     axes[2].axhline(10, color="k", linestyle="--", linewidth=1, label="target p50 10 ms")
     axes[2].set_ylabel("HTTP overhead at 1 client, p50 ms")
     axes[2].legend()
@@ -176,6 +180,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="searches per client count")
     parser.add_argument("--queries", type=int, default=8, help="distinct real query photos")
     parser.add_argument("--malformed", type=int, default=100)
+    parser.add_argument("--pair-rounds", type=int, default=2, help="paired search_image / HTTP rounds over the queries")
     parser.add_argument("--gt", type=Path, default=SHARED / "paris250" / "gt.json")
     parser.add_argument("--distractors", type=Path, nargs="*", default=[SHARED / "distractors" / "wallpapers"])
     parser.add_argument("--feature-cache", type=Path, default=Path("/work/cache/features"))
@@ -203,44 +208,52 @@ def main() -> None:
         "machine": {"cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
     }
 
-    # 1. the baseline: search_image in process, before the server takes the index
-    baseline = {}
-    with DelfEs(settings) as engine:
-        engine.search_image(queries[0][1], bytestream=True)  # warm-up (model, faiss, caches)
-        for name, data in queries:
-            started = time.perf_counter()
-            hits = engine.search_image(data, bytestream=True, limit=10)
-            baseline[name] = {"ms": (time.perf_counter() - started) * 1000, "hits": [(h["id"], h["inliers"]) for h in hits]}
-    result["search_image_ms"] = {"p50": round(statistics.median(b["ms"] for b in baseline.values()), 1),
-                                 "per_query": {k: round(v["ms"], 1) for k, v in baseline.items()}}
-
-    # 2. the server, loaded by 1, 4, 16 clients
+    # The in-process baseline searches a copy of the index (the embedded index opens in one
+    # process), alternating with the server query by query: the paired times see the same load.
+    sdk_dir = args.work / f"index-{args.size}-sdk"
+    shutil.rmtree(sdk_dir, ignore_errors=True)
+    shutil.copytree(settings.data_dir, sdk_dir)
     passed = {k: v for k, v in os.environ.items() if k.startswith("DELF_ES_") and "THREADS" not in k}
     env = {**passed, "DELF_ES_DATA_DIR": str(settings.data_dir), "DELF_ES_API_MAX_QUEUED": "64",
            "DELF_ES_API_REQUEST_TIMEOUT": "600"}
     server = Server(env, args.work / "serve.log", token=TOKEN)
     try:
         server.wait_ready(timeout=300)
-        with server.client(timeout=600) as client:
-            search(client, queries[0])  # warm-up
+        result["server_rss_mb_at_start"] = rss_mb(server.proc.pid)
+        pairs = []
+        with DelfEs(settings.model_copy(update={"data_dir": sdk_dir})) as engine, server.client(timeout=600) as client:
+            engine.search_image(queries[0][1], bytestream=True)  # warm-up (model, faiss, caches)
+            search(client, queries[0])
+            for round_ in range(args.pair_rounds):
+                for name, data in queries:
+                    started = time.perf_counter()
+                    hits = engine.search_image(data, bytestream=True, limit=10)
+                    sdk_ms = (time.perf_counter() - started) * 1000
+                    served = search(client, (name, data))
+                    pairs.append({"query": name, "sdk_ms": sdk_ms, **served,
+                                  "same_hits": served["hits"] == [(h["id"], h["inliers"]) for h in hits]})
+        ok = [p for p in pairs if p["status"] == 200]
+        transport = [p["latency_ms"] - p["took_ms"] for p in ok]
+        versus = [p["latency_ms"] - p["sdk_ms"] for p in ok]
+        result["search_image_ms"] = {"p50": round(statistics.median(p["sdk_ms"] for p in pairs), 1)}
+        result["http_search_ms"] = {"p50": round(statistics.median(p["latency_ms"] for p in ok), 1)}
+        result["http_overhead"] = {
+            "pairs": len(pairs),
+            "transport_ms": {"p50": round(percentile(transport, 50), 2), "p95": round(percentile(transport, 95), 2),
+                             "what": "client latency - the server's own time for the request (took_ms)"},
+            "vs_search_image_ms": {"p50": round(percentile(versus, 50), 1), "p95": round(percentile(versus, 95), 1),
+                                   "what": "client latency - search_image of the same query just before (paired)"},
+            "target_p50_ms": 10,
+            "hits_identical_to_search_image": f"{sum(p['same_hits'] for p in pairs)}/{len(pairs)}",
+        }
+        print(json.dumps(result["http_overhead"]), flush=True)
         result["server_rss_mb_idle"] = rss_mb(server.proc.pid)
         levels = []
         for clients in args.clients:
             level = load_level(server, queries, clients, args.requests)
-            levels.append(level)
-            print(json.dumps({k: v for k, v in level.items() if k != "_results"}), flush=True)
-        one = levels[0]["_results"] if args.clients[0] == 1 else load_level(server, queries, 1, len(queries))["_results"]
-        transport = [r["latency_ms"] - r["took_ms"] for r in one if r["status"] == 200]
-        versus = [r["latency_ms"] - baseline[r["query"]]["ms"] for r in one if r["status"] == 200]
-        same = [r["hits"] == [tuple(h) for h in baseline[r["query"]]["hits"]] for r in one if r["status"] == 200]
-        result["http_overhead"] = {
-            "transport_ms": {"p50": round(percentile(transport, 50), 2), "p95": round(percentile(transport, 95), 2)},
-            "vs_search_image_ms": {"p50": round(percentile(versus, 50), 1), "p95": round(percentile(versus, 95), 1)},
-            "target_p50_ms": 10,
-            "hits_identical_to_search_image": f"{sum(same)}/{len(same)}",
-        }
-        for level in levels:
             level.pop("_results")
+            levels.append(level)
+            print(json.dumps(level), flush=True)
         result["levels"] = levels
 
         # 3. malformed requests

@@ -3,8 +3,8 @@
 For each photo (default: opencv-doc's building.jpg and home.jpg, whose sky and trees should
 score low, and HPatches v_dogman image 1), the stride-16 score map at pyramid scale 1.0 of
 every scoring given (``norm`` and each ``--head NAME=PATH``) is drawn over the photo, each map
-normalised to its own 1st-99th percentile (only the order matters for selection), with the
-top-1000-of-the-level cells outlined.
+normalised to its own 1st-99th percentile (only the order matters for selection).  The
+opencv-doc photos are read from ``--photos-dir`` (scripts/training_photos.py's output).
 
     python benchmarks/attention_heatmaps.py --head bce=delf_es/weights/attention-...-matchability-bce.pt \
         --out benchmarks/results/attention_heatmaps.png
@@ -24,7 +24,6 @@ from delf_es.model.delf import build_model
 from delf_es.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-OPENCV = Path("/work/cache/quality/photos-v2")
 
 
 def score_maps(pixels: np.ndarray, heads: dict[str, AttentionHead | None], settings: Settings) -> dict[str, np.ndarray]:
@@ -56,6 +55,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head", action="append", default=[], help="NAME=PATH of an attention head (repeatable)")
     parser.add_argument("--photo", action="append", type=Path, default=None)
+    parser.add_argument("--photos-dir", type=Path, default=Path("/work/cache/quality/photos-v2"),
+                        help="folder written by scripts/training_photos.py")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/attention_heatmaps.png")
     args = parser.parse_args()
     import matplotlib
@@ -64,7 +65,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     settings = Settings()
-    photos = args.photo or [OPENCV / "opencv-doc__building.jpg", OPENCV / "opencv-doc__home.jpg",
+    photos = args.photo or [args.photos_dir / "opencv-doc__building.jpg", args.photos_dir / "opencv-doc__home.jpg",
                             ROOT.parent / "shared/data/pairs/hpatches_v_dogman/1.ppm"]
     _, meta = build_model(settings.model_copy(update={"scoring": "norm"}))
     heads: dict[str, AttentionHead | None] = {"norm": None}

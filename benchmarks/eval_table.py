@@ -52,6 +52,16 @@ ROWS = {
                                       "ranked by inliers: compare with 'rank by inliers' (embedded)"),
     "delf-es-backend-elasticsearch-default": ("backend", "Elasticsearch backend, its defaults: int8 keypoint codes, global "
                                               "shortlist + descriptor matching"),
+    "quality-default": ("default", "default re-measured in the issue-16 session (same features, same run conditions as the rows below)"),
+    "quality-qe-5": ("search", "verified alpha-QE: query + its best 5 hits with >= qe_min_inliers inliers (cos^3 weights), "
+                     "re-queried, new images verified (thresholds from the pairs, benchmarks/results/chance_inliers.json)"),
+    "quality-scale-rule": ("verification", "scale-consistent inliers: keypoint pyramid scales agree with the homography's zoom "
+                           "(ransac_scale_tolerance from the pairs)"),
+    "quality-qe-5-scale-rule": ("search", "verified alpha-QE + the scale rule"),
+    "quality-keypoints-300": ("extraction", "300 keypoints per image, norm selection (database and query)"),
+    "quality-geometry-bce": ("extraction", "matchability attention trained from geometry (bce), scores from the map cache"),
+    "quality-geometry-rank": ("extraction", "matchability attention trained from geometry (rank), scores from the map cache"),
+    "quality-proj40": ("extraction", "learned 720->40 projection (InfoNCE + reconstruction) instead of PCA 40"),
     "anchor-global-gem": ("anchor", "anchor: global GeM of the same forward pass, cosine, no verification"),
     "anchor-delf-demo-kdtree": ("anchor", "anchor: classic DELF demo (one cKDTree over all database descriptors, RANSAC on every candidate)"),
     "anchor-sift-magsac": ("anchor", "anchor: RootSIFT (2000 kp) + ratio test + OpenCV USAC_MAGSAC, brute force"),

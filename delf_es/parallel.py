@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from delf_es.errors import DelfEsError, ItemFailure
 from delf_es.settings import Settings
@@ -42,16 +42,13 @@ def process_plan(settings: Settings) -> tuple[int, int]:
 _ENGINE: Any = None
 
 
-def _start_worker(settings_fields: dict[str, Any], threads: int) -> None:
+def _start_worker(engine: Callable[[Settings], Any], settings_fields: dict[str, Any], threads: int) -> None:
     global _ENGINE
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
     torch.set_num_threads(threads)
-    from delf_es.cache import MemoryLocationCache
-    from delf_es.sdk import DelfEs
-
-    _ENGINE = DelfEs(Settings(**settings_fields), cache=MemoryLocationCache())
+    _ENGINE = engine(Settings(**settings_fields))
     _ENGINE.extractor  # build the model now, not inside the first task
 
 
@@ -74,12 +71,15 @@ class ExtractorPool:
     ItemFailure, in order.
     """
 
-    def __init__(self, settings: Settings, processes: int, threads: int) -> None:
+    def __init__(self, settings: Settings, processes: int, threads: int, engine: Callable[[Settings], Any]) -> None:
         fields = settings.model_dump()
         fields["torch_threads"] = threads
+        # ``engine(settings)`` builds what loads and extracts (delf_es.sdk.pool_engine): a
+        # module-level function the spawned process imports by name, handed in so that this
+        # module never imports the SDK that uses it (no import cycle).
         # spawn, not fork: a forked copy of a process whose torch/OpenMP threads already ran can deadlock
         self._executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_start_worker, initargs=(fields, threads))
+                                             initializer=_start_worker, initargs=(engine, fields, threads))
         self.processes = processes
 
     def extract(self, items: Iterable[dict[str, Any]]) -> Iterator[tuple[str, Features, bytes | None] | ItemFailure]:

@@ -23,13 +23,15 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from delf_es.cache import (
-    LocationCache, MemoryLocationCache, RedisLocationCache, codes_namespace, image_revisions, revision_key,
-)
-from delf_es.errors import BulkIndexFailed, DelfEsError, ImageNotFound, InvalidRequest, ItemFailure
+from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache, codes_namespace
+from delf_es.errors import BulkIndexFailed, ConfigurationError, DelfEsError, ImageNotFound, InvalidRequest, ItemFailure
 from delf_es.ids import file_image_id, is_url
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
+from delf_es.index.writing import upsert_and_refresh_cache
+from delf_es.items import MAX_ID_BYTES, check_count, check_filter, parse_item
+from delf_es.items import check_id as _check_id  # the one id rule (SDK, CLI, workers, API)
+from delf_es.items import check_metadata as _check_metadata
 from delf_es.parallel import ExtractorPool, process_plan
 from delf_es.search import Searcher
 from delf_es.settings import Settings
@@ -37,8 +39,7 @@ from delf_es.types import Features, SearchHit
 
 log = logging.getLogger(__name__)
 
-#: Elasticsearch's limit on document ids; longer names are refused rather than silently hashed.
-MAX_ID_BYTES = 512
+__all__ = ["DelfEs", "MAX_ID_BYTES", "QueryResult", "open_backend", "open_cache"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def crop(pixels: np.ndarray, bbox: tuple[float, float, float, float], min_side: 
 def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
     """Elasticsearch when ``es_url`` is set, else the embedded on-disk index."""
     if settings.es_url:
-        from delf_es.index.elasticsearch import ElasticsearchBackend
+        from delf_es.index.es import ElasticsearchBackend
 
         return ElasticsearchBackend(settings, model_id=model_id)
     from delf_es.index.embedded import EmbeddedBackend
@@ -133,15 +134,6 @@ class DelfEs:
     def searcher(self) -> Searcher:
         return Searcher(self.backend, self.cache, self.settings, self.model_id)
 
-    def _cache_written(self, model_id: str, locations: Mapping[str, np.ndarray]) -> None:
-        """After a write: cache the new locations under the new revision's key (cache.py).  Entries
-        of the replaced revision are never read again (another key), so a cache that missed
-        this write (paused, down) cannot serve them; they expire."""
-        if not locations:
-            return
-        revisions = image_revisions(self.backend, list(locations))
-        self.cache.put_many(model_id, {revision_key(i, revisions[i]): a for i, a in locations.items() if i in revisions})
-
     # ------------------------------------------------------------------ image-match API
 
     def add_image(
@@ -154,7 +146,7 @@ class DelfEs:
         wait: bool = True,
     ) -> str:
         """Index one image and return its id (the stored name); with ``wait=False``, queue it for
-        the worker fleet (``workers/``) and return the task id (follow it with :meth:`task_status`).
+        the worker fleet (``delf_es/workers/``) and return the task id (follow it with :meth:`task_status`).
 
         Args:
             path: file path or http(s) URL of the image; with ``img`` given, the name it is
@@ -205,10 +197,9 @@ class DelfEs:
             created_at=_now(),
             thumbnail=thumbnail,
         )
-        report = self.backend.upsert([record], refresh=refresh_after)
+        report = upsert_and_refresh_cache(self.backend, self.cache, [record], refresh=refresh_after)
         if not report.ok:
             raise BulkIndexFailed(f"{record.image_id}: {report.failed[0].error}", report.failed)
-        self._cache_written(features.model_id, {record.image_id: features.keypoints})
         return record.image_id
 
     def add_features_bulk(
@@ -221,12 +212,9 @@ class DelfEs:
         batch: list[ImageRecord] = []
 
         def flush() -> None:
-            report = self.backend.upsert(batch, refresh=False)
+            report = upsert_and_refresh_cache(self.backend, self.cache, batch)
             succeeded.extend(report.succeeded)
             failed.extend(report.failed)
-            written = set(report.succeeded)
-            self._cache_written(batch[0].features.model_id,
-                                {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
             batch.clear()
 
         for features, path, metadata in items:
@@ -256,12 +244,10 @@ class DelfEs:
         ``min_inliers`` (default: settings) verified inliers are matches.
         """
         # Checked before any work: limit=-1 used to drop the last hit silently (hits[:-1]).
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise InvalidRequest(f"limit must be an integer >= 1, got {limit!r}")
-        if min_inliers is not None and (isinstance(min_inliers, bool) or not isinstance(min_inliers, int) or min_inliers < 0):
-            raise InvalidRequest(f"min_inliers must be an integer >= 0 or None, got {min_inliers!r}")
-        if pre_filter is not None and not isinstance(pre_filter, Mapping):
-            raise InvalidRequest(f"pre_filter must be a mapping (an Elasticsearch query), got {type(pre_filter).__name__}")
+        limit = check_count("limit", limit, minimum=1)
+        if min_inliers is not None:
+            min_inliers = check_count("min_inliers", min_inliers)
+        pre_filter = check_filter(pre_filter)  # a mapping, nested at most MAX_DEPTH deep
         _, image = self.load(path, None, bytestream)
         return self.search_loaded(image, all_orientations=all_orientations, pre_filter=pre_filter, limit=limit,
                                   min_inliers=min_inliers).hits
@@ -365,10 +351,11 @@ class DelfEs:
 
     def get_image(self, image_id: str) -> dict[str, Any]:
         """Stored fields of one image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
-        return _stored_dict(self.backend.get(image_id))
+        return _stored_dict(self.backend.get(_check_id(image_id)))
 
     def delete_image(self, image_id: str, refresh_after: bool = False) -> None:
         """Remove an image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
+        image_id = _check_id(image_id)
         report = self.backend.delete([image_id], refresh=refresh_after)
         self.cache.delete(self.model_id, [image_id])
         self.cache.delete(codes_namespace(self.model_id), [image_id])
@@ -413,12 +400,10 @@ class DelfEs:
         def flush() -> None:
             if batch:
                 with _interrupts_deferred():  # a Ctrl-C mid-write would leave the report unsure
-                    report = self.backend.upsert(batch, refresh=False)
+                    report = upsert_and_refresh_cache(self.backend, self.cache, batch)
                     succeeded.extend(report.succeeded)
                     failed.extend(report.failed)
                     written = set(report.succeeded)
-                    self._cache_written(self.model_id,
-                                        {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
                     batch.clear()
                 log.info("committed %d image(s): %s", len(written), json.dumps(sorted(written)))
 
@@ -474,7 +459,7 @@ class DelfEs:
             work.append(_item_fields(item))
         batch_started = time.monotonic()
         try:
-            with ExtractorPool(self.settings, min(processes, max(1, len(work))), threads) as pool:
+            with ExtractorPool(self.settings, min(processes, max(1, len(work))), threads, engine=pool_engine) as pool:
                 results = zip(work, pool.extract(work))
                 for fields, result in tqdm(results, total=len(work), disable=not progress, unit="img",
                                            desc=f"indexing ({pool.processes} processes)"):
@@ -506,7 +491,7 @@ class DelfEs:
     def thumbnail(self, image_id: str) -> bytes | None:
         """The small JPEG stored with the image (None when stored without one);
         :class:`~delf_es.errors.ImageNotFound` if unknown."""
-        return self.backend.thumbnail(image_id)
+        return self.backend.thumbnail(_check_id(image_id))
 
     def thumbnail_bytes(self) -> int:
         """Bytes of all stored thumbnails."""
@@ -516,9 +501,15 @@ class DelfEs:
 
     def _submitter(self):
         if getattr(self, "_workers", None) is None:
-            from workers.client import Submitter
+            if not (self.settings.worker_redis_url or self.settings.redis_url):
+                raise ConfigurationError(
+                    "add_image(wait=False) queues the image for the worker fleet, which needs the workers' "
+                    "Redis: set DELF_ES_REDIS_URL (or DELF_ES_WORKER_REDIS_URL) and start workers "
+                    "(delf-es worker); or add with wait=True"
+                )
+            from delf_es.workers.app import make_submitter  # the fleet's side: loaded only when used
 
-            self._workers = Submitter(self.settings)
+            self._workers = make_submitter(self.settings)
         return self._workers
 
     def task_status(self, task_id: str) -> dict[str, Any]:
@@ -535,12 +526,11 @@ class DelfEs:
         """Images the workers could not index (undecodable, refused), newest first, with the error."""
         if not self.settings.es_url:
             return []
-        from elasticsearch import Elasticsearch
+        from delf_es.index.es.failures import FailureLog, failures_index
+        from delf_es.index.es.transport import Transport
 
-        from delf_es.index.failures import FailureLog, failures_index
-
-        with Elasticsearch(self.settings.es_url, request_timeout=self.settings.es_timeout) as client:
-            return [f.__dict__ for f in FailureLog(client, failures_index(self.settings.index_alias)).list(limit)]
+        with Transport(self.settings) as transport:
+            return [f.__dict__ for f in FailureLog(transport, failures_index(self.settings.index_alias)).list(limit)]
 
     def close(self) -> None:
         if self._backend is not None:
@@ -648,6 +638,12 @@ def _interrupts_deferred() -> Iterator[None]:
                 signal.raise_signal(signum)
 
 
+def pool_engine(settings: Settings) -> DelfEs:
+    """The engine of one :class:`~delf_es.parallel.ExtractorPool` process: loads and extracts,
+    with an in-process cache (it never searches)."""
+    return DelfEs(settings, cache=MemoryLocationCache())
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -657,37 +653,10 @@ def _label(fields: Mapping[str, Any]) -> str:
 
 
 def _item_fields(item: Any) -> dict[str, Any]:
-    if isinstance(item, (str, Path)):
-        return {"path": str(item)}
-    if isinstance(item, tuple) and len(item) == 2:
-        return {"path": str(item[0]), "metadata": item[1]}
-    if isinstance(item, Mapping) and "path" in item:
-        return dict(item)
-    return {"path": repr(item)[:80], "img": None, "invalid": True}
-
-
-def _check_id(name: str) -> str:
-    if not isinstance(name, str):
-        raise InvalidRequest(f"image id must be a string, got {type(name).__name__}")
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError:  # lone surrogates (e.g. an undecodable file name)
-        raise InvalidRequest(f"image id must be valid UTF-8 text, got {name!r}") from None
-    if not name or size > MAX_ID_BYTES:
-        raise InvalidRequest(f"image id must be 1..{MAX_ID_BYTES} bytes, got {size}")
-    return name
-
-
-def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) and k for k in metadata):
-        raise InvalidRequest("metadata must be a mapping with non-empty string keys")
-    try:
-        # allow_nan=False: NaN/inf are not JSON, and Elasticsearch refuses them
-        return json.loads(json.dumps(dict(metadata), allow_nan=False))
-    except (TypeError, ValueError, RecursionError) as error:
-        raise InvalidRequest(f"metadata must be JSON-serialisable: {error}") from None
+    """The fields of one bulk-add item (the shared parser, delf_es/items.py), as ``load`` takes them."""
+    parsed = parse_item(item)
+    fields = {"path": parsed.path, "metadata": parsed.metadata, "img": parsed.img, "bytestream": parsed.bytestream}
+    return {**fields, "invalid": True} if parsed.invalid else fields
 
 
 def _orientations(pixels: np.ndarray) -> list[np.ndarray]:

@@ -178,7 +178,7 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=default_data_dir)
 
-    # --- workers (Celery; see workers/) -------------------------------------------
+    # --- workers (Celery; see delf_es/workers/) -------------------------------------------
     worker_redis_url: str | None = Field(
         default=None, description="Celery broker, result backend and staging; None = redis_url"
     )

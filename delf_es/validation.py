@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from delf_es.errors import InvalidSetting
+from delf_es.errors import InvalidSetting  # re-exported: callers import it from here too
 from delf_es.settings import Settings
 
 __all__ = ["InvalidSetting", "SERVICE_VARIABLES", "load_settings", "parse_json_object", "preflight",

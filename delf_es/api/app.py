@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None, engine: DelfEs | None = None, *
             except Exception as error:  # a down index is a 503 per request, not a failed start
                 log.warning("index not reachable at startup: %s", error)
         yield
+        app.state.slots.close()
         if owned:
             engine.close()
 

@@ -1,4 +1,4 @@
-"""``?wait=false``: uploads handed to the worker fleet (``workers/``) instead of extracted here.
+"""``?wait=false``: uploads handed to the worker fleet (``delf_es/workers/``) instead of extracted here.
 
 The workers read images by path or URL, so an upload is first written to ``api_upload_dir``
 (default ``<data_dir>/api-uploads``; the workers must see the same folder) as

@@ -157,13 +157,10 @@ def _finite(value: float) -> float | None:
 
 
 def _drop_es_index(settings: Settings) -> None:
-    from elasticsearch import Elasticsearch
+    from delf_es.index.es.transport import Transport
 
-    client = Elasticsearch(settings.es_url, request_timeout=30)
-    try:
-        drop_indices(client, f"{settings.index_alias}*")
-    finally:
-        client.close()
+    with Transport(settings, request_timeout=30) as transport:
+        drop_indices(transport.client, f"{settings.index_alias}*")
 
 
 def drop_indices(client, pattern: str) -> list[str]:

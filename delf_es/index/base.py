@@ -7,7 +7,7 @@ the same semantics, checked by one contract test suite run against each.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterable, Mapping, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -87,6 +87,14 @@ class Neighbours:
         return int(len(self.query_index))
 
 
+class GlobalHit(NamedTuple):
+    """An image whose global descriptor is near the query's: ``similarity`` is the cosine in
+    [-1, 1].  A named tuple, so ``for image_id, similarity in hits`` keeps working."""
+
+    image_id: str
+    similarity: float
+
+
 @dataclass(frozen=True)
 class BulkReport:
     """Outcome of a bulk write: ids written and each failed item with its error."""
@@ -145,8 +153,8 @@ class Backend(Protocol):
 
     def global_knn(
         self, vector: np.ndarray, k: int, metadata_filter: MetadataFilter | None = None
-    ) -> list[tuple[str, float]]:
-        """Images whose global descriptor is nearest to (G,) ``vector``: (image_id, cosine), best first."""
+    ) -> list[GlobalHit]:
+        """Images whose global descriptor is nearest to (G,) ``vector``, best first."""
         ...
 
     def revisions(self, image_ids: Iterable[str]) -> dict[str, str]:

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from delf_es.errors import DelfEsError
+from delf_es.errors import ConfigurationError, DelfEsError
 from delf_es.imageio import load_image
 from delf_es.model.delf import DelfModel, ModelMeta
 from delf_es.settings import Settings
@@ -63,7 +63,7 @@ class WarpConfig:
 
     def __post_init__(self) -> None:
         if self.size % 32 or self.size <= 0:
-            raise ValueError("size must be a positive multiple of 32")
+            raise ConfigurationError("size must be a positive multiple of 32")
 
 
 def random_homography(size: int, config: WarpConfig, rng: np.random.Generator) -> np.ndarray:

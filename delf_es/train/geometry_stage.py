@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from delf_es.errors import ConfigurationError
 from delf_es.model.attention import AttentionHead
 from delf_es.pca import PcaArtifact, PcaProvenance
 from delf_es.train.attention_stage import HEAD_FORMAT, cosine_lr
@@ -154,7 +155,7 @@ class MatchabilityConfig:
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise ConfigurationError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
 
 def matchability_loss(scores: torch.Tensor, targets: torch.Tensor, objective: str) -> torch.Tensor:

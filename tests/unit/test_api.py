@@ -295,7 +295,7 @@ def test_thumbnails_fit_256_px_and_16_kb_even_for_noise(shape):
 
 
 def test_staged_features_carry_the_thumbnail_to_the_index_writer():
-    from workers.store import Staged
+    from delf_es.workers.store import Staged
 
     from delf_es.types import Features
 

@@ -84,7 +84,7 @@ def test_dockerfile_installs_the_pinned_torch_and_ships_the_mappings():
         pinned = re.search(rf'"{package}==([^"]+)"', pyproject).group(1)
         assert f"ARG {arg}={pinned}" in dockerfile
     assert re.search(r"^FROM python:3\.11", dockerfile, re.M)
-    for folder in ("delf_es", "workers", "mappings"):
+    for folder in ("delf_es", "mappings"):
         assert f"COPY {folder} ./{folder}" in dockerfile
     # a regular install: the wheel carries the mappings (tests/unit/test_packaging.py)
     assert re.search(r"^RUN pip install --no-cache-dir \.$", dockerfile, re.M) and "-e ." not in dockerfile

@@ -20,7 +20,8 @@ import pytest
 
 from delf_es.errors import ImageNotFound, IndexUnavailable, ModelMismatch, UnsupportedFilter
 from delf_es.index.base import ImageRecord
-from delf_es.index.embedded import KEYPOINT_BITS, EmbeddedBackend, _keypoint_ids, compile_filter
+from delf_es.index.embedded import KEYPOINT_BITS, EmbeddedBackend, compile_filter
+from delf_es.index.embedded.keypoint_index import keypoint_ids as _keypoint_ids
 from delf_es.types import Features
 
 REPO = Path(__file__).resolve().parents[2]

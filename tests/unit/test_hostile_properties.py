@@ -18,7 +18,9 @@ from delf_es.errors import DelfEsError, InvalidImage, InvalidRequest, Unreadable
 from delf_es.imageio import load_image
 from delf_es.index.filters import compile_filter
 from delf_es.safe_files import read_regular_file
-from delf_es.sdk import MAX_ID_BYTES, _check_id, _check_metadata
+from delf_es.items import MAX_ID_BYTES
+from delf_es.items import check_id as _check_id
+from delf_es.items import check_metadata as _check_metadata
 from delf_es.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable
 
-from elasticsearch import ApiError, Elasticsearch, NotFoundError, helpers
-import elastic_transport
+from elasticsearch import NotFoundError
 
-from delf_es.errors import IndexUnavailable
-from delf_es.index.elasticsearch import MAPPINGS_DIR, document_id
+from delf_es.errors import RequestRejected
+from delf_es.index.es.codec import document_id
+from delf_es.index.es.templates import MAPPINGS_DIR
+from delf_es.index.es.transport import Transport
 
 FAILURES_SUFFIX = "-failures"
 MAPPING = MAPPINGS_DIR / "failures-v1.json"
@@ -47,10 +48,11 @@ class FailedImage:
 
 
 class FailureLog:
-    """Read and write ``<alias>-failures`` through ``client``."""
+    """Read and write ``<alias>-failures`` through ``transport`` (its error map: an outage is
+    IndexUnavailable, retried by the workers; a refusal is RequestRejected, never retried)."""
 
-    def __init__(self, client: Elasticsearch, index: str) -> None:
-        self.client = client
+    def __init__(self, transport: Transport, index: str) -> None:
+        self.transport = transport
         self.index = index
         self._created = False
 
@@ -59,9 +61,9 @@ class FailureLog:
             return
         body = {k: v for k, v in json.loads(MAPPING.read_text()).items() if not k.startswith("_")}
         try:
-            self.client.indices.create(index=self.index, **body)
-        except ApiError as exc:
-            if exc.meta is None or exc.meta.status != 400 or "resource_already_exists" not in str(exc.body):
+            self.transport.call(f"creating {self.index}", self.transport.client.indices.create, index=self.index, **body)
+        except RequestRejected as exc:
+            if exc.status != 400 or "resource_already_exists" not in exc.message:
                 raise
         self._created = True
 
@@ -73,32 +75,28 @@ class FailureLog:
         ]
         if not actions:
             return
-        try:
-            self._ensure()
-            helpers.bulk(self.client, actions, refresh=False)
-        except (elastic_transport.TransportError, ApiError) as exc:
-            raise IndexUnavailable(f"Elasticsearch unavailable (recording failures in {self.index}): {exc}") from exc
+        self._ensure()
+        refused = [error for _, error, ok in self.transport.bulk(f"recording failures in {self.index}", actions) if not ok]
+        if refused:
+            raise RequestRejected(f"{self.index} refused {len(refused)} failure record(s): {refused[0]}")
 
     def clear(self, image_ids: Iterable[str]) -> None:
         """Forget failures of images that are now indexed (missing ones are fine)."""
         actions = [{"_op_type": "delete", "_index": self.index, "_id": document_id(i)} for i in image_ids]
         if not actions:
             return
-        try:
-            if self.client.indices.exists(index=self.index):
-                helpers.bulk(self.client, actions, raise_on_error=False, refresh=False)
-        except (elastic_transport.TransportError, ApiError) as exc:
-            raise IndexUnavailable(f"Elasticsearch unavailable (clearing failures in {self.index}): {exc}") from exc
+        client = self.transport.client
+        if self.transport.call(f"checking {self.index}", client.indices.exists, index=self.index):
+            for _ in self.transport.bulk(f"clearing failures in {self.index}", actions):
+                pass  # a record that cannot be cleared is overwritten by the image's next failure, or harmless
 
     def list(self, limit: int = 1000) -> list[FailedImage]:
         """The recorded failures, newest first (at most ``limit``)."""
         try:
-            found = self.client.search(index=self.index, size=limit, sort=[{"failed_at": "desc"}],
-                                       query={"match_all": {}})
+            found = self.transport.call(f"reading {self.index}", self.transport.client.search, index=self.index,
+                                        size=limit, sort=[{"failed_at": "desc"}], query={"match_all": {}})
         except NotFoundError:
             return []
-        except (elastic_transport.TransportError, ApiError) as exc:
-            raise IndexUnavailable(f"Elasticsearch unavailable (reading {self.index}): {exc}") from exc
         return [FailedImage(**hit["_source"]) for hit in found["hits"]["hits"]]
 
 

@@ -9,17 +9,12 @@ from typing import Optional
 
 import typer
 
+from delf_es.cli.context import fail, settings_of
 from delf_es.errors import DelfEsError
 
 train_app = typer.Typer(no_args_is_help=True, help="Train the DELF stages: 1 = backbone, 2 = attention head.")
 
 DATA_HELP = "ImageFolder root (one sub-folder per class) or a Google Landmarks v2 train.csv"
-
-
-def _settings_and_fail():
-    from delf_es.cli import State, fail
-
-    return State.settings(), fail
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -31,6 +26,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 @train_app.command("attention")
 def attention_command(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help=DATA_HELP),
     out: Path = typer.Option(..., help="run folder: last.pt (resumable), log.csv, attention.pt, train.json"),
     images: Optional[Path] = typer.Option(None, help="image root of a GLDv2 train.csv (default: <csv dir>/train)"),
@@ -60,7 +56,7 @@ def attention_command(
     from delf_es.train.run import load_train_set, run_attention_training
     from delf_es.train.view_cache import ViewConfig
 
-    settings, fail = _settings_and_fail()
+    settings = settings_of(ctx)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -83,6 +79,7 @@ def attention_command(
 
 @train_app.command("backbone")
 def backbone_command(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help=DATA_HELP),
     out: Path = typer.Option(..., help="run folder: last.pt (resumable), log.csv, backbone.pt, train.json"),
     images: Optional[Path] = typer.Option(None, help="image root of a GLDv2 train.csv (default: <csv dir>/train)"),
@@ -105,7 +102,7 @@ def backbone_command(
     from delf_es.train.backbone_stage import BackboneConfig, train_backbone
     from delf_es.train.run import load_train_set
 
-    settings, fail = _settings_and_fail()
+    settings = settings_of(ctx)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -148,6 +145,7 @@ def _pair_cache(photos: Path, cache: Optional[Path], size: int, pairs: int, seed
 
 @train_app.command("pairs")
 def pairs_command(
+    ctx: typer.Context,
     photos: Path = typer.Argument(..., help="folder of unlabeled photos (e.g. from scripts/training_photos.py)"),
     cache: Optional[Path] = typer.Option(None, help="pair-map cache root (default: <data_dir>/train-pairs)"),
     size: int = typer.Option(320, help="view side, px (multiple of 32)"),
@@ -161,7 +159,7 @@ def pairs_command(
 
     import torch
 
-    settings, fail = _settings_and_fail()
+    settings = settings_of(ctx)
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -185,6 +183,7 @@ def _default_pca(settings):
 
 @train_app.command("matchability")
 def matchability_command(
+    ctx: typer.Context,
     photos: Path = typer.Argument(..., help="folder of unlabeled photos (the pair cache of `train pairs`)"),
     out: Path = typer.Option(..., help="run folder: attention.pt, train.json"),
     objective: str = typer.Option("bce", help="'bce' (matchable or not) or 'rank' (pairwise ranking, AUC surrogate)"),
@@ -204,7 +203,7 @@ def matchability_command(
 
     from delf_es.train.geometry_stage import MatchabilityConfig, train_matchability
 
-    settings, fail = _settings_and_fail()
+    settings = settings_of(ctx)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -227,6 +226,7 @@ def matchability_command(
 
 @train_app.command("descriptor")
 def descriptor_command(
+    ctx: typer.Context,
     photos: Path = typer.Argument(..., help="folder of unlabeled photos (the pair cache of `train pairs`)"),
     out: Path = typer.Option(..., help="artifact .npz (with .json and .train.json beside it)"),
     cache: Optional[Path] = typer.Option(None, help="pair-map cache root (default: <data_dir>/train-pairs)"),
@@ -243,7 +243,7 @@ def descriptor_command(
 
     from delf_es.train.geometry_stage import DescriptorConfig, train_descriptor
 
-    settings, fail = _settings_and_fail()
+    settings = settings_of(ctx)
     if threads:
         torch.set_num_threads(threads)
     try:

@@ -21,9 +21,12 @@ from kombu import Exchange, Queue
 
 from delf_es.errors import ConfigurationError
 from delf_es.settings import Settings
+from delf_es.workers.routes import EXTRACT_QUEUE, FLUSH, INDEX_QUEUE, REINDEX_TICK, TASK_ROUTES
+from delf_es.workers.submit import Submitter
+from delf_es.workers.tasks import register
 
-EXTRACT_QUEUE = "extract"
-INDEX_QUEUE = "index"
+__all__ = ["EXTRACT_QUEUE", "INDEX_QUEUE", "WorkerContext", "broker_url", "make_app", "make_submitter",
+           "reindex_schedule"]
 #: Models kept loaded per worker process (a reindex briefly needs the old and the new one).
 MAX_EXTRACTORS = 2
 
@@ -47,7 +50,7 @@ class WorkerContext:
     @property
     def store(self):
         if self._store is None:
-            from workers.store import Store
+            from delf_es.workers.store import Store
 
             self._store = Store(self.redis_url, self.settings.worker_namespace)
         return self._store
@@ -70,29 +73,29 @@ class WorkerContext:
         return self._extractors[key]
 
     @property
-    def es(self):
+    def transport(self):
+        """The Elasticsearch transport every backend and failure log of this process shares."""
         if self._es is None:
-            from elasticsearch import Elasticsearch
+            from delf_es.index.es.transport import Transport
 
             if not self.settings.es_url:
                 raise ConfigurationError("workers write to Elasticsearch: set DELF_ES_ES_URL")
-            self._es = Elasticsearch(self.settings.es_url, request_timeout=self.settings.es_timeout, max_retries=1,
-                                     retry_on_timeout=False, retry_on_status=())
+            self._es = Transport(self.settings)
         return self._es
 
     def backend(self, alias: str, model_id: str):
-        from delf_es.index.elasticsearch import ElasticsearchBackend
+        from delf_es.index.es import ElasticsearchBackend
 
         key = (alias, model_id)
         if key not in self._backends:
             settings = self.settings.model_copy(update={"index_alias": alias})
-            self._backends[key] = ElasticsearchBackend(settings, model_id=model_id, client=self.es)
+            self._backends[key] = ElasticsearchBackend(settings, model_id=model_id, client=self.transport.client)
         return self._backends[key]
 
     def failure_log(self, index: str):
-        from delf_es.index.failures import FailureLog
+        from delf_es.index.es.failures import FailureLog
 
-        return FailureLog(self.es, index)
+        return FailureLog(self.transport, index)
 
     @property
     def location_cache(self):
@@ -133,12 +136,7 @@ def make_app(settings: Settings) -> Celery:
         task_default_queue=EXTRACT_QUEUE,
         task_default_exchange=EXTRACT_QUEUE,
         task_default_routing_key=EXTRACT_QUEUE,
-        task_routes={
-            "delf.extract": {"queue": EXTRACT_QUEUE},
-            "delf.extract_batch": {"queue": EXTRACT_QUEUE},
-            "delf.flush": {"queue": INDEX_QUEUE},
-            "delf.reindex_tick": {"queue": INDEX_QUEUE},
-        },
+        task_routes=TASK_ROUTES,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -156,16 +154,19 @@ def make_app(settings: Settings) -> Celery:
         },
         result_backend_transport_options={"global_keyprefix": prefix},
         worker_send_task_events=False,
-        # The beat schedule (`celery -A workers.main beat`): a safety-net flush for staged
+        # The beat schedule (`celery -A delf_es.workers.main beat`): a safety-net flush for staged
         # features whose writer died, and a check (nightly by default) that rebuilds the index
         # when the configured model or PCA differs from the live index's (zero downtime, resumable).
         beat_schedule={
-            "flush-stragglers": {"task": "delf.flush", "schedule": timedelta(seconds=settings.worker_flush_interval)},
-            "reindex-if-model-changed": {"task": "delf.reindex_tick", "schedule": reindex_schedule(settings)},
+            "flush-stragglers": {"task": FLUSH, "schedule": timedelta(seconds=settings.worker_flush_interval)},
+            "reindex-if-model-changed": {"task": REINDEX_TICK, "schedule": reindex_schedule(settings)},
         },
     )
     app.delf = WorkerContext(settings)
-    from workers.tasks import register
-
-    register(app, settings)
+    register(app, settings)  # tasks are registered through the app: no module-level Celery app exists
     return app
+
+
+def make_submitter(settings: Settings) -> Submitter:
+    """A :class:`~delf_es.workers.submit.Submitter` on a new application for ``settings``."""
+    return Submitter(make_app(settings))

@@ -8,7 +8,7 @@ An extract task message is a dict (JSON)::
      "model": null or {"backbone": ..., "pca_path": ..., ...}}   # Settings overrides of the model
 
 Idempotency: the work is keyed by alias + model id (backbone, head, PCA) + image id
-(:func:`workers.store.staging_key`).  A redelivered or duplicated message re-stages the same
+(:func:`delf_es.workers.store.staging_key`).  A redelivered or duplicated message re-stages the same
 key, which enters the write queue once; the write itself is the Elasticsearch backend's upsert,
 which replaces an image by id and publishes it through the image document's generation (an
 image appears whole or not at all).  So N submitted images end as exactly N indexed images.
@@ -32,12 +32,14 @@ import redis.exceptions
 from celery import Celery
 
 from delf_es.degenerate import drop_flat_keypoints
-from delf_es.cache import image_revisions, revision_key
 from delf_es.errors import DelfEsError, FetchFailed, IndexUnavailable, InvalidImage, RetriesExhausted, UnsafeURL
 from delf_es.index.base import ImageRecord
-from delf_es.index.failures import FailedImage, failures_index, now
+from delf_es.index.writing import upsert_and_refresh_cache
+from delf_es.index.es.failures import FailedImage, failures_index, now
 from delf_es.settings import Settings
-from workers.store import Staged, staging_key
+from delf_es.workers.reindex import tick
+from delf_es.workers.routes import EXTRACT, EXTRACT_BATCH, FLUSH, REINDEX_TICK
+from delf_es.workers.store import Staged, staging_key
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +80,20 @@ def register(app: Celery, settings: Settings) -> None:
         max_retries=settings.worker_max_retries, acks_late=True, reject_on_worker_lost=True, shared=False,
     )
 
-    @app.task(bind=True, name="delf.extract", **retry)
+    @app.task(bind=True, name=EXTRACT, **retry)
     def extract(self, item: dict[str, Any]) -> dict[str, Any]:
         return run_extract(self, item)
 
-    @app.task(bind=True, name="delf.extract_batch", **retry)
+    @app.task(bind=True, name=EXTRACT_BATCH, **retry)
     def extract_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return run_extract_batch(self, items)
 
-    @app.task(bind=True, name="delf.flush", **retry)
+    @app.task(bind=True, name=FLUSH, **retry)
     def flush(self) -> int:
         return run_flush(self)
 
-    @app.task(bind=True, name="delf.reindex_tick", **retry)
+    @app.task(bind=True, name=REINDEX_TICK, **retry)
     def reindex_tick(self) -> dict[str, Any]:
-        from workers.reindex import tick
-
         return tick(self.app).as_dict()
 
 
@@ -161,7 +161,7 @@ def _extract(task, item: dict[str, Any]) -> dict[str, Any]:
     _stage(ctx, item, features, _thumbnail(settings, image.pixels))
     ctx.store.add_stats(decode_s=decoded - started, extract_s=extracted - decoded, extracted=1)
     ctx.store.add_timings(decode=decoded - started, extract=extracted - decoded)
-    task.app.send_task("delf.flush")
+    task.app.send_task(FLUSH)
     return {"image_id": image_id, "status": "staged", "model_id": features.model_id,
             "keypoints": features.num_keypoints, "decode_s": decoded - started, "extract_s": extracted - decoded}
 
@@ -226,7 +226,7 @@ def _extract_batch(task, items: list[dict[str, Any]], staged: set[str]) -> list[
             continue
         except FetchFailed as exc:
             if _transient(exc):
-                task.app.send_task("delf.extract", args=[item])  # alone, with its own backoff
+                task.app.send_task(EXTRACT, args=[item])  # alone, with its own backoff
                 results.append({"image_id": item["image_id"], "status": "requeued", "error": _error(exc)})
             else:
                 results.append(_give_up(ctx, item, "decode", exc, extractor.model_id))
@@ -257,7 +257,7 @@ def _extract_batch(task, items: list[dict[str, Any]], staged: set[str]) -> list[
         ctx.store.add_timings(decode=decode_s, extract=extract_each)
         results.append({"image_id": item["image_id"], "status": "staged", "model_id": feats.model_id,
                         "keypoints": feats.num_keypoints, "decode_s": decode_s, "extract_s": extract_each})
-    task.app.send_task("delf.flush")
+    task.app.send_task(FLUSH)
     return results
 
 
@@ -277,7 +277,7 @@ def run_flush(task) -> int:
             wait = max(1.0, min(10.0, settings.worker_lock_ttl / 3))
             if store.ready_count() and store.claim_retry(wait):
                 # a new flush, not task.retry: this task's retries count outages only (_final_attempt)
-                task.app.send_task("delf.flush", countdown=wait)
+                task.app.send_task(FLUSH, countdown=wait)
             return written
         try:
             written += _drain(task, token)
@@ -368,9 +368,10 @@ def _write(ctx, batch: list[tuple[str, bytes | None]]) -> list[tuple[str, str, s
     for (alias, model_id), items in groups.items():
         backend = ctx.backend(alias, model_id)
         created = now()
-        report = backend.upsert(  # IndexUnavailable propagates: the task retries, the batch stays staged
+        report = upsert_and_refresh_cache(  # IndexUnavailable propagates: the task retries, the batch stays staged
+            backend, ctx.location_cache,
             [ImageRecord(s.features.image_id, s.path, s.metadata, s.features, created, thumbnail=s.thumbnail)
-             for s in items], refresh=False
+             for s in items],
         )
         failed = {f.item_id: f.error for f in report.failed}
         by_failures: dict[str, list[Staged]] = {}
@@ -383,10 +384,4 @@ def _write(ctx, batch: list[tuple[str, bytes | None]]) -> list[tuple[str, str, s
             log_.record([FailedImage(s.features.image_id, s.path, "index", "BulkIndexFailed", failed[s.features.image_id],
                                      model_id, created) for s in members if s.features.image_id in failed])
             log_.clear([s.features.image_id for s in members if s.features.image_id not in failed])
-        cache = ctx.location_cache
-        if cache is not None:
-            written = {s.features.image_id: s.features.keypoints for s in items if s.features.image_id not in failed}
-            # under the new revision's key: searches read <id>@<revision> (delf_es/cache.py)
-            revisions = image_revisions(backend, list(written))
-            cache.put_many(model_id, {revision_key(i, revisions[i]): a for i, a in written.items() if i in revisions})
     return [(key, image_of[key], errors.get(key, "")) for key, _ in batch]

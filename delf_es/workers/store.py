@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 import redis
 
-from delf_es.index.failures import FailedImage
+from delf_es.index.es.failures import FailedImage
 from delf_es.types import Features
 
 #: Jobs and their progress are kept this long after their last update, s.

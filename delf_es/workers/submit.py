@@ -1,7 +1,7 @@
 """The submitting side: send images to the fleet as a *job* and follow the job to completion.
 
-    from workers.client import Submitter
-    with Submitter(settings) as submitter:
+    from delf_es.workers.app import make_submitter
+    with make_submitter(settings) as submitter:           # = Submitter(make_app(settings))
         job = submitter.submit(["photos/a.jpg", ("photos/b.jpg", {"city": "paris"})])
         progress = submitter.wait(job)            # JobProgress(total, done, failed)
 
@@ -15,35 +15,24 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping
 
-from delf_es.errors import JobTimeout
-from delf_es.settings import Settings
-from workers.celery_app import EXTRACT_QUEUE, make_app
-from workers.store import JobProgress, Store
-
-
-def _item(entry: Any) -> tuple[str, tuple[str, dict[str, Any]]]:
-    """(image id, (source path/URL, metadata)) of a path, a (path, metadata) pair or a dict with
-    ``path`` and optional ``image_id`` (default: the path) and ``metadata``."""
-    if isinstance(entry, tuple) and len(entry) == 2:
-        return str(entry[0]), (str(entry[0]), dict(entry[1] or {}))
-    if isinstance(entry, Mapping):
-        path = str(entry["path"])
-        return str(entry.get("image_id") or path), (path, dict(entry.get("metadata") or {}))
-    return str(entry), (str(entry), {})
+from delf_es.errors import InvalidRequest, JobTimeout
+from delf_es.items import check_id, check_metadata, parse_item
+from delf_es.workers.routes import EXTRACT, EXTRACT_BATCH, EXTRACT_QUEUE
+from delf_es.workers.store import JobProgress, Store
 
 
 class Submitter:
     """Submit images to the ``extract`` queue and read job progress from Redis.
 
     Args:
-        settings: broker (``worker_redis_url`` or ``redis_url``), ``worker_namespace``,
-            ``index_alias`` (the default target).
-        app: an application made by :func:`workers.celery_app.make_app` (built if None).
+        app: the Celery application of the fleet, made by :func:`delf_es.workers.app.make_app`
+            (its settings give the broker, ``worker_namespace`` and ``worker_extract_batch``).
+            Closed by :meth:`close`.
     """
 
-    def __init__(self, settings: Settings, app=None) -> None:
-        self.settings = settings
-        self.app = app or make_app(settings)
+    def __init__(self, app) -> None:
+        self.app = app
+        self.settings = app.delf.settings
         self.store: Store = self.app.delf.store
 
     def submit(
@@ -59,20 +48,31 @@ class Submitter:
 
         ``alias`` / ``model`` redirect the work to another index / model configuration
         (reindexing uses them); None = the workers' own settings."""
-        entries = list(dict(_item(entry) for entry in items).items())  # one task per id (the last wins)
+        entries: dict[str, tuple[str, dict[str, Any]]] = {}  # one task per id (the last wins)
+        refused: dict[str, str] = {}
+        for entry in items:
+            item = parse_item(entry)
+            try:  # the SDK's rules: an id or metadata it would refuse is refused here too
+                if item.invalid or not isinstance(item.path, str):
+                    raise InvalidRequest(item.invalid or "the workers read a path or URL, not bytes")
+                entries[check_id(item.image_id)] = (item.path, check_metadata(item.metadata))
+            except InvalidRequest as error:
+                refused[item.label] = f"InvalidRequest: {error}"
         job_id = job_id or uuid.uuid4().hex
-        self.store.start_job(job_id, len(entries))
+        self.store.start_job(job_id, len(entries) + len(refused))
+        for image_id, error in refused.items():  # counted in the job, so it finishes and reports them
+            self.store.fail(job_id, image_id, error)
         messages = [{"source": path, "image_id": image_id, "metadata": metadata, "job": job_id,
                      "alias": alias, "failures": failures, "model": dict(model) if model else None}
-                    for image_id, (path, metadata) in entries]
+                    for image_id, (path, metadata) in entries.items()]
         size = self.settings.worker_extract_batch
         with self.app.producer_or_acquire() as producer:
             if size == 1:
                 for message in messages:
-                    self.app.send_task("delf.extract", args=[message], queue=EXTRACT_QUEUE, producer=producer)
+                    self.app.send_task(EXTRACT, args=[message], queue=EXTRACT_QUEUE, producer=producer)
             else:  # a GPU fleet: several images per task, their levels batched by the worker
                 for start in range(0, len(messages), size):
-                    self.app.send_task("delf.extract_batch", args=[messages[start : start + size]],
+                    self.app.send_task(EXTRACT_BATCH, args=[messages[start : start + size]],
                                        queue=EXTRACT_QUEUE, producer=producer)
         return job_id
 
@@ -82,7 +82,7 @@ class Submitter:
         self.store.start_job(job_id, 1)
         message = {"source": path, "image_id": path, "metadata": dict(metadata or {}), "job": job_id,
                    "alias": None, "failures": None, "model": None}
-        self.app.send_task("delf.extract", args=[message], queue=EXTRACT_QUEUE, task_id=job_id)
+        self.app.send_task(EXTRACT, args=[message], queue=EXTRACT_QUEUE, task_id=job_id)
         return job_id
 
     def progress(self, job_id: str) -> JobProgress:

@@ -10,8 +10,8 @@ from typing import Any
 import urllib3
 
 from delf_es.errors import KibanaUnavailable
-from delf_es.index.elasticsearch import MAPPINGS_DIR
-from delf_es.index.failures import failures_index
+from delf_es.index.es.templates import MAPPINGS_DIR
+from delf_es.index.es.failures import failures_index
 
 SAVED_OBJECTS = MAPPINGS_DIR / "kibana" / "delf-es.ndjson"
 #: The data views' titles in the file, replaced by ``alias`` / its failures index on import.

@@ -28,24 +28,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
-from elasticsearch import Elasticsearch, helpers
-
 from delf_es.errors import ConfigurationError, ReindexError
-from delf_es.index.elasticsearch import KEYPOINTS_SUFFIX, SCHEMA, ElasticsearchBackend
-from delf_es.index.failures import failures_index
+from delf_es.index.es import KEYPOINTS_SUFFIX, ElasticsearchBackend
+from delf_es.index.es.templates import is_keypoints_index
+from delf_es.index.es.transport import Transport
+from delf_es.index.es.failures import failures_index
 from delf_es.settings import Settings
-from workers.client import Submitter
-from workers.store import JobProgress
+from delf_es.workers.submit import Submitter
+from delf_es.workers.store import JobProgress
 
 log = logging.getLogger(__name__)
 
 #: Seconds an old index lives after the swap before ``delete_old`` drops it (in-flight searches finish).
 DELETE_GRACE_S = 5.0
 CATCH_UP_ROUNDS = 3
-
-
-def _is_keypoints(index: str) -> bool:
-    return f"{KEYPOINTS_SUFFIX}-{SCHEMA}-" in index
 
 
 @dataclass
@@ -87,33 +83,39 @@ class Reindexer:
         self.model = {k: (str(v) if v is not None and not isinstance(v, (int, float, bool, list)) else v)
                       for k, v in (model or {}).items()}
         self.model_id = model_id
-        self.es = Elasticsearch(settings.es_url, request_timeout=max(60.0, settings.es_timeout))
+        # scans and alias swaps on a loaded node take longer than a search: at least 60 s per request
+        self.transport = Transport(settings, request_timeout=max(60.0, settings.es_timeout))
+        self.es = self.transport.client
         self._state_key = f"{submitter.store.prefix}reindex:{self.alias}"
 
     def close(self) -> None:
-        self.es.close()
+        self.transport.close()
+
+    def _call(self, action: str, function, **kwargs: Any) -> Any:
+        """A client call with the transport's typed errors (IndexUnavailable, RequestRejected)."""
+        return self.transport.call(action, function, **kwargs)
 
     # ------------------------------------------------------------------ indices
 
     def _meta_model(self, alias: str) -> tuple[str | None, list[str]]:
         """(model id, concrete images + keypoints indices) behind ``alias`` (None, [] if absent)."""
-        found = self.es.indices.get(index=f"{alias},{alias}{KEYPOINTS_SUFFIX}", features="mappings",
+        found = self._call("indices.get", self.es.indices.get, index=f"{alias},{alias}{KEYPOINTS_SUFFIX}", features="mappings",
                                     ignore_unavailable=True, allow_no_indices=True)
         if not found:
             return None, []
-        images = [name for name in found if not _is_keypoints(name)]
+        images = [name for name in found if not is_keypoints_index(name)]
         model = (found[images[0]]["mappings"].get("_meta") or {}).get("model_id") if images else None
         return model, sorted(found)
 
     def _builds(self) -> dict[str, str | None]:
         """Existing build aliases -> their model id (None before the first write)."""
         pattern = re.compile(re.escape(self.alias) + r"-g(\d+)$")
-        aliases = self.es.indices.get_alias(name=f"{self.alias}-g*", ignore_unavailable=True, allow_no_indices=True)
+        aliases = self._call("indices.get_alias", self.es.indices.get_alias, name=f"{self.alias}-g*", ignore_unavailable=True, allow_no_indices=True)
         names = {a for body in aliases.values() for a in body.get("aliases", {}) if pattern.match(a)}
         return {name: self._meta_model(name)[0] for name in names}
 
     def _new_build_alias(self) -> str:
-        indices = self.es.indices.get(index=f"{self.alias}-g*", features="aliases", ignore_unavailable=True,
+        indices = self._call("indices.get", self.es.indices.get, index=f"{self.alias}-g*", features="aliases", ignore_unavailable=True,
                                       allow_no_indices=True)
         numbers = [int(m.group(1)) for name in indices if (m := re.match(re.escape(self.alias) + r"-g(\d+)-", name))]
         return f"{self.alias}-g{max(numbers, default=0) + 1}"
@@ -131,19 +133,18 @@ class Reindexer:
         for name in others:
             _, indices = self._meta_model(name)
             if indices:
-                self.es.indices.delete(index=",".join(indices))
+                self._call("indices.delete", self.es.indices.delete, index=",".join(indices))
         return self._new_build_alias()
 
     # ------------------------------------------------------------------ images
 
     def source_images(self) -> dict[str, dict[str, Any]]:
         """Every image of the live index: id -> {path, metadata}."""
-        if not self.es.indices.exists_alias(name=self.alias):
+        if not self._call("indices.exists_alias", self.es.indices.exists_alias, name=self.alias):
             return {}
         return {
             hit["_source"]["image_id"]: {"path": hit["_source"]["path"], "metadata": hit["_source"].get("metadata") or {}}
-            for hit in helpers.scan(self.es, index=self.alias, query={"query": {"match_all": {}}},
-                                    _source=["image_id", "path", "metadata"], size=1000)
+            for hit in self.transport.scan(self.alias, {"query": {"match_all": {}}}, ["image_id", "path", "metadata"])
         }
 
     def missing(self, build: str, source: Mapping[str, dict[str, Any]]) -> list[str]:
@@ -159,11 +160,11 @@ class Reindexer:
 
     def swap(self, build: str, delete_old: bool) -> ReindexResult:
         """Count check, then move both live aliases to the build's indices in one ``_aliases`` call."""
-        self.es.indices.refresh(index=f"{build},{build}{KEYPOINTS_SUFFIX},{self.alias}",
+        self._call("indices.refresh", self.es.indices.refresh, index=f"{build},{build}{KEYPOINTS_SUFFIX},{self.alias}",
                                 ignore_unavailable=True, allow_no_indices=True)
         _, new = self._meta_model(build)
         _, old = self._meta_model(self.alias)
-        new_images = [n for n in new if not _is_keypoints(n)]
+        new_images = [n for n in new if not is_keypoints_index(n)]
         new_keypoints = [n for n in new if n not in new_images]
         if len(new_images) != 1 or len(new_keypoints) != 1:
             raise ReindexError(f"build alias {build} points at {new}, expected one images and one keypoints index")
@@ -171,7 +172,7 @@ class Reindexer:
         actions: list[dict[str, Any]] = [
             {"remove": {"index": name, "alias": a}}
             for name in old for a in (self.alias, keypoints_alias)
-            if a in self.es.indices.get_alias(index=name).get(name, {}).get("aliases", {})
+            if a in self._call("indices.get_alias", self.es.indices.get_alias, index=name).get(name, {}).get("aliases", {})
         ]
         actions += [
             {"add": {"index": new_images[0], "alias": self.alias, "is_write_index": True}},
@@ -179,20 +180,20 @@ class Reindexer:
             {"remove": {"index": new_images[0], "alias": build}},
             {"remove": {"index": new_keypoints[0], "alias": build + KEYPOINTS_SUFFIX}},
         ]
-        self.es.indices.update_aliases(actions=actions)
+        self._call("indices.update_aliases", self.es.indices.update_aliases, actions=actions)
         log.info("alias %s -> %s (was %s)", self.alias, new_images[0], old)
         deleted = False
         if delete_old and old:
             time.sleep(DELETE_GRACE_S)
-            self.es.indices.delete(index=",".join(old))
+            self._call("indices.delete", self.es.indices.delete, index=",".join(old))
             deleted = True
         return ReindexResult(self.alias, self.model_id, "swapped", build, old_indices=old, new_indices=new,
                              deleted_old=deleted)
 
     def _counts(self, build: str) -> tuple[int, int]:
-        self.es.indices.refresh(index=f"{build},{self.alias}", ignore_unavailable=True, allow_no_indices=True)
-        return (int(self.es.count(index=self.alias)["count"]),
-                int(self.es.count(index=build)["count"]) if self.es.indices.exists_alias(name=build) else 0)
+        self._call("indices.refresh", self.es.indices.refresh, index=f"{build},{self.alias}", ignore_unavailable=True, allow_no_indices=True)
+        return (int(self._call("count", self.es.count, index=self.alias)["count"]),
+                int(self._call("count", self.es.count, index=build)["count"]) if self._call("indices.exists_alias", self.es.indices.exists_alias, name=build) else 0)
 
     # ------------------------------------------------------------------ drivers
 
@@ -266,7 +267,7 @@ class Reindexer:
 def tick(app) -> ReindexResult:
     """The beat task's body: reindex the live alias to the model this worker is configured with."""
     ctx = app.delf
-    submitter = Submitter(ctx.settings, app=app)
+    submitter = Submitter(app)
     reindexer = Reindexer(ctx.settings, submitter, None, ctx.extractor(None).model_id)
     try:
         return reindexer.tick()
