@@ -26,7 +26,7 @@ kill (images whose extraction had completed, by the log, minus those committed; 
 duplicates (rows per id) and half-written images (keypoints / descriptors / global descriptor
 missing or of the wrong shape; target 0).
 
-    /work/bin/heavy 1 python benchmarks/robustness.py   -> benchmarks/results/robustness.json
+    /work/bin/heavy 1 python benchmarks/robustness.py   -> benchmarks/results/robustness.json (+ .png)
 """
 
 from __future__ import annotations
@@ -379,6 +379,7 @@ def worker_main() -> None:
 
     answer = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     runner = CliRunner()
+    _reuse_models()
     engines: dict = {}
     for line in sys.stdin:
         case = pickle.loads(base64.b64decode(line))  # pickle: SDK cases hold bytes, sets, NaN, objects
@@ -395,13 +396,35 @@ def worker_main() -> None:
         answer.write(json.dumps(outcome) + "\n")
 
 
+def _reuse_models() -> None:
+    """One model per distinct model configuration for the whole sweep, instead of one per case
+    (each CLI command builds its Extractor; loading the weights is most of a case's CPU).  What
+    a case checks does not change: a configuration whose model cannot be built raises here as
+    in the CLI (nothing is cached then), and extraction itself runs for every case."""
+    import delf_es.features as features
+
+    built: dict[str, object] = {}
+    real = features.Extractor
+
+    def extractor(settings, *args, **kwargs):
+        key = settings.model_dump_json()
+        if key not in built:
+            built[key] = real(settings, *args, **kwargs)
+        return built[key]
+
+    features.Extractor = extractor
+
+
 def _run_cli(runner, app, case: dict, env: dict) -> dict:
     import logging
 
     for handler in logging.root.handlers[:]:  # each run's basicConfig binds the runner's (then closed) stderr
         logging.root.removeHandler(handler)
     args = [a.replace("{tmp}", case["tmp"]) for a in case["args"]]
-    base = {"DELF_ES_DATA_DIR": case["tmp"] + "/index", "COLUMNS": "200"}
+    # one index per model configuration: an index is bound to the model that first wrote it
+    # (another model's features are refused with ModelMismatch, correctly, but not what a case tests)
+    model = "fast" if case["args"][: len(FAST)] == FAST else "default"
+    base = {"DELF_ES_DATA_DIR": f"{case['tmp']}/index-{model}", "COLUMNS": "200"}
     result = runner.invoke(app, args, env={**base, **env}, catch_exceptions=True)
     text = result.output
     crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
@@ -679,10 +702,14 @@ def main() -> None:
     parser.add_argument("--kill-side", type=int, default=256)
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-kills", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from --out")
     parser.add_argument("--only", default=None, help="regex: run only matching cases (debugging; not written out)")
     args = parser.parse_args()
     if args.worker:
         worker_main()
+        return
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
     result: dict = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="delf-es-robustness-") as folder:
@@ -702,8 +729,40 @@ def main() -> None:
     previous.update(result)  # a partial run (--skip-...) keeps the other part's last numbers
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(previous, indent=1))
+    plot(previous, args.out.with_suffix(".png"))
     summary = {k: v for k, v in result.get("kill_rounds", {}).items() if k != "rounds"}
     print(json.dumps({"counts": result.get("hostile_inputs", {}).get("counts"), "kills": summary}, indent=1))
+
+
+
+def plot(result: dict, out: Path) -> None:
+    """Outcome counts per entry point, and per kill: committed images and work lost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    rows = result.get("hostile_inputs", {}).get("results", [])
+    outcomes = ["typed_error", "correct", "wrongly_accepted", "wrongly_refused", "traceback", "hang"]
+    kinds = sorted({r["kind"] for r in rows})
+    for i, kind in enumerate(kinds):
+        counts = [sum(r["kind"] == kind and r["outcome"] == o for r in rows) for o in outcomes]
+        left.bar(np.arange(len(outcomes)) + i * 0.8 / max(1, len(kinds)), counts, width=0.8 / max(1, len(kinds)), label=kind)
+    left.set_xticks(np.arange(len(outcomes)) + 0.3, outcomes, rotation=20)
+    left.set_title(f"{len(rows)} hostile inputs")
+    left.legend()
+    rounds = result.get("kill_rounds", {}).get("rounds", [])
+    if rounds:
+        x = [r["round"] for r in rounds]
+        right.bar(x, [r["in_index"] for r in rounds], color="tab:blue", label="images in the index after the round")
+        right.plot(x, [r["finished_work_lost"] for r in rounds], "o-", color="tab:red", label="finished work lost")
+        right.plot(x, [len(r["reported_saved_but_missing"]) for r in rounds], "x", color="k", label="reported saved, missing")
+        right.set_xlabel("round (kill -9 at a random moment; last: run to the end)")
+        right.set_title("kill -9 during `delf-es index`")
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":

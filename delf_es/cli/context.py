@@ -66,15 +66,21 @@ def checked_of(ctx: typer.Context, *, model: bool = True, index: bool = False, *
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
     """Files as given; folders expanded to the images below them (sorted); ``@list.txt`` read line
     by line (delf_es/inputs.py: special files are never read, so a FIFO cannot hang the run).
-    A bad ``@list`` ends the command with a one-line error; an unreadable sub-folder is reported."""
-    from delf_es.inputs import expand_inputs as expand
+    A bad ``@list`` or no image at all ends the command with a one-line error; an unreadable
+    sub-folder is reported."""
+    from delf_es.errors import UnreadableFile
+    from delf_es.inputs import IMAGE_SUFFIXES, expand_inputs as expand
 
+    inputs = list(inputs)
     try:
         found = expand(inputs)
     except DelfEsError as error:
         fail(error)
     for problem in found.unreadable:
         console.print(f"[yellow]skipped[/yellow] {escape(str(problem))}")
+    if not found.sources:  # an empty folder or list: say so rather than "0 extracted"
+        fail(UnreadableFile(f"no image files found (image suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})",
+                            " ".join(inputs)))
     return found.sources
 
 

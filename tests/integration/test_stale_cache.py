@@ -153,10 +153,11 @@ def test_a_reindexed_image_is_never_served_from_a_stale_cache(services, own_redi
     # index alone: the truth
     with DelfEs(_settings(services, None, alias)) as plain:
         truth = _inliers(plain, new_path, "X")
-    assert truth > 50
+        truth_old_query = _inliers(plain, old_path, "X")
+    assert truth > 50 and truth_old_query < truth / 4
     # through the stale Redis, in a new engine (a new process would be the same), twice
-    # (the second search reads what the first wrote back)
+    # (the second search reads what the first wrote back): exactly what the index alone says
     for _ in range(2):
         with DelfEs(_settings(services, own_redis.url, alias)) as engine:
             assert _inliers(engine, new_path, "X") == truth
-            assert _inliers(engine, old_path, "X") < 20
+            assert _inliers(engine, old_path, "X") == truth_old_query
