@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import contextlib
 import logging
 import os
-from dataclasses import dataclass
+
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -33,6 +32,7 @@ from delf_es.items import MAX_ID_BYTES, check_count, check_filter, parse_item
 from delf_es.items import check_id as _check_id  # the one id rule (SDK, CLI, workers, API)
 from delf_es.items import check_metadata as _check_metadata
 from delf_es.parallel import ExtractorPool, process_plan
+from delf_es.sdk_parts import QueryResult, crop, interrupts_deferred, orientations, result_dict, stored_dict
 from delf_es.search import Searcher
 from delf_es.settings import Settings
 from delf_es.types import Features, SearchHit
@@ -42,45 +42,19 @@ log = logging.getLogger(__name__)
 __all__ = ["DelfEs", "MAX_ID_BYTES", "QueryResult", "open_backend", "open_cache"]
 
 
-@dataclass(frozen=True)
-class QueryResult:
-    """What :meth:`DelfEs.search_loaded` found: the query's size (px, the whole image even with
-    a region), its keypoint count and the hits (dicts as :meth:`DelfEs.search_image` returns)."""
-
-    width: int
-    height: int
-    keypoints: int
-    hits: list[dict[str, Any]]
-
-
-def crop(pixels: np.ndarray, bbox: tuple[float, float, float, float], min_side: int) -> tuple[np.ndarray, tuple[float, float]]:
-    """The region ``(x1, y1, x2, y2)`` px (clipped to the image) of (H, W, 3) ``pixels`` and its
-    top-left corner (x, y) px; :class:`InvalidRequest` when it is not a box of at least ``min_side``."""
-    try:
-        x1, y1, x2, y2 = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"bbox must be 4 numbers x1,y1,x2,y2 px, got {bbox!r}") from None
-    if not all(np.isfinite([x1, y1, x2, y2])) or x2 <= x1 or y2 <= y1:
-        raise InvalidRequest(f"bbox must have x1 < x2 and y1 < y2 (finite px), got {list(bbox)}")
-    height, width = pixels.shape[:2]
-    left, top = int(max(0, np.floor(x1))), int(max(0, np.floor(y1)))
-    right, bottom = int(min(width, np.ceil(x2))), int(min(height, np.ceil(y2)))
-    if right - left < min_side or bottom - top < min_side:
-        raise InvalidRequest(
-            f"bbox {list(bbox)} leaves {max(0, right - left)}x{max(0, bottom - top)} px of the "
-            f"{width}x{height} image; at least {min_side} px a side is needed")
-    return np.ascontiguousarray(pixels[top:bottom, left:right]), (float(left), float(top))
-
-
 def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
-    """Elasticsearch when ``es_url`` is set, else the embedded on-disk index."""
-    if settings.es_url:
+    """The backend ``settings.backend`` names ('auto': Elasticsearch when ``es_url`` is set, else
+    the embedded on-disk index, with its ``embedded_*`` knobs)."""
+    if settings.index_backend() == "elasticsearch":
+        if not settings.es_url:
+            raise ConfigurationError("backend 'elasticsearch' needs DELF_ES_ES_URL (settings.es_url)")
         from delf_es.index.es import ElasticsearchBackend
 
         return ElasticsearchBackend(settings, model_id=model_id)
     from delf_es.index.embedded import EmbeddedBackend
 
-    return EmbeddedBackend(Path(settings.data_dir) / settings.index_alias, model_id=model_id)
+    return EmbeddedBackend(Path(settings.data_dir) / settings.index_alias, model_id=model_id,
+                           exact_limit=settings.embedded_exact_limit, nprobe=settings.embedded_nprobe)
 
 
 def open_cache(settings: Settings) -> LocationCache:
@@ -276,7 +250,7 @@ class DelfEs:
             pixels, offset = crop(pixels, bbox, self.settings.min_image_side)
         if matches and all_orientations:
             raise InvalidRequest("matches are given in the query's own orientation: not with all_orientations")
-        variants = [pixels] if not all_orientations else _orientations(pixels)
+        variants = [pixels] if not all_orientations else orientations(pixels)
         best: dict[str, tuple[SearchHit, int]] = {}
         keypoints = 0
         for variant in variants:
@@ -293,7 +267,7 @@ class DelfEs:
         for hit, n in hits:
             if stored[hit.image_id] is None:
                 continue
-            result = _result(hit, n, stored[hit.image_id])
+            result = result_dict(hit, n, stored[hit.image_id])
             if matches:
                 pairs = hit.inlier_pairs if hit.inlier_pairs is not None else np.zeros((0, 4), np.float32)
                 shifted = pairs.astype(np.float64) + np.array([offset[0], offset[1], 0.0, 0.0])
@@ -338,7 +312,7 @@ class DelfEs:
             record = self._get_or_none(hit.image_id)
             if record is None:
                 continue
-            result = _result(hit, n, record)
+            result = result_dict(hit, n, record)
             if matches:
                 pairs = hit.inlier_pairs if hit.inlier_pairs is not None else np.zeros((0, 4), np.float32)
                 result["matches"] = np.round(pairs.astype(np.float64), 1).tolist()
@@ -351,7 +325,7 @@ class DelfEs:
 
     def get_image(self, image_id: str) -> dict[str, Any]:
         """Stored fields of one image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
-        return _stored_dict(self.backend.get(_check_id(image_id)))
+        return stored_dict(self.backend.get(_check_id(image_id)))
 
     def delete_image(self, image_id: str, refresh_after: bool = False) -> None:
         """Remove an image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
@@ -399,7 +373,7 @@ class DelfEs:
 
         def flush() -> None:
             if batch:
-                with _interrupts_deferred():  # a Ctrl-C mid-write would leave the report unsure
+                with interrupts_deferred():  # a Ctrl-C mid-write would leave the report unsure
                     report = upsert_and_refresh_cache(self.backend, self.cache, batch)
                     succeeded.extend(report.succeeded)
                     failed.extend(report.failed)
@@ -524,7 +498,7 @@ class DelfEs:
 
     def failures(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Images the workers could not index (undecodable, refused), newest first, with the error."""
-        if not self.settings.es_url:
+        if self.settings.index_backend() != "elasticsearch":
             return []
         from delf_es.index.es.failures import FailureLog, failures_index
         from delf_es.index.es.transport import Transport
@@ -604,40 +578,6 @@ class DelfEs:
             return None
 
 
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back while a batch is written, then deliver them: the write and its
-    bookkeeping (what was saved) happen entirely or not at all.  Only in the main thread (the
-    only one Python delivers signals to); elsewhere a no-op."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def hold(signum, frame) -> None:
-        received.append(signum)
-
-    for sig in previous:
-        signal.signal(sig, hold)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for signum in received:
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, None)
-            elif handler == signal.SIG_DFL and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)
-
-
 def pool_engine(settings: Settings) -> DelfEs:
     """The engine of one :class:`~delf_es.parallel.ExtractorPool` process: loads and extracts,
     with an in-process cache (it never searches)."""
@@ -657,33 +597,3 @@ def _item_fields(item: Any) -> dict[str, Any]:
     parsed = parse_item(item)
     fields = {"path": parsed.path, "metadata": parsed.metadata, "img": parsed.img, "bytestream": parsed.bytestream}
     return {**fields, "invalid": True} if parsed.invalid else fields
-
-
-def _orientations(pixels: np.ndarray) -> list[np.ndarray]:
-    """The 8 orientations (4 rotations x mirror), the original first."""
-    out = []
-    for mirrored in (pixels, pixels[:, ::-1]):
-        for turns in range(4):
-            out.append(np.ascontiguousarray(np.rot90(mirrored, turns)))
-    return out
-
-
-def _stored_dict(stored: StoredImage) -> dict[str, Any]:
-    return {
-        "id": stored.image_id, "path": stored.path, "metadata": stored.metadata, "width": stored.width,
-        "height": stored.height, "num_keypoints": stored.num_keypoints, "model_id": stored.model_id,
-        "created_at": stored.created_at, "thumbnail_bytes": stored.thumbnail_bytes,
-    }
-
-
-def _result(hit: SearchHit, query_keypoints: int, stored: StoredImage) -> dict[str, Any]:
-    return {
-        "id": hit.image_id,
-        "path": stored.path,
-        "score": float(hit.score),
-        "dist": 1.0 - min(1.0, (hit.inliers or 0) / max(1, query_keypoints)),
-        "metadata": stored.metadata,
-        "inliers": int(hit.inliers or 0),
-        "votes": int(hit.votes),
-        "global_similarity": None if np.isnan(hit.global_similarity) else float(hit.global_similarity),
-    }

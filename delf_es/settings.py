@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rank_by": ("inliers", "verified-then-global", "inliers+global"),
     "ransac_model": ("homography", "fundamental", "affine", "homography-magsac"),
     "id_from": ("path", "content"),
+    "backend": ("auto", "embedded", "elasticsearch"),
 }
 
 
@@ -169,6 +170,15 @@ class Settings(BaseSettings):
         default="path", description="id of an image added from a file: 'path' (its canonical path: absolute, "
         "symlinks resolved, so every spelling of one file is one id) or 'content' (sha256 of its bytes)",
     )
+    backend: str = Field(
+        default="auto", description="index backend: 'auto' (Elasticsearch when es_url is set, else embedded), "
+        "'embedded' (even with es_url set) or 'elasticsearch' (es_url required)",
+    )
+    embedded_exact_limit: int | None = Field(
+        default=200_000, ge=0, description="embedded index: most keypoint vectors searched exactly (flat); above "
+        "it an IVF index is trained; None = always exact, 0 = always IVF (benchmarks/embedded_index.py)",
+    )
+    embedded_nprobe: int = Field(default=16, ge=1, description="embedded index: IVF lists visited per query")
     es_url: str | None = None
     redis_url: str | None = None
     index_alias: str = "delf-images"
@@ -252,13 +262,19 @@ class Settings(BaseSettings):
             raise ValueError(f"{info.field_name} must be {', '.join(quoted[:-1])} or {quoted[-1]}")
         return value
 
+    def index_backend(self) -> str:
+        """The backend this configuration uses: ``backend``, with 'auto' resolved from ``es_url``."""
+        if self.backend == "auto":
+            return "elasticsearch" if self.es_url else "embedded"
+        return self.backend
+
     def search_plan(self) -> tuple[str, str]:
         """(shortlist_mode, correspondences) to search with.  Unset, each is the best measured for
         the backend (benchmarks/search_speed.py, benchmarks/results/eval/): on Elasticsearch the
         global shortlist with descriptor matching (one kNN search per query instead of one per
         query descriptor: p50 0.7 s vs 11.4 s at 1000 images, mAP 84.8 vs 85.1); on the embedded
         index, whose faiss kNN is cheap, the hybrid shortlist with kNN pairs."""
-        on_elasticsearch = bool(self.es_url)
+        on_elasticsearch = self.index_backend() == "elasticsearch"
         mode = self.shortlist_mode or ("global" if on_elasticsearch else "hybrid")
         correspondences = self.correspondences or ("matching" if on_elasticsearch else "knn")
         return mode, correspondences

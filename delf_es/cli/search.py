@@ -79,7 +79,7 @@ def search(
     settings = checked_of(ctx, index=True)
     try:
         metadata_filter = parse_json_object(pre_filter, "--filter", '{"term": {"metadata.city": "paris"}}')
-        if metadata_filter is not None and not settings.es_url:  # checked now, not after extraction
+        if metadata_filter is not None and settings.index_backend() != "elasticsearch":  # checked now, not after extraction
             from delf_es.index.filters import compile_filter
 
             compile_filter(metadata_filter)

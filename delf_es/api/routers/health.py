@@ -35,7 +35,7 @@ def _redis_state(settings: Settings) -> str | None:
 @router.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
 def healthz(engine: DelfEs = Depends(get_engine), settings: Settings = Depends(get_settings)):
     """ok, or degraded (Redis down: searches still work, slower); 503 when the index is unreachable."""
-    backend = "elasticsearch" if settings.es_url else "embedded"
+    backend = settings.index_backend()
     try:
         images = engine.count()
     except DelfEsError as error:
@@ -43,7 +43,7 @@ def healthz(engine: DelfEs = Depends(get_engine), settings: Settings = Depends(g
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
     redis_state = _redis_state(settings)
     return Health(status="degraded" if redis_state == "down" else "ok", backend=backend, images=images,
-                  model_id=engine.model_id, elasticsearch="ok" if settings.es_url else None, redis=redis_state)
+                  model_id=engine.model_id, elasticsearch="ok" if settings.index_backend() == "elasticsearch" else None, redis=redis_state)
 
 
 @router.get("/v1/stats", response_model=Stats, dependencies=[Depends(require_token)], responses=ERRORS)
@@ -53,7 +53,7 @@ def stats(engine: DelfEs = Depends(get_engine), settings: Settings = Depends(get
     images = engine.count()
     thumbnail_bytes = engine.thumbnail_bytes()
     return Stats(
-        images=images, model_id=engine.model_id, backend="elasticsearch" if settings.es_url else "embedded",
+        images=images, model_id=engine.model_id, backend=settings.index_backend(),
         index=settings.index_alias, thumbnails=settings.thumbnails, thumbnail_bytes=thumbnail_bytes,
         thumbnail_bytes_per_image=None if thumbnail_bytes is None or not images else round(thumbnail_bytes / images, 1),
         extractions_running=slots.running, extractions_queued=slots.queued,

@@ -56,7 +56,7 @@ def _form_options(form) -> SearchOptions:
 def _check_filter(engine: DelfEs, options: SearchOptions) -> None:
     """Refuse a malformed filter before the model runs (the embedded index's subset; on
     Elasticsearch the server judges it at search time)."""
-    if options.filter is not None and not engine.settings.es_url:
+    if options.filter is not None and engine.settings.index_backend() != "elasticsearch":
         from delf_es.index.filters import compile_filter
 
         compile_filter(options.filter)
