@@ -19,7 +19,6 @@ RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 COPY pyproject.toml README.md ./
 COPY delf_es ./delf_es
-COPY workers ./workers
 COPY mappings ./mappings
 # A regular install: the wheel ships mappings/ inside the package (delf_es/mappings).
 RUN pip install --no-cache-dir .

@@ -75,15 +75,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=Path("/work/cache/reliab/degenerate"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/degenerate_geometry.json"))
+    parser.add_argument("--max-image-size", type=int, default=None,
+                        help="px; smaller than the default (1024) for a quick run (inliers scale down with it)")
     args = parser.parse_args()
-    settings = Settings()
+    settings = Settings(**({"max_image_size": args.max_image_size} if args.max_image_size else {}))
     extractor = Extractor(settings)
     args.cache.mkdir(parents=True, exist_ok=True)
     pixels_of: dict[str, np.ndarray] = {}
 
     def feats(name: str, pixels: np.ndarray) -> Features:
         pixels_of[name] = pixels
-        path = args.cache / (name.replace("/", "_") + f"-{extractor.model_id.replace('@', '_')}.npz")
+        path = args.cache / (name.replace("/", "_") + f"-{extractor.model_id.replace('@', '_')}-{settings.max_image_size}.npz")
         if path.exists():
             return Features.load(path)
         features = extractor.extract(pixels, image_id=name)
@@ -102,7 +104,7 @@ def main() -> None:
 
     from skimage import data as skdata
 
-    photos = {name: getattr(skdata, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "immunohistochemistry")}
+    photos = {name: getattr(skdata, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")}
     photo_feats = {n: feats(f"skimage/{n}", p if p.ndim == 3 else np.repeat(p[:, :, None], 3, 2)) for n, p in photos.items()}
     false_pairs = [(f"evd/{a}-vs-{b}", feats(f"evd1/{a}", pixels_of[f"evd1/{a}"]), feats(f"evd2/{b}", pixels_of[f"evd2/{b}"]))
                    for a, b in itertools.permutations(evd, 2)]
@@ -143,7 +145,8 @@ def main() -> None:
     result = {
         "what": "inliers of true/false/degenerate pairs with the flat-keypoint filter (grey-level std in the "
                 "keypoint's cell) and the inlier-spread check (minor-axis std, px) at candidate thresholds",
-        "model_id": extractor.model_id, "ransac": [settings.ransac_model, settings.ransac_px],
+        "model_id": extractor.model_id, "max_image_size": settings.max_image_size,
+        "ransac": [settings.ransac_model, settings.ransac_px],
         "min_inliers": settings.min_inliers,
         "true_pairs": true_rows, "false_pairs_top": sorted(false_rows, key=lambda r: -r["contrast>=0"]["inliers"])[:15],
         "synthetic": synthetic_rows, "summary": summary,

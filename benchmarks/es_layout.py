@@ -11,7 +11,7 @@ Layouts compared (each on its own fresh index, on the real server of scripts/ser
   document.  A kNN search on ``keypoints.vector`` returns the best images with
   ``inner_hits`` naming the matched keypoints.  ``nested-*-jsonkp`` keeps x, y, scale,
   score as JSON numbers beside each nested vector instead (what that costs).
-* ``flat-v1-backend``: what ships, (a) as ``delf_es.index.elasticsearch`` builds it from
+* ``flat-v1-backend``: what ships, (a) as ``delf_es.index.es`` builds it from
   ``mappings/*.json`` (keypoint documents hold image_id, keypoint, generation, a metadata copy
   and the vector; geometry is packed in the image document), written with
   ``ElasticsearchBackend.upsert`` and queried with ``ElasticsearchBackend.knn`` (including its
@@ -74,7 +74,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from elasticsearch import Elasticsearch, helpers
+from elasticsearch import Elasticsearch, helpers  # the type; clients come from delf_es.index.es.transport
+
+from delf_es.index.es.transport import connect
+from delf_es.settings import Settings
 
 logger = logging.getLogger("es_layout")
 
@@ -111,7 +114,7 @@ LAYOUTS = {
         Layout("nested-hnsw-m8", "nested", "hnsw", m=8, ef_construction=200),
         Layout("nested-hnsw-m12-zstd", "nested", "hnsw", m=12, ef_construction=150, codec="best_compression"),
         Layout("nested-hnsw-jsonkp", "nested", "hnsw", json_keypoints=True),
-        # what ships: delf_es.index.elasticsearch (flat, mappings/*.json), written and queried through it
+        # what ships: delf_es.index.es (flat, mappings/*.json), written and queried through it
         Layout("flat-v1-backend", "backend", "hnsw", codec="best_compression"),
     )
 }
@@ -237,7 +240,7 @@ BACKEND_MODEL_ID = "efficientnet-lite2/l16x-norm-pca40@bench"
 
 def create_indices(es: Elasticsearch, layout: Layout, url: str = "") -> list[str]:
     if layout.kind == "backend":
-        from delf_es.index.elasticsearch import ElasticsearchBackend, index_names
+        from delf_es.index.es import ElasticsearchBackend, index_names
         from delf_es.settings import Settings
 
         alias = f"{PREFIX}{layout.name}"
@@ -802,7 +805,7 @@ def main() -> None:
     if args.plot_only:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
-    es = Elasticsearch(args.es_url, request_timeout=300, max_retries=2, retry_on_timeout=False)
+    es = connect(Settings(es_url=args.es_url), request_timeout=300)
     build = es.cluster.health()  # info() answers 405 on this build
     node = next(iter(es.nodes.info(metric="jvm,os")["nodes"].values()))
     database, source, model = make_database(args.images, args.keypoints, args.seed)

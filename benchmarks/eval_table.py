@@ -1,4 +1,4 @@
-"""Collect every anchor and ablation run on paris250 + wallpapers into one file, a bar chart and the README table.
+"""Collect every anchor and ablation run on paris250 + wallpapers into one file, a bar chart and the table of docs/benchmarks.md.
 
 Reads ``benchmarks/results/eval/*.json`` (written by ``delf-es eval`` and ``benchmarks/anchors/``),
 writes ``benchmarks/results/eval_paris250.json`` and ``eval_paris250.png``, prints the markdown
@@ -52,6 +52,16 @@ ROWS = {
                                       "ranked by inliers: compare with 'rank by inliers' (embedded)"),
     "delf-es-backend-elasticsearch-default": ("backend", "Elasticsearch backend, its defaults: int8 keypoint codes, global "
                                               "shortlist + descriptor matching"),
+    "quality-default": ("default", "default re-measured in the issue-16 session (same features, same run conditions as the rows below)"),
+    "quality-qe-5": ("search", "verified alpha-QE: query + its best 5 hits with >= qe_min_inliers inliers (cos^3 weights), "
+                     "re-queried, new images verified (thresholds from the pairs, benchmarks/results/chance_inliers.json)"),
+    "quality-scale-rule": ("verification", "scale-consistent inliers: keypoint pyramid scales agree with the homography's zoom "
+                           "(ransac_scale_tolerance from the pairs)"),
+    "quality-qe-5-scale-rule": ("search", "verified alpha-QE + the scale rule"),
+    "quality-keypoints-300": ("extraction", "300 keypoints per image, norm selection (database and query)"),
+    "quality-geometry-bce": ("extraction", "matchability attention trained from geometry (bce), scores from the map cache"),
+    "quality-geometry-rank": ("extraction", "matchability attention trained from geometry (rank), scores from the map cache"),
+    "quality-proj40": ("extraction", "learned 720->40 projection (InfoNCE + reconstruction) instead of PCA 40"),
     "anchor-global-gem": ("anchor", "anchor: global GeM of the same forward pass, cosine, no verification"),
     "anchor-delf-demo-kdtree": ("anchor", "anchor: classic DELF demo (one cKDTree over all database descriptors, RANSAC on every candidate)"),
     "anchor-sift-magsac": ("anchor", "anchor: RootSIFT (2000 kp) + ratio test + OpenCV USAC_MAGSAC, brute force"),
@@ -143,7 +153,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--session-start", default="0000", help="UTC ISO time; rows measured after it are 'this run'")
     parser.add_argument("--out", default="benchmarks/results/eval_paris250.json")
-    parser.add_argument("--readme", help="replace the table between <!-- eval-table --> markers in this file")
+    parser.add_argument("--doc", "--readme", dest="doc", default="docs/benchmarks.md",
+                        help="replace the table between <!-- eval-table --> markers in this file "
+                        "(default docs/benchmarks.md, where the README's tables moved; '' = none)")
     args = parser.parse_args()
     rows = [r for label, (group, text) in ROWS.items() if (r := row(label, group, text)) is not None]
     out = {
@@ -162,11 +174,16 @@ def main() -> None:
     plot(rows, args.session_start, Path(args.out).with_suffix(".png"))
     table = markdown(rows, args.session_start)
     print(table)
-    if args.readme:
-        readme = Path(args.readme).read_text()
-        start, end = "<!-- eval-table -->\n", "<!-- /eval-table -->"
-        before, rest = readme.split(start, 1)
-        Path(args.readme).write_text(before + start + table + "\n" + end + rest.split(end, 1)[1])
+    if args.doc:
+        write_table(Path(args.doc), table)
+
+
+def write_table(path: Path, table: str) -> None:
+    """Replace what lies between the ``<!-- eval-table -->`` markers of ``path`` with ``table``."""
+    text = path.read_text()
+    start, end = "<!-- eval-table -->\n", "<!-- /eval-table -->"
+    before, rest = text.split(start, 1)
+    path.write_text(before + start + table + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

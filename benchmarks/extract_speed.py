@@ -341,10 +341,10 @@ def main() -> None:
         print(markdown_table(json.loads(Path(args.out).read_text())))
         return
 
-    from delf_es.cli import expand_inputs
+    from delf_es.inputs import expand_inputs
     from delf_es.model.runtime import FLAGS_OF_INTEREST, cpu_flags
 
-    paths = expand_inputs(args.images)
+    paths = expand_inputs(args.images).sources
     step = max(1, len(paths) // args.num)
     paths = paths[::step][: args.num]
     load_start = os.getloadavg()

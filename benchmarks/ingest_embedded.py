@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/ingest_embedded.json")
     args = parser.parse_args()
 
-    from delf_es.cli import expand_inputs
+    from delf_es.cli.context import expand_inputs
 
     paths = sorted(expand_inputs([args.images]))[: args.photos]
     env_extra = {k: v for k, v in (("DELF_ES_RUNTIME", args.runtime), ("DELF_ES_PRECISION", args.precision),

@@ -1,6 +1,6 @@
 """End-to-end ingest through the worker fleet: images/s with 1 and 2 CPU worker processes.
 
-For each fleet size, a fresh Redis namespace and index alias; one `celery -A workers.main worker
+For each fleet size, a fresh Redis namespace and index alias; one `celery -A delf_es.workers.main worker
 -c N -Q extract,index` (N pool processes, each consuming both queues, one torch thread each);
 a warm-up job (one image per process, not timed: model loading) then the measured job: submit
 every photo, wait until the job reports each one indexed (written to Elasticsearch).
@@ -32,11 +32,11 @@ import uuid
 from pathlib import Path
 
 import redis
-from elasticsearch import Elasticsearch
 
 from delf_es.eval.run import drop_indices
+from delf_es.index.es.transport import connect
 from delf_es.settings import Settings
-from workers.client import Submitter
+from delf_es.workers.app import make_submitter
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "data" / "paris250" / "db"
@@ -62,13 +62,13 @@ def run(processes: int, photos: list[str], warmup: list[str], es_url: str, redis
            "OMP_NUM_THREADS": "1"}
     log = open(log_dir / f"ingest-{processes}w.log", "wb")
     worker = subprocess.Popen(
-        ["nice", "-n", "10", sys.executable, "-m", "celery", "-A", "workers.main", "worker", "-Q", "extract,index",
+        ["nice", "-n", "10", sys.executable, "-m", "celery", "-A", "delf_es.workers.main", "worker", "-Q", "extract,index",
          "-c", str(processes), "--loglevel", "warning", "-n", f"{name}@%h", "--without-gossip", "--without-mingle"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    es = Elasticsearch(es_url, request_timeout=60)
+    es = connect(Settings(es_url=es_url), request_timeout=60)
     try:
-        with Submitter(settings) as submitter:
+        with make_submitter(settings) as submitter:
             submitter.wait(submitter.submit(warmup[:processes]), timeout=900)
             submitter.store.reset_stats()
             load_before = os.getloadavg()

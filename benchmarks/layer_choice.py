@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from delf_es.cli import expand_inputs
+from delf_es.inputs import expand_inputs
 from delf_es.eval.gt import load_ground_truth, query_pixels
 from delf_es.eval.metrics import mean_scores, score_ranking
 from delf_es.features import LEVEL_MULTIPLE, _resize, cell_centres
@@ -108,7 +108,7 @@ def main() -> None:
     model = model.to(memory_format=torch.channels_last)
     gt = load_ground_truth(Path(args.gt))
     files = {rel: gt.resolve(rel) for rel in gt.database}
-    files.update({f"distractor:{p}": Path(p) for d in args.distractors for p in expand_inputs([d])})
+    files.update({f"distractor:{p}": Path(p) for d in args.distractors for p in expand_inputs([d]).sources})
     database = list(files)
     cache = Path(args.cache) / args.backbone
     cache.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ def main() -> None:
                  **{f"{layer}_d": d.astype(np.float16) for layer, (_, d) in out.items()})
         return {layer: (k, d.astype(np.float16)) for layer, (k, d) in out.items()}
 
-    for path in tqdm(expand_inputs(args.train), desc="train"):
+    for path in tqdm(expand_inputs(args.train).sources, desc="train"):
         feats["train:" + path] = cached("train:" + path, lambda p=path: load_image(p, settings).pixels)
     for image_id in tqdm(database, desc="database"):
         feats[image_id] = cached(str(files[image_id]), lambda i=image_id: load_image(files[i], settings).pixels)

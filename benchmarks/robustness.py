@@ -26,7 +26,7 @@ kill (images whose extraction had completed, by the log, minus those committed; 
 duplicates (rows per id) and half-written images (keypoints / descriptors / global descriptor
 missing or of the wrong shape; target 0).
 
-    /work/bin/heavy 1 python benchmarks/robustness.py   -> benchmarks/results/robustness.json
+    /work/bin/heavy 1 python benchmarks/robustness.py   -> benchmarks/results/robustness.json (+ .png)
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def build_cases(paths: dict[str, str], rng: random.Random) -> list[dict]:
     }
     for name, values in bad_env.items():
         for value in values:
-            cli(f"{name}={value!r}", ["search", p["good.png"]], env={name: value})
+            cli(f"{name}={value!r}", ["search", p["good.png"]], env={name: value}, fast=False)
     cli("DELF_ES_MAX_FEATURES=3 (typo)", ["stats"], expect="ok", env={"DELF_ES_MAX_FEATURES": "3"})
 
     # --- files -------------------------------------------------------------------------
@@ -318,6 +318,46 @@ def build_cases(paths: dict[str, str], rng: random.Random) -> list[dict]:
     dead_redis = {"DELF_ES_REDIS_URL": "redis://127.0.0.1:9/0"}
     cli("Redis down: search still works", ["search", p["good.png"]], expect="ok", env=dead_redis)
 
+    # --- HTTP API (FastAPI app in process, real engine, embedded index) ----------------------
+    def api(case_id: str, method: str, url: str, expect: str = "error", **request) -> None:
+        cases.append({"id": case_id, "kind": "api", "method": method, "url": url, "request": request,
+                      "env": {}, "expect": expect})
+
+    api("api PUT good.png", "PUT", "/v1/images/good?refresh=true", expect="ok",
+        content=Path(p["good.png"]).read_bytes(), headers={"Content-Type": "image/png"})
+    for name in ["lie.jpg", "truncated.jpg", "empty.jpg", "text.png", "html.jpg", "zeros.png", "tiny.png",
+                 "huge-header.png", "svg.png"]:
+        api(f"api PUT {name}", "PUT", f"/v1/images/{name}", content=Path(p[name]).read_bytes(),
+            headers={"Content-Type": "image/jpeg"})
+    api("api PUT no content type", "PUT", "/v1/images/x", content=b"abc")
+    api("api PUT text/plain", "PUT", "/v1/images/x", content=b"abc", headers={"Content-Type": "text/plain"})
+    api("api PUT over-long id", "PUT", "/v1/images/" + "x" * 600, content=Path(p["good.png"]).read_bytes(),
+        headers={"Content-Type": "image/png"})
+    for metadata in ["nope", "[1]", '{"a": NaN}', '{"": 1}', "{" * 2000]:
+        api(f"api PUT metadata {metadata[:20]!r}", "PUT", "/v1/images/m",
+            files={"file": ("g.png", Path(p["good.png"]).read_bytes(), "image/png")}, data={"metadata": metadata})
+    api("api PUT multipart without file", "PUT", "/v1/images/m", data={"metadata": "{}"},
+        files={"other": ("g.png", b"x", "image/png")})
+    for body in [{}, {"url": "file:///etc/passwd"}, {"url": "http://127.0.0.1:1/a.jpg"}, {"url": "ftp://x/y.jpg"},
+                 {"id": "no-such-id"}, {"id": "good", "url": "http://example.org/a.jpg"}, {"id": "good", "limit": -1},
+                 {"id": "good", "limit": "many"}, {"id": "good", "filter": "nope"},
+                 {"id": "good", "filter": {"wildcard": {"a": "*"}}}, {"id": "good", "filter": {"term": {}}},
+                 {"id": "good", "min_inliers": -3}, {"id": "good", "bbox": [1, 2]}, {"id": "", "limit": 1},
+                 {"id": "good", "unknown_option": 1}, {"url": "http://[::1]/a.jpg"}]:
+        api(f"api search {json.dumps(body)[:50]}", "POST", "/v1/search", json=body)
+    api("api search by id", "POST", "/v1/search", expect="ok", json={"id": "good"})
+    api("api search body not JSON", "POST", "/v1/search", content=b"{not json", headers={"Content-Type": "application/json"})
+    api("api search text/plain", "POST", "/v1/search", content=b"x", headers={"Content-Type": "text/plain"})
+    api("api search multipart without file", "POST", "/v1/search", data={"limit": "3"}, files={"f": ("a", b"x")})
+    api("api search multipart bad file", "POST", "/v1/search", files={"file": ("t.png", b"not an image", "image/png")})
+    api("api search multipart limit=-1", "POST", "/v1/search",
+        files={"file": ("g.png", Path(p["good.png"]).read_bytes(), "image/png")}, data={"limit": "-1"})
+    api("api GET unknown id", "GET", "/v1/images/no-such-id")
+    api("api DELETE unknown id", "DELETE", "/v1/images/no-such-id")
+    api("api GET unknown task", "GET", "/v1/tasks/no-such-task")
+    api("api bulk garbage", "POST", "/v1/images/_bulk", content=b"garbage", headers={"Content-Type": "application/json"})
+    api("api stats", "GET", "/v1/stats", expect="ok")
+
     # --- things that must work -------------------------------------------------------------
     cli("index good.png", ["index", p["good.png"]], expect="ok")
     cli("search good.png", ["search", p["good.png"]], expect="ok")
@@ -339,6 +379,7 @@ def worker_main() -> None:
 
     answer = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     runner = CliRunner()
+    _reuse_models()
     engines: dict = {}
     for line in sys.stdin:
         case = pickle.loads(base64.b64decode(line))  # pickle: SDK cases hold bytes, sets, NaN, objects
@@ -346,11 +387,32 @@ def worker_main() -> None:
         try:
             if case["kind"] == "cli":
                 outcome = _run_cli(runner, app, case, env)
+            elif case["kind"] == "api":
+                outcome = _run_api(case, engines, DelfEsError)
             else:
                 outcome = _run_sdk(case, env, engines, DelfEsError)
         except BaseException as error:  # the harness itself must not die
             outcome = {"outcome": "traceback", "detail": "harness: " + "".join(traceback.format_exception_only(error))}
         answer.write(json.dumps(outcome) + "\n")
+
+
+def _reuse_models() -> None:
+    """One model per distinct model configuration for the whole sweep, instead of one per case
+    (each CLI command builds its Extractor; loading the weights is most of a case's CPU).  What
+    a case checks does not change: a configuration whose model cannot be built raises here as
+    in the CLI (nothing is cached then), and extraction itself runs for every case."""
+    import delf_es.features as features
+
+    built: dict[str, object] = {}
+    real = features.Extractor
+
+    def extractor(settings, *args, **kwargs):
+        key = settings.model_dump_json()
+        if key not in built:
+            built[key] = real(settings, *args, **kwargs)
+        return built[key]
+
+    features.Extractor = extractor
 
 
 def _run_cli(runner, app, case: dict, env: dict) -> dict:
@@ -359,7 +421,10 @@ def _run_cli(runner, app, case: dict, env: dict) -> dict:
     for handler in logging.root.handlers[:]:  # each run's basicConfig binds the runner's (then closed) stderr
         logging.root.removeHandler(handler)
     args = [a.replace("{tmp}", case["tmp"]) for a in case["args"]]
-    base = {"DELF_ES_DATA_DIR": case["tmp"] + "/index", "COLUMNS": "200"}
+    # one index per model configuration: an index is bound to the model that first wrote it
+    # (another model's features are refused with ModelMismatch, correctly, but not what a case tests)
+    model = "fast" if case["args"][: len(FAST)] == FAST else "default"
+    base = {"DELF_ES_DATA_DIR": f"{case['tmp']}/index-{model}", "COLUMNS": "200"}
     result = runner.invoke(app, args, env={**base, **env}, catch_exceptions=True)
     text = result.output
     crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
@@ -372,6 +437,35 @@ def _run_cli(runner, app, case: dict, env: dict) -> dict:
     if not ok and not typed:
         return {"outcome": "traceback", "detail": f"exit {result.exit_code} without a typed message: {text[-300:]}"}
     return _judge(case, ok, text[-300:])
+
+
+def _run_api(case: dict, engines: dict, DelfEsError) -> dict:
+    """One request to the real app (FastAPI TestClient: exceptions the app lets through raise)."""
+    from fastapi.testclient import TestClient
+
+    from delf_es.api.app import create_app
+    from delf_es.sdk import DelfEs
+    from delf_es.settings import Settings
+
+    if "api" not in engines:
+        settings = Settings(data_dir=Path(case["tmp"]) / "api-index", es_url=None, redis_url=None)
+        engines["api"] = TestClient(create_app(settings, DelfEs(settings), warm_up=False), raise_server_exceptions=True)
+    client = engines["api"]
+    try:
+        response = client.request(case["method"], case["url"], **case["request"])
+    except Exception as error:  # noqa: BLE001 - an exception the app did not turn into a response
+        return {"outcome": "traceback", "detail": "".join(traceback.format_exception(error))[-600:]}
+    detail = f"{response.status_code} {response.text[:250]}"
+    if response.status_code >= 500 and response.status_code != 503:
+        return {"outcome": "traceback", "detail": detail}
+    if response.status_code >= 400:
+        try:
+            shaped = isinstance(response.json().get("error", {}).get("type"), str)
+        except (ValueError, AttributeError):
+            shaped = False
+        if not shaped:
+            return {"outcome": "traceback", "detail": "error without the {error: {type, reason}} shape: " + detail}
+    return _judge(case, response.status_code < 400, detail)
 
 
 def _judge(case: dict, ok: bool, detail: str) -> dict:
@@ -522,6 +616,19 @@ def _index_state(directory: Path) -> dict:
     return {"ids": ids, "half_written": half}
 
 
+def _reopen_count(directory: Path):
+    """What the index itself says after the kill (it rebuilds its keypoint index if needed)."""
+    from delf_es.index.embedded import EmbeddedBackend
+
+    if not directory.exists():
+        return 0
+    try:
+        with EmbeddedBackend(directory) as backend:
+            return backend.count()
+    except Exception as error:  # noqa: BLE001 - recorded: an index that cannot reopen is a failure
+        return f"{type(error).__name__}: {error}"
+
+
 def kill_rounds(tmp: Path, kills: int, images: int, side: int, seed: int) -> dict:
     rng = random.Random(seed)
     photos = _kill_photos(tmp / "kill-photos", images, side)
@@ -558,11 +665,13 @@ def kill_rounds(tmp: Path, kills: int, images: int, side: int, seed: int) -> dic
         # finished extractions of this round that are not in the index: work the kill threw away
         lost_work = sorted(extracted_now - present)
         duplicates = sorted(i for i, c in state["ids"].items() if c > 1)
+        reopened = _reopen_count(directory)
         rounds.append({"round": number, "killed": killed, "after_s": None if final else round(delay, 2),
                        "exit": process.returncode, "committed_this_round": len(committed_now),
                        "extracted_this_round": len(extracted_now), "in_index": len(present),
                        "reported_saved_but_missing": lost_reported, "finished_work_lost": len(lost_work),
-                       "duplicates": duplicates, "half_written": state["half_written"]})
+                       "duplicates": duplicates, "half_written": state["half_written"],
+                       "reopened_count": reopened, "reopen_agrees": reopened == len(present)})
         print(f"  round {number}: killed={killed} in_index={len(present)} lost_reported={len(lost_reported)} "
               f"work_lost={len(lost_work)} dup={len(duplicates)} half={len(state['half_written'])}", flush=True)
     final_state = _index_state(directory)
@@ -577,6 +686,7 @@ def kill_rounds(tmp: Path, kills: int, images: int, side: int, seed: int) -> dic
         "half_written": sum(len(r["half_written"]) for r in rounds),
         "final_images_in_index": len(final_state["ids"]),
         "final_all_present": set(final_state["ids"]) == set(photos),
+        "reopen_disagreements": sum(not r["reopen_agrees"] for r in rounds),
         "rounds": rounds,
     }
 
@@ -592,10 +702,14 @@ def main() -> None:
     parser.add_argument("--kill-side", type=int, default=256)
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-kills", action="store_true")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from --out")
     parser.add_argument("--only", default=None, help="regex: run only matching cases (debugging; not written out)")
     args = parser.parse_args()
     if args.worker:
         worker_main()
+        return
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
     result: dict = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="delf-es-robustness-") as folder:
@@ -615,8 +729,40 @@ def main() -> None:
     previous.update(result)  # a partial run (--skip-...) keeps the other part's last numbers
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(previous, indent=1))
+    plot(previous, args.out.with_suffix(".png"))
     summary = {k: v for k, v in result.get("kill_rounds", {}).items() if k != "rounds"}
     print(json.dumps({"counts": result.get("hostile_inputs", {}).get("counts"), "kills": summary}, indent=1))
+
+
+
+def plot(result: dict, out: Path) -> None:
+    """Outcome counts per entry point, and per kill: committed images and work lost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    rows = result.get("hostile_inputs", {}).get("results", [])
+    outcomes = ["typed_error", "correct", "wrongly_accepted", "wrongly_refused", "traceback", "hang"]
+    kinds = sorted({r["kind"] for r in rows})
+    for i, kind in enumerate(kinds):
+        counts = [sum(r["kind"] == kind and r["outcome"] == o for r in rows) for o in outcomes]
+        left.bar(np.arange(len(outcomes)) + i * 0.8 / max(1, len(kinds)), counts, width=0.8 / max(1, len(kinds)), label=kind)
+    left.set_xticks(np.arange(len(outcomes)) + 0.3, outcomes, rotation=20)
+    left.set_title(f"{len(rows)} hostile inputs")
+    left.legend()
+    rounds = result.get("kill_rounds", {}).get("rounds", [])
+    if rounds:
+        x = [r["round"] for r in rounds]
+        right.bar(x, [r["in_index"] for r in rounds], color="tab:blue", label="images in the index after the round")
+        right.plot(x, [r["finished_work_lost"] for r in rounds], "o-", color="tab:red", label="finished work lost")
+        right.plot(x, [len(r["reported_saved_but_missing"]) for r in rounds], "x", color="k", label="reported saved, missing")
+        right.set_xlabel("round (kill -9 at a random moment; last: run to the end)")
+        right.set_title("kill -9 during `delf-es index`")
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":

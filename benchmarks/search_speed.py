@@ -295,11 +295,11 @@ def run_backend(kind: str, data: RealData, sizes: list[int], settings: Settings,
     timer = StageTimer()
     client = None
     if kind == "elasticsearch":
-        from elasticsearch import Elasticsearch
+        from delf_es.index.es.transport import connect
 
         settings = settings.model_copy(update={"index_alias": alias})
         cache: LocationCache = RedisLocationCache(settings.redis_url, prefix=f"bench:{alias}")
-        client = Elasticsearch(settings.es_url, request_timeout=600)
+        client = connect(settings, request_timeout=600)
     else:
         settings = settings.model_copy(update={"es_url": None, "redis_url": None, "data_dir": scratch.parent,
                                                "index_alias": alias})

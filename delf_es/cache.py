@@ -7,7 +7,14 @@ model id for locations, :func:`codes_namespace` of it for codes, so arrays of an
 never answer.  A cache that is down is a miss, never an error: search falls back to the
 index and stays correct.
 
-Writers (``put_many``, ``delete``) bump a per-image version; a reader's write-back
+Keys are revisions, not ids: the search asks the index for the current revision of each
+shortlisted image (Elasticsearch: the image document's ``generation``; embedded: its row) and
+reads ``<id>@<revision>`` (:func:`revision_key`).  A cached entry of another write of the same id
+is therefore a miss, however the cache was left: Redis paused (SIGSTOP) or killed while an id
+was re-added, restarted from an old snapshot, partitioned.  Nothing has to be invalidated for
+correctness; old revisions expire.
+
+Writers (``put_many``, ``delete``) also bump a per-key version; a reader's write-back
 (``fill_many``) only lands if the version is still the one its ``read_many`` saw.  Without
 this, a search that read an image from the index just before another process rewrote it
 could write the old arrays back after the writer's invalidation, and they would answer
@@ -59,6 +66,22 @@ class LocationCache(Protocol):
 
 
 _DTYPES = {b"f": np.dtype("<f4"), b"b": np.dtype("i1")}
+
+
+def revision_key(image_id: str, revision: str) -> str:
+    """Cache key of one revision of an image: the index's token for that write (Elasticsearch:
+    the image document's random ``generation``; embedded: the SQLite row, new at every write)."""
+    return f"{image_id}@{revision}"
+
+
+def image_revisions(backend, image_ids: Iterable[str]) -> dict[str, str]:
+    """``backend.revisions(image_ids)``: the current revision of each indexed id.  A backend
+    without revisions (a test double) answers "0" for every id, the old unversioned keys."""
+    ids = list(image_ids)
+    if not ids:
+        return {}
+    revisions = getattr(backend, "revisions", None)
+    return revisions(ids) if revisions is not None else {i: "0" for i in ids}
 
 
 def codes_namespace(model_id: str) -> str:

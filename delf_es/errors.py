@@ -221,10 +221,10 @@ class OutputConflict(DelfEsError, FileExistsError):
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a bulk add, after what was extracted had been committed: ``report`` lists
-    what was saved.  A KeyboardInterrupt, deliberately not a :class:`DelfEsError` (nor an
-    Exception): ``except Exception`` must not swallow an interrupt."""
+class Interrupted(DelfEsError, KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM in the CLI) during a bulk add, after what was extracted had been
+    committed: ``report`` lists what was saved.  Also a KeyboardInterrupt, so code that stops on
+    ``except KeyboardInterrupt`` still stops."""
 
     def __init__(self, report: object) -> None:
         super().__init__(report)
@@ -247,3 +247,75 @@ class RuntimeUnavailable(DelfEsError, RuntimeError):
 
     def __str__(self) -> str:
         return f"{self.runtime}: {self.message}" if self.runtime else self.message
+
+
+class IndexLocked(IndexUnavailable):
+    """Another process is writing the embedded index (one writer at a time; readers are never
+    refused).  ``holder`` is what it recorded: pid, command, host, since."""
+
+    def __init__(self, message: str, holder: dict | None = None) -> None:
+        super().__init__(message, holder)
+        self.message = message
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ---------------------------------------------------------------- HTTP server (delf_es/api/)
+
+
+class UploadTooLarge(DelfEsError, ValueError):
+    """A request body is larger than ``api_max_upload_bytes`` (refused while it streams in)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"request body larger than the {self.limit}-byte limit"
+
+
+class AuthenticationRequired(DelfEsError):
+    """No ``Authorization: Bearer <token>`` header on a route that needs one (HTTP 401)."""
+
+
+class AccessDenied(DelfEsError):
+    """A bearer token was sent but it is not the server's (HTTP 403)."""
+
+
+class Overloaded(DelfEsError):
+    """The server is busy: too many extractions queued, or the request ran past its time
+    limit.  ``retry_after`` s is a hint for the client (HTTP 503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after)
+        self.message = message
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TaskNotFound(DelfEsError, KeyError):
+    """No worker task with that id is known."""
+
+    def __str__(self) -> str:
+        return f"no task with id {self.args[0]!r}" if self.args else "task not found"
+
+
+class UploadTimedOut(DelfEsError):
+    """A request body did not arrive within ``api_body_timeout`` s (HTTP 408)."""
+
+
+class InvalidSetting(DelfEsError, ValueError):
+    """A setting, command-line option or ``DELF_ES_*`` value is invalid.  ``source`` says where
+    it came from (``--max-features -5`` or ``DELF_ES_MAX_FEATURE_NUM=-1``)."""
+
+    def __init__(self, message: str, source: str = "") -> None:
+        super().__init__(message, source)
+        self.message = message
+        self.source = source
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.message}" if self.source else self.message

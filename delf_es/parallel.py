@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from delf_es.errors import DelfEsError, ItemFailure
 from delf_es.settings import Settings
@@ -42,45 +42,47 @@ def process_plan(settings: Settings) -> tuple[int, int]:
 _ENGINE: Any = None
 
 
-def _start_worker(settings_fields: dict[str, Any], threads: int) -> None:
+def _start_worker(engine: Callable[[Settings], Any], settings_fields: dict[str, Any], threads: int) -> None:
     global _ENGINE
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
     torch.set_num_threads(threads)
-    from delf_es.cache import MemoryLocationCache
-    from delf_es.sdk import DelfEs
-
-    _ENGINE = DelfEs(Settings(**settings_fields), cache=MemoryLocationCache())
+    _ENGINE = engine(Settings(**settings_fields))
     _ENGINE.extractor  # build the model now, not inside the first task
 
 
-def _extract_one(fields: dict[str, Any]) -> tuple[str, Features | None, str]:
-    """(name or label, features or None, error or "")."""
+def _extract_one(fields: dict[str, Any]) -> tuple[str, Features | None, str, bytes | None]:
+    """(name or label, features or None, error or "", thumbnail JPEG or None)."""
     label = fields["path"] if isinstance(fields["path"], str) else "<bytes>"
     try:
         name, image = _ENGINE.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
-        return name, _ENGINE.extract(image.pixels, image_id=name), ""
+        # the thumbnail is made here too: the pixels never leave this process
+        return name, _ENGINE.extract(image.pixels, image_id=name), "", _ENGINE._thumbnail(image)
     except DelfEsError as error:
-        return label, None, str(error)
+        return label, None, str(error), None
 
 
 class ExtractorPool:
     """``processes`` worker processes, each holding its own model with ``threads`` threads.
 
     Use as a context manager; :meth:`extract` maps item fields (``path``, ``img``,
-    ``bytestream`` as in ``DelfEs.bulk_add``) to ``(name, Features)`` or an ItemFailure, in order.
+    ``bytestream`` as in ``DelfEs.bulk_add``) to ``(name, Features, thumbnail JPEG or None)`` or an
+    ItemFailure, in order.
     """
 
-    def __init__(self, settings: Settings, processes: int, threads: int) -> None:
+    def __init__(self, settings: Settings, processes: int, threads: int, engine: Callable[[Settings], Any]) -> None:
         fields = settings.model_dump()
         fields["torch_threads"] = threads
+        # ``engine(settings)`` builds what loads and extracts (delf_es.sdk.pool_engine): a
+        # module-level function the spawned process imports by name, handed in so that this
+        # module never imports the SDK that uses it (no import cycle).
         # spawn, not fork: a forked copy of a process whose torch/OpenMP threads already ran can deadlock
         self._executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_start_worker, initargs=(fields, threads))
+                                             initializer=_start_worker, initargs=(engine, fields, threads))
         self.processes = processes
 
-    def extract(self, items: Iterable[dict[str, Any]]) -> Iterator[tuple[str, Features] | ItemFailure]:
+    def extract(self, items: Iterable[dict[str, Any]]) -> Iterator[tuple[str, Features, bytes | None] | ItemFailure]:
         # a bounded window of tasks in flight: memory stays flat for millions of items
         window = 4 * self.processes
         pending = []
@@ -92,9 +94,9 @@ class ExtractorPool:
             yield self._result(pending.pop(0))
 
     @staticmethod
-    def _result(future) -> tuple[str, Features] | ItemFailure:
-        name, features, error = future.result()
-        return ItemFailure(item_id=name, error=error) if features is None else (name, features)
+    def _result(future) -> tuple[str, Features, bytes | None] | ItemFailure:
+        name, features, error, thumbnail = future.result()
+        return ItemFailure(item_id=name, error=error) if features is None else (name, features, thumbnail)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -31,6 +31,8 @@ class PcaProvenance:
     num_images: int
     num_descriptors: int
     command: str = ""
+    #: "pca" (fitted PCA) or "proj" (a projection learned from geometry, delf_es.train.geometry_stage)
+    method: str = "pca"
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
@@ -63,11 +65,12 @@ class PcaArtifact:
 
     @property
     def id(self) -> str:
-        """``pca<d>-<8 hex>``: a hash of the numbers, stable across save/load."""
+        """``<method><d>-<8 hex>`` (``pca40-...``, ``proj40-...``): a hash of the numbers, stable
+        across save/load; the method says whether the axes were fitted (PCA) or learned."""
         digest = hashlib.sha256()
         for array in (self.mean, self.components):
             digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
-        return f"pca{self.dims}-{digest.hexdigest()[:8]}"
+        return f"{self.provenance.method}{self.dims}-{digest.hexdigest()[:8]}"
 
     def transform(self, descriptors: np.ndarray) -> np.ndarray:
         """(N, D) L2-normalised descriptors -> (N, d) float32, L2-normalised."""

@@ -13,40 +13,48 @@ from __future__ import annotations
 
 import hashlib
 import json
-import contextlib
 import logging
 import os
+
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache, codes_namespace
-from delf_es.errors import BulkIndexFailed, DelfEsError, ImageNotFound, InvalidRequest, ItemFailure
+from delf_es.errors import BulkIndexFailed, ConfigurationError, DelfEsError, ImageNotFound, InvalidRequest, ItemFailure
 from delf_es.ids import file_image_id, is_url
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
+from delf_es.index.writing import upsert_and_refresh_cache
+from delf_es.items import MAX_ID_BYTES, check_count, check_filter, parse_item
+from delf_es.items import check_id as _check_id  # the one id rule (SDK, CLI, workers, API)
+from delf_es.items import check_metadata as _check_metadata
 from delf_es.parallel import ExtractorPool, process_plan
+from delf_es.sdk_parts import QueryResult, crop, interrupts_deferred, orientations, result_dict, stored_dict
 from delf_es.search import Searcher
 from delf_es.settings import Settings
 from delf_es.types import Features, SearchHit
 
 log = logging.getLogger(__name__)
 
-#: Elasticsearch's limit on document ids; longer names are refused rather than silently hashed.
-MAX_ID_BYTES = 512
+__all__ = ["DelfEs", "MAX_ID_BYTES", "QueryResult", "open_backend", "open_cache"]
 
 
 def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
-    """Elasticsearch when ``es_url`` is set, else the embedded on-disk index."""
-    if settings.es_url:
-        from delf_es.index.elasticsearch import ElasticsearchBackend
+    """The backend ``settings.backend`` names ('auto': Elasticsearch when ``es_url`` is set, else
+    the embedded on-disk index, with its ``embedded_*`` knobs)."""
+    if settings.index_backend() == "elasticsearch":
+        if not settings.es_url:
+            raise ConfigurationError("backend 'elasticsearch' needs DELF_ES_ES_URL (settings.es_url)")
+        from delf_es.index.es import ElasticsearchBackend
 
         return ElasticsearchBackend(settings, model_id=model_id)
     from delf_es.index.embedded import EmbeddedBackend
 
-    return EmbeddedBackend(Path(settings.data_dir) / settings.index_alias, model_id=model_id)
+    return EmbeddedBackend(Path(settings.data_dir) / settings.index_alias, model_id=model_id,
+                           exact_limit=settings.embedded_exact_limit, nprobe=settings.embedded_nprobe)
 
 
 def open_cache(settings: Settings) -> LocationCache:
@@ -100,12 +108,6 @@ class DelfEs:
     def searcher(self) -> Searcher:
         return Searcher(self.backend, self.cache, self.settings, self.model_id)
 
-    def _cache_written(self, model_id: str, locations: Mapping[str, np.ndarray]) -> None:
-        """After a write: cache the new locations; drop cached codes of a replaced version
-        (read again on demand: they are 5x the locations' size, so not cached on add)."""
-        self.cache.put_many(model_id, locations)
-        self.cache.delete(codes_namespace(model_id), list(locations))
-
     # ------------------------------------------------------------------ image-match API
 
     def add_image(
@@ -118,7 +120,7 @@ class DelfEs:
         wait: bool = True,
     ) -> str:
         """Index one image and return its id (the stored name); with ``wait=False``, queue it for
-        the worker fleet (``workers/``) and return the task id (follow it with :meth:`task_status`).
+        the worker fleet (``delf_es/workers/``) and return the task id (follow it with :meth:`task_status`).
 
         Args:
             path: file path or http(s) URL of the image; with ``img`` given, the name it is
@@ -140,25 +142,38 @@ class DelfEs:
             return self._submitter().submit_one(_check_id(source if is_url(source) else os.path.realpath(source)),
                                                 _check_metadata(metadata))
         name, image = self.load(path, img, bytestream)
-        features = self.extract(image.pixels, image_id=name)
-        return self.add_features(features, path=name, metadata=metadata, refresh_after=refresh_after)
+        self.add_loaded(name, image, metadata=metadata, refresh_after=refresh_after)
+        return name
+
+    def add_loaded(
+        self, image_id: str, image: LoadedImage, metadata: Mapping[str, Any] | None = None,
+        refresh_after: bool = False,
+    ) -> Features:
+        """Index a decoded image under ``image_id`` (also its stored path); returns its features."""
+        _check_id(image_id)
+        _check_metadata(metadata)  # before the model runs: a bad request costs no CPU
+        features = self.extract(image.pixels, image_id=image_id)
+        self.add_features(features, path=image_id, metadata=metadata, refresh_after=refresh_after,
+                          thumbnail=self._thumbnail(image))
+        return features
 
     def add_features(
         self, features: Features, path: str | None = None, metadata: Mapping[str, Any] | None = None,
-        refresh_after: bool = False,
+        refresh_after: bool = False, thumbnail: bytes | None = None,
     ) -> str:
-        """Index precomputed features (their ``image_id`` is the id)."""
+        """Index precomputed features (their ``image_id`` is the id), with an optional
+        thumbnail JPEG (:func:`delf_es.thumbnails.make_thumbnail`)."""
         record = ImageRecord(
             image_id=_check_id(features.image_id),
             path=path or features.image_id,
             metadata=_check_metadata(metadata),
             features=features,
             created_at=_now(),
+            thumbnail=thumbnail,
         )
-        report = self.backend.upsert([record], refresh=refresh_after)
+        report = upsert_and_refresh_cache(self.backend, self.cache, [record], refresh=refresh_after)
         if not report.ok:
             raise BulkIndexFailed(f"{record.image_id}: {report.failed[0].error}", report.failed)
-        self._cache_written(features.model_id, {record.image_id: features.keypoints})
         return record.image_id
 
     def add_features_bulk(
@@ -171,12 +186,9 @@ class DelfEs:
         batch: list[ImageRecord] = []
 
         def flush() -> None:
-            report = self.backend.upsert(batch, refresh=False)
+            report = upsert_and_refresh_cache(self.backend, self.cache, batch)
             succeeded.extend(report.succeeded)
             failed.extend(report.failed)
-            written = set(report.succeeded)
-            self._cache_written(batch[0].features.model_id,
-                                {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
             batch.clear()
 
         for features, path, metadata in items:
@@ -206,17 +218,44 @@ class DelfEs:
         ``min_inliers`` (default: settings) verified inliers are matches.
         """
         # Checked before any work: limit=-1 used to drop the last hit silently (hits[:-1]).
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise InvalidRequest(f"limit must be an integer >= 1, got {limit!r}")
-        if min_inliers is not None and (isinstance(min_inliers, bool) or not isinstance(min_inliers, int) or min_inliers < 0):
-            raise InvalidRequest(f"min_inliers must be an integer >= 0 or None, got {min_inliers!r}")
-        if pre_filter is not None and not isinstance(pre_filter, Mapping):
-            raise InvalidRequest(f"pre_filter must be a mapping (an Elasticsearch query), got {type(pre_filter).__name__}")
+        limit = check_count("limit", limit, minimum=1)
+        if min_inliers is not None:
+            min_inliers = check_count("min_inliers", min_inliers)
+        pre_filter = check_filter(pre_filter)  # a mapping, nested at most MAX_DEPTH deep
         _, image = self.load(path, None, bytestream)
-        pixels = [image.pixels] if not all_orientations else _orientations(image.pixels)
+        return self.search_loaded(image, all_orientations=all_orientations, pre_filter=pre_filter, limit=limit,
+                                  min_inliers=min_inliers).hits
+
+    def search_loaded(
+        self,
+        image: LoadedImage,
+        *,
+        bbox: tuple[float, float, float, float] | None = None,
+        all_orientations: bool = False,
+        pre_filter: MetadataFilter | None = None,
+        limit: int = 10,
+        min_inliers: int | None = None,
+        matches: bool = False,
+    ) -> QueryResult:
+        """:meth:`search_image` on a decoded image, with what a server shows about the query.
+
+        Args:
+            bbox: ``(x1, y1, x2, y2)`` px of ``image``: search with that region only.
+            matches: give each hit ``matches``, its verified pairs ``[[qx, qy, x, y], ...]``
+                in px of the original query image and of the original database image.
+        """
+        pixels = image.pixels
+        offset = (0.0, 0.0)
+        if bbox is not None:
+            pixels, offset = crop(pixels, bbox, self.settings.min_image_side)
+        if matches and all_orientations:
+            raise InvalidRequest("matches are given in the query's own orientation: not with all_orientations")
+        variants = [pixels] if not all_orientations else orientations(pixels)
         best: dict[str, tuple[SearchHit, int]] = {}
-        for variant in pixels:
+        keypoints = 0
+        for variant in variants:
             query = self.extract(variant, image_id="<query>")
+            keypoints = keypoints or query.num_keypoints
             for hit in self.searcher().search(query, metadata_filter=pre_filter):
                 if hit.image_id not in best or hit.score > best[hit.image_id][0].score:
                     best[hit.image_id] = (hit, query.num_keypoints)
@@ -224,7 +263,61 @@ class DelfEs:
         hits = sorted(best.values(), key=lambda p: (-p[0].score, -p[0].inliers, -p[0].votes, p[0].image_id))
         hits = [(h, n) for h, n in hits if h.inliers >= threshold][:limit]
         stored = {i: self._get_or_none(i) for i in (h.image_id for h, _ in hits)}
-        return [_result(h, n, stored[h.image_id]) for h, n in hits if stored[h.image_id] is not None]
+        results = []
+        for hit, n in hits:
+            if stored[hit.image_id] is None:
+                continue
+            result = result_dict(hit, n, stored[hit.image_id])
+            if matches:
+                pairs = hit.inlier_pairs if hit.inlier_pairs is not None else np.zeros((0, 4), np.float32)
+                shifted = pairs.astype(np.float64) + np.array([offset[0], offset[1], 0.0, 0.0])
+                result["matches"] = np.round(shifted, 1).tolist()
+            results.append(result)
+        width, height = image.size
+        return QueryResult(width=width, height=height, keypoints=keypoints, hits=results)
+
+    def search_indexed(
+        self, image_id: str, *, pre_filter: MetadataFilter | None = None, limit: int = 10,
+        min_inliers: int | None = None, matches: bool = False,
+    ) -> QueryResult:
+        """Search with an indexed image, from what the index stores of it (keypoints, their
+        scales, int8 descriptor codes and the global descriptor; the original file is never
+        read).  Descriptors are the int8 codes decoded, so scores can differ slightly from a
+        search with the original photo.  Without a stored global descriptor the shortlist is
+        the local one (keypoint votes).  The image itself is normally the first hit."""
+        from delf_es.index.codes import decode_codes
+
+        stored = self.backend.get(image_id)
+        locations = self.backend.keypoints([image_id]).get(image_id)
+        codes = self.backend.descriptor_codes([image_id]).get(image_id)
+        if locations is None or codes is None or not len(codes):
+            raise InvalidRequest(f"{image_id!r} has no stored keypoints to search with")
+        n = len(locations)
+        scales = self.backend.keypoint_scales([image_id]).get(image_id)
+        global_desc = self.backend.global_descriptors([image_id]).get(image_id)
+        query = Features(
+            image_id="<query>", model_id=stored.model_id, image_size=(stored.width, stored.height),
+            keypoints=np.asarray(locations, np.float32),
+            scales=np.asarray(scales, np.float32) if scales is not None and len(scales) == n else np.ones(n, np.float32),
+            scores=np.linspace(1.0, 0.0, n, dtype=np.float32), descriptors=decode_codes(codes),
+            global_desc=np.asarray(global_desc, np.float32) if global_desc is not None else np.zeros(0, np.float32),
+        )
+        settings = self.settings
+        if not query.global_desc.size:
+            settings = settings.model_copy(update={"shortlist_mode": "local"})
+        found = Searcher(self.backend, self.cache, settings, self.model_id).search(query, metadata_filter=pre_filter)
+        threshold = self.settings.min_inliers if min_inliers is None else min_inliers
+        results = []
+        for hit in [h for h in found if h.inliers >= threshold][:limit]:
+            record = self._get_or_none(hit.image_id)
+            if record is None:
+                continue
+            result = result_dict(hit, n, record)
+            if matches:
+                pairs = hit.inlier_pairs if hit.inlier_pairs is not None else np.zeros((0, 4), np.float32)
+                result["matches"] = np.round(pairs.astype(np.float64), 1).tolist()
+            results.append(result)
+        return QueryResult(width=stored.width, height=stored.height, keypoints=n, hits=results)
 
     def search_features(self, query: Features, pre_filter: MetadataFilter | None = None, limit: int | None = None) -> list[SearchHit]:
         """The full ranked shortlist for precomputed query features (evaluation uses this)."""
@@ -232,10 +325,11 @@ class DelfEs:
 
     def get_image(self, image_id: str) -> dict[str, Any]:
         """Stored fields of one image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
-        return _stored_dict(self.backend.get(image_id))
+        return stored_dict(self.backend.get(_check_id(image_id)))
 
     def delete_image(self, image_id: str, refresh_after: bool = False) -> None:
         """Remove an image; :class:`~delf_es.errors.ImageNotFound` if unknown."""
+        image_id = _check_id(image_id)
         report = self.backend.delete([image_id], refresh=refresh_after)
         self.cache.delete(self.model_id, [image_id])
         self.cache.delete(codes_namespace(self.model_id), [image_id])
@@ -279,13 +373,11 @@ class DelfEs:
 
         def flush() -> None:
             if batch:
-                with _interrupts_deferred():  # a Ctrl-C mid-write would leave the report unsure
-                    report = self.backend.upsert(batch, refresh=False)
+                with interrupts_deferred():  # a Ctrl-C mid-write would leave the report unsure
+                    report = upsert_and_refresh_cache(self.backend, self.cache, batch)
                     succeeded.extend(report.succeeded)
                     failed.extend(report.failed)
                     written = set(report.succeeded)
-                    self._cache_written(self.model_id,
-                                        {r.image_id: r.features.keypoints for r in batch if r.image_id in written})
                     batch.clear()
                 log.info("committed %d image(s): %s", len(written), json.dumps(sorted(written)))
 
@@ -305,7 +397,8 @@ class DelfEs:
                     name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
                     features = self.extract(image.pixels, image_id=name)
                     log.info("extracted %s (%d keypoints)", name, features.num_keypoints)
-                    batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                    batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now(),
+                                             thumbnail=self._thumbnail(image)))
                     handled.add(name)
                 except DelfEsError as error:
                     failed.append(ItemFailure(item_id=label, error=str(error)))
@@ -340,7 +433,7 @@ class DelfEs:
             work.append(_item_fields(item))
         batch_started = time.monotonic()
         try:
-            with ExtractorPool(self.settings, min(processes, max(1, len(work))), threads) as pool:
+            with ExtractorPool(self.settings, min(processes, max(1, len(work))), threads, engine=pool_engine) as pool:
                 results = zip(work, pool.extract(work))
                 for fields, result in tqdm(results, total=len(work), disable=not progress, unit="img",
                                            desc=f"indexing ({pool.processes} processes)"):
@@ -349,9 +442,10 @@ class DelfEs:
                     if isinstance(result, ItemFailure):
                         failed.append(result)
                         continue
-                    name, features = result
+                    name, features, thumbnail = result
                     try:
-                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now()))
+                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now(),
+                                                 thumbnail=thumbnail))
                     except DelfEsError as error:
                         failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
                     if batch and (len(batch) >= batch_size
@@ -368,13 +462,28 @@ class DelfEs:
     def count(self) -> int:
         return self.backend.count()
 
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The small JPEG stored with the image (None when stored without one);
+        :class:`~delf_es.errors.ImageNotFound` if unknown."""
+        return self.backend.thumbnail(_check_id(image_id))
+
+    def thumbnail_bytes(self) -> int:
+        """Bytes of all stored thumbnails."""
+        return self.backend.thumbnail_bytes()
+
     # ------------------------------------------------------------------ worker fleet
 
     def _submitter(self):
         if getattr(self, "_workers", None) is None:
-            from workers.client import Submitter
+            if not (self.settings.worker_redis_url or self.settings.redis_url):
+                raise ConfigurationError(
+                    "add_image(wait=False) queues the image for the worker fleet, which needs the workers' "
+                    "Redis: set DELF_ES_REDIS_URL (or DELF_ES_WORKER_REDIS_URL) and start workers "
+                    "(delf-es worker); or add with wait=True"
+                )
+            from delf_es.workers.app import make_submitter  # the fleet's side: loaded only when used
 
-            self._workers = Submitter(self.settings)
+            self._workers = make_submitter(self.settings)
         return self._workers
 
     def task_status(self, task_id: str) -> dict[str, Any]:
@@ -389,14 +498,13 @@ class DelfEs:
 
     def failures(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Images the workers could not index (undecodable, refused), newest first, with the error."""
-        if not self.settings.es_url:
+        if self.settings.index_backend() != "elasticsearch":
             return []
-        from elasticsearch import Elasticsearch
+        from delf_es.index.es.failures import FailureLog, failures_index
+        from delf_es.index.es.transport import Transport
 
-        from delf_es.index.failures import FailureLog, failures_index
-
-        with Elasticsearch(self.settings.es_url, request_timeout=self.settings.es_timeout) as client:
-            return [f.__dict__ for f in FailureLog(client, failures_index(self.settings.index_alias)).list(limit)]
+        with Transport(self.settings) as transport:
+            return [f.__dict__ for f in FailureLog(transport, failures_index(self.settings.index_alias)).list(limit)]
 
     def close(self) -> None:
         if self._backend is not None:
@@ -456,6 +564,13 @@ class DelfEs:
         except DelfEsError:
             return None
 
+    def _thumbnail(self, image: LoadedImage) -> bytes | None:
+        if not self.settings.thumbnails:
+            return None
+        from delf_es.thumbnails import make_thumbnail
+
+        return make_thumbnail(image.pixels)
+
     def _get_or_none(self, image_id: str) -> StoredImage | None:
         try:
             return self.backend.get(image_id)
@@ -463,38 +578,10 @@ class DelfEs:
             return None
 
 
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back while a batch is written, then deliver them: the write and its
-    bookkeeping (what was saved) happen entirely or not at all.  Only in the main thread (the
-    only one Python delivers signals to); elsewhere a no-op."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def hold(signum, frame) -> None:
-        received.append(signum)
-
-    for sig in previous:
-        signal.signal(sig, hold)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for signum in received:
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, None)
-            elif handler == signal.SIG_DFL and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)
+def pool_engine(settings: Settings) -> DelfEs:
+    """The engine of one :class:`~delf_es.parallel.ExtractorPool` process: loads and extracts,
+    with an in-process cache (it never searches)."""
+    return DelfEs(settings, cache=MemoryLocationCache())
 
 
 def _now() -> str:
@@ -506,64 +593,7 @@ def _label(fields: Mapping[str, Any]) -> str:
 
 
 def _item_fields(item: Any) -> dict[str, Any]:
-    if isinstance(item, (str, Path)):
-        return {"path": str(item)}
-    if isinstance(item, tuple) and len(item) == 2:
-        return {"path": str(item[0]), "metadata": item[1]}
-    if isinstance(item, Mapping) and "path" in item:
-        return dict(item)
-    return {"path": repr(item)[:80], "img": None, "invalid": True}
-
-
-def _check_id(name: str) -> str:
-    if not isinstance(name, str):
-        raise InvalidRequest(f"image id must be a string, got {type(name).__name__}")
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError:  # lone surrogates (e.g. an undecodable file name)
-        raise InvalidRequest(f"image id must be valid UTF-8 text, got {name!r}") from None
-    if not name or size > MAX_ID_BYTES:
-        raise InvalidRequest(f"image id must be 1..{MAX_ID_BYTES} bytes, got {size}")
-    return name
-
-
-def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) and k for k in metadata):
-        raise InvalidRequest("metadata must be a mapping with non-empty string keys")
-    try:
-        # allow_nan=False: NaN/inf are not JSON, and Elasticsearch refuses them
-        return json.loads(json.dumps(dict(metadata), allow_nan=False))
-    except (TypeError, ValueError, RecursionError) as error:
-        raise InvalidRequest(f"metadata must be JSON-serialisable: {error}") from None
-
-
-def _orientations(pixels: np.ndarray) -> list[np.ndarray]:
-    """The 8 orientations (4 rotations x mirror), the original first."""
-    out = []
-    for mirrored in (pixels, pixels[:, ::-1]):
-        for turns in range(4):
-            out.append(np.ascontiguousarray(np.rot90(mirrored, turns)))
-    return out
-
-
-def _stored_dict(stored: StoredImage) -> dict[str, Any]:
-    return {
-        "id": stored.image_id, "path": stored.path, "metadata": stored.metadata, "width": stored.width,
-        "height": stored.height, "num_keypoints": stored.num_keypoints, "model_id": stored.model_id,
-        "created_at": stored.created_at,
-    }
-
-
-def _result(hit: SearchHit, query_keypoints: int, stored: StoredImage) -> dict[str, Any]:
-    return {
-        "id": hit.image_id,
-        "path": stored.path,
-        "score": float(hit.score),
-        "dist": 1.0 - min(1.0, (hit.inliers or 0) / max(1, query_keypoints)),
-        "metadata": stored.metadata,
-        "inliers": int(hit.inliers or 0),
-        "votes": int(hit.votes),
-        "global_similarity": None if np.isnan(hit.global_similarity) else float(hit.global_similarity),
-    }
+    """The fields of one bulk-add item (the shared parser, delf_es/items.py), as ``load`` takes them."""
+    parsed = parse_item(item)
+    fields = {"path": parsed.path, "metadata": parsed.metadata, "img": parsed.img, "bytestream": parsed.bytestream}
+    return {**fields, "invalid": True} if parsed.invalid else fields

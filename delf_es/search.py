@@ -29,14 +29,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from delf_es.cache import LocationCache, codes_namespace
+from delf_es.cache import LocationCache, codes_namespace, image_revisions, revision_key
 from delf_es.index.codes import decode_codes
 from delf_es.index.base import Backend, MetadataFilter, Neighbours
 from delf_es.settings import Settings
 from delf_es.types import Features, SearchHit
-from delf_es.verify import estimate_model
+from delf_es.verify import estimate_model, scale_consistent
 
 log = logging.getLogger(__name__)
+
+_NO_PAIRS = np.zeros((0, 4), np.float32)
 
 
 @dataclass
@@ -79,35 +81,74 @@ class Searcher:
                 global_order.append(image_id)
         shortlist = _interleave([local_order, global_order], s.shortlist_size)
         matching = correspondences == "matching"
-        without_pairs = [i for i in shortlist if not candidates[i].query_index]
+        hits = rank_hits(self._verify_images(query, descriptors, shortlist, candidates, matching, metadata_filter), s)
+        if s.query_expansion and query.global_desc.size:
+            hits = self._expand(query, descriptors, hits, candidates, matching, metadata_filter)
+        return hits[:limit] if limit else hits
+
+    def _verify_images(self, query: Features, descriptors: np.ndarray, image_ids: list[str],
+                       candidates: dict[str, _Candidate], matching: bool,
+                       metadata_filter: MetadataFilter | None) -> list[SearchHit]:
+        """Correspondences and RANSAC of ``image_ids`` (unranked hits, in that order)."""
+        s = self.settings
+        without_pairs = [i for i in image_ids if not candidates[i].query_index]
         if without_pairs and len(descriptors) and not matching:
             restricted = self.backend.knn(descriptors, s.knn_k, metadata_filter, image_ids=without_pairs)
             self._collect(restricted, candidates, count_votes=True)
-        locations = self._cached(self.model_id, shortlist, self.backend.keypoints)
-        codes = self._cached(codes_namespace(self.model_id), shortlist, self.backend.descriptor_codes) if matching else {}
-        hits = []
+        # The index's revision of each shortlisted image is part of its cache key: an entry cached
+        # for another revision (a re-add while Redis was paused, killed or partitioned) is a miss.
+        revisions = image_revisions(self.backend, image_ids)
+        locations = self._cached(self.model_id, image_ids, revisions, self.backend.keypoints)
+        codes = (self._cached(codes_namespace(self.model_id), image_ids, revisions, self.backend.descriptor_codes)
+                 if matching else {})
+        # scales are read only for the scale rule (one more read of the shortlist; not cached)
+        scales = self.backend.keypoint_scales(image_ids) if s.ransac_scale_tolerance is not None else {}
         # One BLAS thread: the products here are small (1000 x 40 x 1000), and OpenBLAS threads
         # on a busy machine made them 25x slower (72 ms vs 2.7 ms measured on 2 loaded cores).
         with threadpool_limits(limits=1, user_api="blas"):
-            hits = self._verify_all(query, descriptors, shortlist, candidates, locations, codes, matching)
-        hits = rank_hits(hits, s)
-        return hits[:limit] if limit else hits
+            return self._verify_all(query, descriptors, image_ids, candidates, locations, codes, matching, scales)
+
+    def _expand(self, query: Features, descriptors: np.ndarray, hits: list[SearchHit],
+                candidates: dict[str, _Candidate], matching: bool,
+                metadata_filter: MetadataFilter | None) -> list[SearchHit]:
+        """Verified alpha-QE (Chum et al. 2007's "Total Recall" with the weights of Radenovic et
+        al.'s alpha-QE): the query's global descriptor plus its best ``query_expansion`` hits
+        with at least ``qe_min_inliers`` inliers, each weighted cos(query, hit)^``qe_alpha``;
+        the expanded vector's global kNN brings images the first shortlist missed, which are
+        verified too, and every hit is re-ranked with its similarity to the expanded vector."""
+        s = self.settings
+        verified = [h.image_id for h in hits if (h.inliers or 0) >= s.qe_min_inliers][: s.query_expansion]
+        if not verified:
+            return hits
+        vectors = self.backend.global_descriptors(verified)
+        expanded = alpha_query_expansion(query.global_desc, [vectors[i] for i in verified if i in vectors], s.qe_alpha)
+        similarity = dict(self.backend.global_knn(expanded, s.shortlist_size, metadata_filter))
+        seen = {h.image_id for h in hits}
+        fresh = [image_id for image_id in similarity if image_id not in seen]
+        if fresh:
+            hits = hits + self._verify_images(query, descriptors, fresh, candidates, matching, metadata_filter)
+        hits = [replace(h, global_similarity=similarity.get(h.image_id, float("nan"))) for h in hits]
+        return rank_hits(hits, s)
 
     def _verify_all(self, query: Features, descriptors: np.ndarray, shortlist: list[str],
                     candidates: dict[str, _Candidate], locations: dict[str, np.ndarray],
-                    codes: dict[str, np.ndarray], matching: bool) -> list[SearchHit]:
+                    codes: dict[str, np.ndarray], matching: bool,
+                    scales: dict[str, np.ndarray] | None = None) -> list[SearchHit]:
         s = self.settings
+        scales = scales or {}
 
         def verify_one(image_id: str) -> SearchHit:
             candidate = candidates[image_id]
             if matching:
                 q_idx, db_idx = mutual_matches(descriptors, codes.get(image_id), s.knn_min_similarity)
                 candidate.votes = max(candidate.votes, len(q_idx))
-                inliers = self._ransac(query, q_idx, db_idx, locations.get(image_id))
+                pairs = self._ransac(query, q_idx, db_idx, locations.get(image_id), scales.get(image_id))
             else:
-                inliers = self._verify(query, candidate, locations.get(image_id))
+                pairs = self._verify(query, candidate, locations.get(image_id), scales.get(image_id))
+            inliers = len(pairs)
             return SearchHit(image_id=image_id, score=float(inliers), inliers=inliers,
-                             votes=candidate.votes, global_similarity=candidate.global_similarity)
+                             votes=candidate.votes, global_similarity=candidate.global_similarity,
+                             inlier_pairs=pairs)
 
         if s.verify_threads == 1 or len(shortlist) < 2:
             return [verify_one(image_id) for image_id in shortlist]
@@ -134,34 +175,58 @@ class Searcher:
             if count_votes:
                 candidate.votes += int(len(np.unique(query_index[group])))
 
-    def _cached(self, namespace: str, image_ids: list[str], read) -> dict[str, np.ndarray]:
-        """Arrays of ``image_ids`` from the cache; misses read with ``read`` and written back."""
-        found, seen = self.cache.read_many(namespace, image_ids)
-        missing = [i for i in image_ids if i not in found]
+    def _cached(self, namespace: str, image_ids: list[str], revisions: dict[str, str], read) -> dict[str, np.ndarray]:
+        """Arrays of ``image_ids`` from the cache under their revision keys; misses read with
+        ``read`` and written back.  Ids without a revision (no longer indexed) are left out."""
+        keys = {i: revision_key(i, revisions[i]) for i in image_ids if i in revisions}
+        cached, seen = self.cache.read_many(namespace, list(keys.values()))
+        found = {i: cached[key] for i, key in keys.items() if key in cached}
+        missing = [i for i in keys if i not in found]
         if missing:
             fetched = read(missing)
-            self.cache.fill_many(namespace, fetched, seen)  # not over a writer's newer version
+            # not over a writer's newer version of the same key (versions, cache.py)
+            self.cache.fill_many(namespace, {keys[i]: a for i, a in fetched.items() if i in keys}, seen)
             found.update(fetched)
         return found
 
-    def _verify(self, query: Features, candidate: _Candidate, locations: np.ndarray | None) -> int:
+    def _verify(self, query: Features, candidate: _Candidate, locations: np.ndarray | None,
+                scales: np.ndarray | None = None) -> np.ndarray:
         if locations is None or not candidate.query_index:
-            return 0
+            return _NO_PAIRS
         q_idx, db_idx = one_to_one(
             np.concatenate(candidate.query_index), np.concatenate(candidate.keypoint_index),
             np.concatenate(candidate.similarity),
         )
-        return self._ransac(query, q_idx, db_idx, locations)
+        return self._ransac(query, q_idx, db_idx, locations, scales)
 
-    def _ransac(self, query: Features, q_idx: np.ndarray, db_idx: np.ndarray, locations: np.ndarray | None) -> int:
+    def _ransac(self, query: Features, q_idx: np.ndarray, db_idx: np.ndarray, locations: np.ndarray | None,
+                scales: np.ndarray | None = None) -> np.ndarray:
+        """The verified pairs, (K, 4) float32 ``[qx, qy, x, y]`` px (K = the inlier count)."""
         if locations is None or not len(q_idx):
-            return 0
+            return _NO_PAIRS
         valid = db_idx < len(locations)
         q_idx, db_idx = q_idx[valid], db_idx[valid]
         s = self.settings
-        _, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
-                                 s.ransac_confidence, s.ransac_max_iters, s.ransac_seed, s.min_inlier_spread)
-        return int(mask.sum())
+        model, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
+                                     s.ransac_confidence, s.ransac_max_iters, s.ransac_seed, s.min_inlier_spread)
+        mask = np.asarray(mask, bool)
+        # the scale rule needs the image's stored scales; an image stored without them keeps its inliers
+        if s.ransac_scale_tolerance is not None and scales is not None and len(scales) == len(locations):
+            mask = scale_consistent(model, s.ransac_model, query.keypoints[q_idx], query.scales[q_idx],
+                                    scales[db_idx], mask, s.ransac_scale_tolerance)
+        return np.hstack([query.keypoints[q_idx][mask], locations[db_idx][mask]]).astype(np.float32)
+
+
+def alpha_query_expansion(query: np.ndarray, hits: list[np.ndarray], alpha: float) -> np.ndarray:
+    """(G,) unit vector: ``query`` plus each of ``hits`` weighted max(cos(query, hit), 0)^alpha,
+    L2-normalised (alpha = 0: the plain average query expansion of Chum et al.)."""
+    q = np.asarray(query, np.float32)
+    total = q.astype(np.float64).copy()
+    for vector in hits:
+        v = np.asarray(vector, np.float64)
+        total += max(float(q @ v), 0.0) ** alpha * v
+    norm = np.linalg.norm(total)
+    return (total / norm).astype(np.float32) if norm > 0 else q
 
 
 def rank_hits(hits: list[SearchHit], s: Settings) -> list[SearchHit]:

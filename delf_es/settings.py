@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rank_by": ("inliers", "verified-then-global", "inliers+global"),
     "ransac_model": ("homography", "fundamental", "affine", "homography-magsac"),
     "id_from": ("path", "content"),
+    "backend": ("auto", "embedded", "elasticsearch"),
 }
 
 
@@ -54,7 +55,7 @@ class Settings(BaseSettings):
     )
     local_layer: str | None = Field(default=None, description="None = the backbone preset's choice")
     max_image_size: int = Field(default=1024, gt=0, description="longer side, px, before the pyramid")
-    max_feature_num: int = Field(default=1000, ge=1)
+    max_feature_num: int = Field(default=1000, ge=1, le=1 << 20, description="keypoints kept per image")
     score_threshold: float = Field(default=0.0, ge=0.0, description="keep descriptors scoring above this")
     device: str = "cpu"
     runtime: str = Field(
@@ -108,13 +109,20 @@ class Settings(BaseSettings):
     ransac_confidence: float = Field(default=0.999, gt=0, lt=1)
     ransac_max_iters: int = Field(default=2000, gt=0)
     ransac_seed: int = 0
+    ransac_scale_tolerance: float | None = Field(
+        default=None, gt=0, description="when set, an inlier also needs its keypoints' pyramid scales to agree with "
+        "the model's zoom within this many log2 units (levels are 0.5 apart); None = off (see verify.scale_consistent)",
+    )
     min_inlier_spread: float = Field(
-        default=0.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
-        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check",
+        default=16.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
+        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check.  Chosen on the "
+        "pairs: true pairs spread >= 26.6 px, a 24 px textured spot 12 px, a line 3-6 px "
+        "(benchmarks/results/degenerate_geometry*.json)",
     )
     min_keypoint_contrast: float = Field(
-        default=0.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
-        "added and query images, so flat images match nothing (delf_es/degenerate.py); 0 = keep all",
+        default=1.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
+        "added and query images, so flat images match nothing (delf_es/degenerate.py); 0 = keep all.  Chosen on "
+        "the pairs: 1 costs 1 of 1008 true-pair inliers, 2 cost 19 (benchmarks/results/degenerate_geometry*.json)",
     )
 
     # --- search -------------------------------------------------------------------
@@ -144,6 +152,15 @@ class Settings(BaseSettings):
         description="final order: 'inliers+global' (inliers + rank_global_weight x global cosine; best measured, "
         "benchmarks/rank_by.py), 'inliers' or 'verified-then-global' (>= min_inliers by inliers, the rest by global similarity)",
     )
+    query_expansion: int = Field(
+        default=0, ge=0, description="verified query expansion (alpha-QE, as in the DELG and cirtorch evaluations): "
+        "re-query the global index with the query's global descriptor averaged with those of its best this many "
+        "verified hits (>= qe_min_inliers), verify the new images it brings and re-rank by the expanded "
+        "similarity; 0 = off.  Costs one more global kNN, one read of those hits' vectors and the RANSAC of the "
+        "new images (benchmarks/results/eval/ rows 'qe-*')",
+    )
+    qe_min_inliers: int = Field(default=20, ge=1, description="inliers for a hit to join the expanded query")
+    qe_alpha: float = Field(default=3.0, ge=0, description="alpha-QE: a verified hit weighs cos(query, hit)^alpha")
     rank_global_weight: float = Field(
         default=50.0, ge=0, description="inliers one unit of global cosine is worth (rank_by='inliers+global'); "
         "chosen on each half of the paris250 queries, identical in both folds"
@@ -158,6 +175,15 @@ class Settings(BaseSettings):
         default="path", description="id of an image added from a file: 'path' (its canonical path: absolute, "
         "symlinks resolved, so every spelling of one file is one id) or 'content' (sha256 of its bytes)",
     )
+    backend: str = Field(
+        default="auto", description="index backend: 'auto' (Elasticsearch when es_url is set, else embedded), "
+        "'embedded' (even with es_url set) or 'elasticsearch' (es_url required)",
+    )
+    embedded_exact_limit: int | None = Field(
+        default=200_000, ge=0, description="embedded index: most keypoint vectors searched exactly (flat); above "
+        "it an IVF index is trained; None = always exact, 0 = always IVF (benchmarks/embedded_index.py)",
+    )
+    embedded_nprobe: int = Field(default=16, ge=1, description="embedded index: IVF lists visited per query")
     es_url: str | None = None
     redis_url: str | None = None
     index_alias: str = "delf-images"
@@ -167,7 +193,7 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=default_data_dir)
 
-    # --- workers (Celery; see workers/) -------------------------------------------
+    # --- workers (Celery; see delf_es/workers/) -------------------------------------------
     worker_redis_url: str | None = Field(
         default=None, description="Celery broker, result backend and staging; None = redis_url"
     )
@@ -190,6 +216,25 @@ class Settings(BaseSettings):
         "(minute hour day-of-month month day-of-week) or an interval in s",
     )
     worker_flush_interval: float = Field(default=60.0, gt=0, description="s between beat's straggler flushes")
+
+    # --- HTTP server (delf-es serve, delf_es/api/) ---------------------------------
+    api_token: str | None = Field(
+        default=None, repr=False, description="bearer token every /v1 route requires; serve refuses a "
+        "non-loopback host without one",
+    )
+    api_max_upload_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="request body cap, bytes")
+    api_max_extractions: int = Field(default=1, ge=1, description="extractions (model runs) at once")
+    api_max_queued: int = Field(
+        default=32, ge=0, description="requests waiting for an extraction slot; beyond that, 503 + Retry-After"
+    )
+    api_request_timeout: float = Field(default=120.0, gt=0, description="s a request may take (queue + work) before 503")
+    api_body_timeout: float = Field(default=30.0, gt=0, description="s to receive a request body before 408")
+    api_cors_origins: tuple[str, ...] = Field(default=(), description="origins allowed by CORS; empty = CORS off")
+    api_upload_dir: Path | None = Field(
+        default=None, description="where uploads for the workers (?wait=false) are staged; the workers must "
+        "see the same folder; None = <data_dir>/api-uploads",
+    )
+    thumbnails: bool = Field(default=True, description="store a small JPEG (<= 256 px, <= 16 KB) with each image")
 
     @field_validator("scales", "global_scales")
     @classmethod
@@ -222,13 +267,19 @@ class Settings(BaseSettings):
             raise ValueError(f"{info.field_name} must be {', '.join(quoted[:-1])} or {quoted[-1]}")
         return value
 
+    def index_backend(self) -> str:
+        """The backend this configuration uses: ``backend``, with 'auto' resolved from ``es_url``."""
+        if self.backend == "auto":
+            return "elasticsearch" if self.es_url else "embedded"
+        return self.backend
+
     def search_plan(self) -> tuple[str, str]:
         """(shortlist_mode, correspondences) to search with.  Unset, each is the best measured for
         the backend (benchmarks/search_speed.py, benchmarks/results/eval/): on Elasticsearch the
         global shortlist with descriptor matching (one kNN search per query instead of one per
         query descriptor: p50 0.7 s vs 11.4 s at 1000 images, mAP 84.8 vs 85.1); on the embedded
         index, whose faiss kNN is cheap, the hybrid shortlist with kNN pairs."""
-        on_elasticsearch = bool(self.es_url)
+        on_elasticsearch = self.index_backend() == "elasticsearch"
         mode = self.shortlist_mode or ("global" if on_elasticsearch else "hybrid")
         correspondences = self.correspondences or ("matching" if on_elasticsearch else "knn")
         return mode, correspondences

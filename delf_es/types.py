@@ -154,6 +154,9 @@ class SearchHit:
         inliers: verified inlier count; None means not verified.
         votes: descriptor matches that voted for this image in the shortlist.
         global_similarity: cosine similarity of global descriptors (nan if unknown).
+        inlier_pairs: (K, 4) float32 ``[qx, qy, x, y]`` px, the verified correspondences (query
+            keypoint in the query image, database keypoint in the database image); None when
+            not verified.
     """
 
     image_id: str
@@ -161,3 +164,4 @@ class SearchHit:
     inliers: int | None = None
     votes: int = 0
     global_similarity: float = float("nan")
+    inlier_pairs: np.ndarray | None = field(default=None, compare=False, repr=False)

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from delf_es.errors import DelfEsError
+from delf_es.errors import InvalidSetting  # re-exported: callers import it from here too
 from delf_es.settings import Settings
 
 __all__ = ["InvalidSetting", "SERVICE_VARIABLES", "load_settings", "parse_json_object", "preflight",
@@ -42,19 +42,6 @@ SERVICE_VARIABLES = frozenset({
     "DELF_ES_ES_USER", "DELF_ES_ES_START_TIMEOUT", "DELF_ES_JAVA_HOME", "DELF_ES_REDIS_PORT", "DELF_ES_ES_STARTED",
     "DELF_ES_REDIS_STARTED", "DELF_ES_ES_VERSION", "DELF_ES_KEEP_SERVICES", "DELF_ES_IMAGES_DIR",
 })
-
-
-class InvalidSetting(DelfEsError, ValueError):
-    """A setting, command-line option or ``DELF_ES_*`` value is invalid.  ``source`` says where
-    it came from (``--max-features`` or ``DELF_ES_MAX_FEATURE_NUM``)."""
-
-    def __init__(self, message: str, source: str = "") -> None:
-        super().__init__(message, source)
-        self.message = message
-        self.source = source
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.message}" if self.source else self.message
 
 
 def _shown(value: Any) -> str:

@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 import pydegensac
 
+from delf_es.degenerate import inlier_spread
 from delf_es.errors import FeatureShapeError, InvalidRequest
 from delf_es.types import Correspondences, Features
 
@@ -49,6 +50,7 @@ __all__ = [
     "estimate_model",
     "match_descriptors",
     "reprojection_errors",
+    "scale_consistent",
     "verify",
 ]
 
@@ -294,6 +296,73 @@ def reprojection_errors(model: np.ndarray, points_a: np.ndarray, points_b: np.nd
     return errors
 
 
+def local_log2_zoom(model: np.ndarray, kind: str, points_a: np.ndarray) -> np.ndarray | None:
+    """log2 of the area zoom ``sqrt(|det J|)`` of ``model`` at each of (K, 2) ``points_a`` px.
+
+    For a homography the Jacobian's determinant at ``x`` is ``det(H) / w(x)^3`` with
+    ``w(x) = h31 x + h32 y + h33``; for an affine it is constant.  A fundamental matrix has
+    no local zoom: None.  Points mapped to or behind infinity get ``nan``.
+    """
+    if kind == "fundamental":
+        return None
+    h = np.asarray(model, dtype=np.float64)
+    pa = _as_points("points_a", points_a)
+    w = pa @ h[2, :2] + h[2, 2]
+    det = np.linalg.det(h)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        area = np.abs(det / w**3)
+        out = 0.5 * np.log2(area)
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def scale_consistent(
+    model: np.ndarray | None,
+    kind: str,
+    points_a: np.ndarray,
+    scales_a: np.ndarray,
+    scales_b: np.ndarray,
+    inliers: np.ndarray,
+    tolerance: float,
+) -> np.ndarray:
+    """Inliers whose keypoints' pyramid scales agree with the model's zoom (chance matches rarely do).
+
+    A keypoint found at pyramid scale ``s`` describes a patch of ``R / s`` original px, so a true
+    correspondence between a keypoint of A at ``s_a`` and one of B at ``s_b`` implies that B shows
+    A's content zoomed by ``s_a / s_b``.  The model says what the zoom is at A's point
+    (:func:`local_log2_zoom`); for the fundamental matrix, which has none, the dominant zoom
+    (median over the inliers) stands in.  An inlier is kept when the two agree within
+    ``tolerance`` in log2 units (the default pyramid's levels are 0.5 apart).
+
+    Args:
+        model: (3, 3) A -> B model, or None (then nothing is kept).
+        kind: the model kind (see :data:`MODEL_KINDS`).
+        points_a: (K, 2) px in A.
+        scales_a, scales_b: (K,) pyramid scale of each correspondence's keypoint in A and in B.
+        inliers: (K,) bool RANSAC inlier mask.
+        tolerance: allowed |log2 difference| (> 0).
+
+    Returns:
+        (K,) bool: ``inliers`` and scale-consistent.
+    """
+    if not tolerance > 0:
+        raise InvalidRequest(f"scale tolerance must be > 0 (log2 units), got {tolerance}")
+    mask = np.asarray(inliers, dtype=bool).copy()
+    sa = np.asarray(scales_a, dtype=np.float64).reshape(-1)
+    sb = np.asarray(scales_b, dtype=np.float64).reshape(-1)
+    if len(sa) != len(mask) or len(sb) != len(mask):
+        raise FeatureShapeError("scales", f"({len(mask)},) like the inlier mask", f"{sa.shape}, {sb.shape}")
+    if model is None or not mask.any():
+        return np.zeros_like(mask)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        implied = np.log2(sa / sb)
+    expected = local_log2_zoom(model, kind, points_a)
+    if expected is None:
+        expected = np.full(len(mask), np.median(implied[mask]))
+    agree = np.abs(implied - expected) <= tolerance  # nan compares False: rejected
+    return mask & agree
+
+
 @dataclass(frozen=True)
 class Verifier:
     """Module form of :func:`verify`: holds the matching and RANSAC configuration.
@@ -306,6 +375,8 @@ class Verifier:
         confidence: RANSAC confidence in (0, 1).
         max_iters: maximum RANSAC iterations.
         seed: RANSAC seed (>= 0 reproducible).
+        scale_tolerance: when set, inliers must also be scale-consistent within this many log2
+            units (:func:`scale_consistent`); None = off.
         min_spread_px: degenerate-inlier threshold, px (see :func:`estimate_model`).
     """
 
@@ -316,12 +387,15 @@ class Verifier:
     confidence: float
     max_iters: int
     seed: int
+    scale_tolerance: float | None = None
     min_spread_px: float = 0.0
 
     def __post_init__(self) -> None:
         _check_params(self.kind, self.px_threshold, self.confidence, self.max_iters)
         if not self.max_distance > 0:
             raise InvalidRequest(f"max_distance must be > 0, got {self.max_distance}")
+        if self.scale_tolerance is not None and not self.scale_tolerance > 0:
+            raise InvalidRequest(f"scale_tolerance must be > 0 or None, got {self.scale_tolerance}")
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "Verifier":
@@ -333,6 +407,7 @@ class Verifier:
             confidence=settings.ransac_confidence,
             max_iters=settings.ransac_max_iters,
             seed=settings.ransac_seed,
+            scale_tolerance=settings.ransac_scale_tolerance,
             min_spread_px=settings.min_inlier_spread,
         )
 
@@ -349,6 +424,11 @@ class Verifier:
             self.seed,
             self.min_spread_px,
         )
+        if self.scale_tolerance is not None:
+            inliers = scale_consistent(model, self.kind, a.keypoints[matches[:, 0]], a.scales[matches[:, 0]],
+                                       b.scales[matches[:, 1]], inliers, self.scale_tolerance)
+            if not inliers.any():
+                model = None
         logger.debug(
             "verify %s -> %s: %d matches, %d inliers (%s)",
             a.image_id, b.image_id, len(matches), int(inliers.sum()), self.kind,
@@ -360,7 +440,7 @@ def verify(a: Features, b: Features, settings: "Settings") -> Correspondences:
     """Match the local descriptors of ``a`` and ``b`` and fit ``settings.ransac_model``.
 
     Uses ``match_max_distance``, ``match_mutual``, ``ransac_model``, ``ransac_px``,
-    ``ransac_confidence``, ``ransac_max_iters`` and ``ransac_seed``.  An image without
+    ``ransac_confidence``, ``ransac_max_iters``, ``ransac_seed`` and ``ransac_scale_tolerance``.  An image without
     keypoints gives 0 matches, 0 inliers and ``model=None``.
 
     Returns:

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e ".[test]"
+# The page's browser test drives Debian's chromium (tests/integration/test_page_browser.py).
+bash scripts/install_browser.sh
 # Settings read DELF_ES_* variables: a user's own server settings must not leak into tests.
 for var in $(env | grep -o '^DELF_ES_[A-Z_]*' | grep -v -e SERVICES_HOME -e _PORT -e _HEAP -e JAVA || true); do
   unset "$var"

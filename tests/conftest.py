@@ -44,3 +44,17 @@ def photo() -> np.ndarray:
     from skimage import data
 
     return np.ascontiguousarray(data.coffee())
+
+
+#: pytest-timeout for tests marked integration or slow that set no timeout themselves: long enough
+#: for a cold services start (scripts/services.sh downloads Elasticsearch, up to 900 s) plus the
+#: test, short enough that a hang fails the run instead of stalling CI.  Others: pyproject's 900 s.
+LONG_TEST_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None and (
+            item.get_closest_marker("integration") or item.get_closest_marker("slow")
+        ):
+            item.add_marker(pytest.mark.timeout(LONG_TEST_TIMEOUT_S))

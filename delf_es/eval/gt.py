@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from delf_es.errors import InvalidGroundTruth
+from delf_es.errors import InvalidGroundTruth, UnreadableFile
+from delf_es.safe_files import read_regular_file
 from delf_es.imageio import load_image
 from delf_es.settings import Settings
 
@@ -42,7 +43,7 @@ class GroundTruth:
 
 def load_ground_truth(path: Path) -> GroundTruth:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_regular_file(path, 64 * 1024 * 1024).decode("utf-8"))  # a FIFO never blocks
         queries = tuple(
             Query(
                 id=q["id"],
@@ -56,7 +57,9 @@ def load_ground_truth(path: Path) -> GroundTruth:
         )
         return GroundTruth(name=data.get("name", Path(path).parent.name), root=Path(path).parent,
                            database=tuple(data["database"]), queries=queries)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except UnreadableFile as error:
+        raise InvalidGroundTruth(str(error)) from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise InvalidGroundTruth(f"{path}: not a gt.json file ({error})") from error
 
 

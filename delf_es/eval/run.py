@@ -81,7 +81,7 @@ def evaluate(
     items = database_items(gt, distractors)
     loadavg_start = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="delf-es-eval-") as scratch:
-        index_settings = settings.model_copy(update={"data_dir": Path(scratch)}) if not settings.es_url else \
+        index_settings = settings.model_copy(update={"data_dir": Path(scratch)}) if settings.index_backend() != "elasticsearch" else \
             settings.model_copy(update={"index_alias": f"eval-{uuid.uuid4().hex[:8]}"})
         engine = DelfEs(index_settings, extractor=extractor)
         try:
@@ -114,7 +114,7 @@ def evaluate(
                     "query_keypoints": feats.num_keypoints, "search_ms": search_ms[-1],
                 })
         finally:
-            if settings.es_url and not keep_index:
+            if settings.index_backend() == "elasticsearch" and not keep_index:
                 _drop_es_index(index_settings)
             engine.close()
     result = {
@@ -136,7 +136,7 @@ def evaluate(
         "model_id": extractor.model_id,
         "pca": asdict(extractor.pca.provenance) if extractor.pca is not None else None,
         "settings": json.loads(settings.model_dump_json(exclude={"data_dir"})),
-        "backend": "elasticsearch" if settings.es_url else "embedded",
+        "backend": settings.index_backend(),
         "per_query": per_query,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     }
@@ -157,13 +157,10 @@ def _finite(value: float) -> float | None:
 
 
 def _drop_es_index(settings: Settings) -> None:
-    from elasticsearch import Elasticsearch
+    from delf_es.index.es.transport import Transport
 
-    client = Elasticsearch(settings.es_url, request_timeout=30)
-    try:
-        drop_indices(client, f"{settings.index_alias}*")
-    finally:
-        client.close()
+    with Transport(settings, request_timeout=30) as transport:
+        drop_indices(transport.client, f"{settings.index_alias}*")
 
 
 def drop_indices(client, pattern: str) -> list[str]:

@@ -7,7 +7,7 @@ the same semantics, checked by one contract test suite run against each.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterable, Mapping, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,6 +25,7 @@ class ImageRecord:
         metadata: JSON-able mapping; string values are keyword fields, numbers numeric.
         features: extracted local + global features (model_id, keypoints, descriptors...).
         created_at: ISO-8601 UTC timestamp of the write.
+        thumbnail: small JPEG (:mod:`delf_es.thumbnails`) stored with the image, or None.
     """
 
     image_id: str
@@ -32,6 +33,7 @@ class ImageRecord:
     metadata: Mapping[str, Any]
     features: Features
     created_at: str
+    thumbnail: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class StoredImage:
         width, height: original image size, px.
         num_keypoints: keypoints stored for it.
         model_id, pca_id: what produced its features.
+        thumbnail_bytes: size of the stored thumbnail, 0 when there is none.
     """
 
     image_id: str
@@ -52,6 +55,7 @@ class StoredImage:
     num_keypoints: int
     model_id: str
     created_at: str
+    thumbnail_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,14 @@ class Neighbours:
 
     def __len__(self) -> int:
         return int(len(self.query_index))
+
+
+class GlobalHit(NamedTuple):
+    """An image whose global descriptor is near the query's: ``similarity`` is the cosine in
+    [-1, 1].  A named tuple, so ``for image_id, similarity in hits`` keeps working."""
+
+    image_id: str
+    similarity: float
 
 
 @dataclass(frozen=True)
@@ -141,17 +153,39 @@ class Backend(Protocol):
 
     def global_knn(
         self, vector: np.ndarray, k: int, metadata_filter: MetadataFilter | None = None
-    ) -> list[tuple[str, float]]:
-        """Images whose global descriptor is nearest to (G,) ``vector``: (image_id, cosine), best first."""
+    ) -> list[GlobalHit]:
+        """Images whose global descriptor is nearest to (G,) ``vector``, best first."""
+        ...
+
+    def revisions(self, image_ids: Iterable[str]) -> dict[str, str]:
+        """A token per indexed id that changes at every write of that image (missing ids left
+        out); search caches are keyed by it, so a cached entry of another write is a miss."""
         ...
 
     def keypoints(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored keypoint locations, (N, 2) float32 px per image (missing ids are left out)."""
         ...
 
+    def keypoint_scales(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored keypoint pyramid scales, (N,) float32 per image in keypoint order (missing ids and
+        images stored without scales are left out)."""
+        ...
+
+    def global_descriptors(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """Stored (G,) float32 unit global descriptors per image (missing ids are left out)."""
+        ...
+
     def descriptor_codes(self, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """Stored descriptors as (N, D) int8 codes (:func:`~delf_es.index.codes.int8_codes`) per
         image, rows in keypoint order (missing ids are left out)."""
+        ...
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """The stored thumbnail JPEG, None if stored without; :class:`~delf_es.errors.ImageNotFound` if unknown."""
+        ...
+
+    def thumbnail_bytes(self) -> int:
+        """Bytes of all stored thumbnails."""
         ...
 
     def refresh(self) -> None:

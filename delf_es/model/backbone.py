@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from delf_es.errors import ConfigurationError, WeightsNotFound
+from delf_es.model.weights import load_state
 from delf_es.model.receptive_field import ConvSpec, ReceptiveField, compose, specs_along
 
 
@@ -170,7 +171,7 @@ class EfficientNetLite(Backbone):
             raise ConfigurationError(f"unknown local_layer {local_layer!r}")
         # image_size=None selects dynamic SAME padding, correct for any input size.
         self.net = EfficientNet.from_name(variant, image_size=None)
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        state = load_state(weights_path, "backbone weights")
         self.net.load_state_dict(state)
         self.net._fc = nn.Identity()
         self.local_layer = local_layer
@@ -252,7 +253,7 @@ class MobileNetV2(Backbone):
         if local_layer not in ("block", "expand"):
             raise ConfigurationError(f"unknown local_layer {local_layer!r}")
         self.net = MobileNetV2_bottle(input_size=224, width_mult=1.0)
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        state = load_state(weights_path, "backbone weights")
         self.net.load_state_dict(state)
         self.local_layer = local_layer
         features = list(self.net.features)
@@ -318,7 +319,7 @@ class ResNet50(Backbone):
         from torchvision.models import resnet50
 
         self.net = resnet50(weights=None)
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        state = load_state(weights_path, "backbone weights")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]

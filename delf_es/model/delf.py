@@ -14,7 +14,7 @@ from delf_es.model.backbone import Backbone
 from delf_es.model.pooling import gem, l2n
 from delf_es.model.receptive_field import ReceptiveField
 from delf_es.model.registry import get_preset
-from delf_es.model.weights import PROJECT_WEIGHTS_DIR, file_digest
+from delf_es.model.weights import PROJECT_WEIGHTS_DIR, file_digest, load_state
 from delf_es.settings import Settings
 
 
@@ -127,10 +127,14 @@ def build_model(settings: Settings) -> tuple[DelfModel, ModelMeta]:
     if want_attention:
         if not Path(attention_path).is_file():
             raise WeightsNotFound("scoring='attention' but no attention head is available", str(attention_path))
-        checkpoint = torch.load(attention_path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
-        attention = AttentionHead(backbone.local_channels, hidden=state["conv1.weight"].shape[0])
-        attention.load_state_dict(state)
+        checkpoint = load_state(attention_path, "attention head")
+        try:
+            state = checkpoint.get("state_dict", checkpoint)
+            attention = AttentionHead(backbone.local_channels, hidden=state["conv1.weight"].shape[0])
+            attention.load_state_dict(state)
+        except (AttributeError, KeyError, RuntimeError, TypeError) as error:  # a torch file, not our head
+            raise WeightsNotFound(f"not an attention head for {backbone.local_channels}-d features "
+                                  f"({str(error).splitlines()[0][:160]})", str(attention_path)) from None
         attention_digest = file_digest(Path(attention_path))
         attention_provenance = head_provenance(checkpoint.get("meta", {}), Path(attention_path))
     backbone.eval().fold_for_inference()

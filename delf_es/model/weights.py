@@ -41,3 +41,26 @@ def file_digest(path: Path, length: int = 8) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:length]
+
+
+def load_state(path: str | Path, what: str):
+    """``torch.load(path, weights_only=True)`` of a user-named file with its failures typed:
+    not a regular file (a FIFO would block), not a torch file, a pickle weights_only refuses.
+
+    Raises:
+        WeightsNotFound: the file cannot be read as a state dict.
+    """
+    import os
+    import stat
+
+    import torch
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise WeightsNotFound(f"{what}: not a regular file", str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except WeightsNotFound:
+        raise
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, OSError...
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsNotFound(f"{what}: not a torch weight file ({first[:200]})", str(path)) from None

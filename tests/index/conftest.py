@@ -71,7 +71,7 @@ def make_elasticsearch(tmp_path: Path) -> Iterator[Backend]:
     """A fresh, uniquely named alias; the index behind it is deleted afterwards."""
     from elasticsearch import Elasticsearch
 
-    from delf_es.index.elasticsearch import ElasticsearchBackend
+    from delf_es.index.es import ElasticsearchBackend
     from delf_es.settings import Settings
 
     url = _ELASTICSEARCH["url"]

@@ -140,6 +140,30 @@ def test_descriptor_codes_are_the_int8_codes_of_the_stored_descriptors(backend, 
     np.testing.assert_array_equal(backend.descriptor_codes(["a"])["a"], int8_codes(replaced.features.descriptors))
 
 
+def test_keypoint_scales_are_the_stored_pyramid_scales_in_keypoint_order(backend, synth):
+    from dataclasses import replace
+
+    record = synth.record("a", 12, seed=1)
+    scales = np.array([0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0] * 2, np.float32)[:12]
+    record = replace(record, features=replace(record.features, scales=scales))
+    backend.upsert([record, synth.record("blank", 0, seed=3)], refresh=True)
+    found = backend.keypoint_scales(["a", "blank", "missing"])
+    assert set(found) == {"a", "blank"}
+    assert found["a"].dtype == np.float32
+    np.testing.assert_array_equal(found["a"], scales)
+    assert found["blank"].shape == (0,)
+
+
+def test_global_descriptors_are_the_stored_vectors_and_leave_out_unknown_ids(backend, synth):
+    records = [synth.record("a", 5, seed=1), synth.record("b", 5, seed=2)]
+    backend.upsert(records, refresh=True)
+    found = backend.global_descriptors(["a", "b", "missing"])
+    assert set(found) == {"a", "b"}
+    for record in records:
+        assert found[record.image_id].dtype == np.float32
+        np.testing.assert_allclose(found[record.image_id], record.features.global_desc, atol=1e-6)
+
+
 def test_get_unknown_id_raises_image_not_found(backend):
     with pytest.raises(ImageNotFound):
         backend.get("never-added")

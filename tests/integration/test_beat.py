@@ -1,4 +1,4 @@
-"""A real ``celery -A workers.main beat`` process publishes the scheduled reindex check to the real
+"""A real ``celery -A delf_es.workers.main beat`` process publishes the scheduled reindex check to the real
 Redis broker, on the interval the settings give it (``DELF_ES_WORKER_REINDEX_SCHEDULE``).
 
 The messages are read off the ``index`` queue (no worker consumes them; what a tick does is
@@ -18,7 +18,7 @@ import uuid
 import pytest
 import redis
 
-from workers.celery_app import INDEX_QUEUE
+from delf_es.workers.app import INDEX_QUEUE
 from workers_fleet import REPO_ROOT, redis_url, wait_for
 
 pytestmark = pytest.mark.integration
@@ -62,7 +62,7 @@ def test_a_beat_process_publishes_the_reindex_check_on_the_configured_interval(s
     schedule = tmp_path / "celerybeat-schedule"
     log = open(tmp_path / "beat.log", "wb")
     beat = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.main", "beat", "--loglevel", "info",
+        [sys.executable, "-m", "celery", "-A", "delf_es.workers.main", "beat", "--loglevel", "info",
          "--schedule", str(schedule), "--pidfile", str(tmp_path / "beat.pid"), "--max-interval", "1"],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
     )

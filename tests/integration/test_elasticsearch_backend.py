@@ -18,9 +18,12 @@ from elastic_transport._node._base import NodeApiResponse
 from elasticsearch import Elasticsearch
 
 from delf_es.errors import FeatureShapeError, ImageNotFound, IndexUnavailable, UnsupportedFilter
-from delf_es.index import elasticsearch as es_backend
+from delf_es import errors as es_errors
+from delf_es.index import records as es_records
+from delf_es.index.codes import int8_codes
+from delf_es.index.es import transport as es_transport
 from delf_es.index.base import ImageRecord
-from delf_es.index.elasticsearch import ElasticsearchBackend, document_id, index_names, keypoint_id, render_template
+from delf_es.index.es import ElasticsearchBackend, document_id, index_names, keypoint_id, render_template
 from delf_es.settings import Settings
 from delf_es.types import Features
 
@@ -110,7 +113,7 @@ def test_document_ids_are_image_ids_unless_too_long_for_elasticsearch():
 
 
 def test_request_rejected_survives_pickling():
-    error = es_backend.RequestRejected("Elasticsearch at http://h:9200 rejected get (HTTP 400): bad", 400)
+    error = es_errors.RequestRejected("Elasticsearch at http://h:9200 rejected get (HTTP 400): bad", 400)
     copy = pickle.loads(pickle.dumps(error))
     assert (type(copy), str(copy), copy.status, copy.args) == (type(error), str(error), 400, error.args)
 
@@ -287,7 +290,7 @@ def test_keypoints_of_an_uncommitted_version_are_never_returned(backend, service
     for j, row in enumerate(dead.features.descriptors):
         client.index(index=f"{alias}-keypoints", id=keypoint_id("a", 1, j), document={
             "image_id": "a", "keypoint": j, "generation": 7, "metadata": {},
-            "vector": es_backend.int8_codes(row[None])[0].tolist()})
+            "vector": int8_codes(row[None])[0].tolist()})
     client.indices.refresh(index=f"{alias}-keypoints")
     client.close()
     assert not set(backend.knn(dead.features.descriptors, 1).image_ids)  # only "a" exists, and not that version
@@ -306,7 +309,7 @@ def test_replacement_rejected_by_elasticsearch_keeps_the_previous_version_whole(
     # One keypoint Elasticsearch itself refuses (cosine of a zero vector), past the client-side
     # check switched off here, so the server's mid-bulk rejection path is what is tested.
     descriptors[13] = 0.0
-    monkeypatch.setattr(es_backend, "non_unit_rows", lambda rows: None)
+    monkeypatch.setattr(es_records, "non_unit_rows", lambda rows: None)
     report = backend.upsert([record("a", 20, seed=2, descriptors=descriptors)], refresh=True)
     assert [f.item_id for f in report.failed] == ["a"]
     assert "keypoint 13" in report.failed[0].error
@@ -423,7 +426,7 @@ def test_bulk_rejected_with_429_is_retried_with_capped_backoff_then_written(over
     report = backend.upsert([record("a", seed=1), record("b", seed=2)], refresh=True)
     assert report.ok and report.succeeded == ["a", "b"]
     assert OverloadedNode.rejections["/_bulk"] == 0  # both rejections were met, then retried
-    assert sleeps == [es_backend.INITIAL_BACKOFF, 2 * es_backend.INITIAL_BACKOFF]
+    assert sleeps == [es_transport.INITIAL_BACKOFF, 2 * es_transport.INITIAL_BACKOFF]
     assert backend.existing(["a", "b"]) == {"a", "b"}
 
 
@@ -437,8 +440,8 @@ def test_bulk_still_rejected_after_the_retries_raises_index_unavailable(overload
     with pytest.raises(IndexUnavailable) as raised:
         backend.upsert([record("a", seed=1)])
     assert backend.url in str(raised.value)
-    assert len(sleeps) == es_backend.RETRIES_ON_429
-    assert max(sleeps) <= es_backend.MAX_BACKOFF
+    assert len(sleeps) == es_transport.RETRIES_ON_429
+    assert max(sleeps) <= es_transport.MAX_BACKOFF
 
 
 @pytest.mark.integration
@@ -449,13 +452,13 @@ def test_knn_search_rejected_with_429_is_retried_then_reported(overloaded):
     OverloadedNode.rejections = {"/_msearch": 1}
     found = backend.knn(item.features.descriptors, 1)
     np.testing.assert_array_equal(found.keypoint_index, np.arange(10))
-    assert sleeps == [es_backend.INITIAL_BACKOFF]
+    assert sleeps == [es_transport.INITIAL_BACKOFF]
 
     sleeps.clear()
     OverloadedNode.rejections = {"/_msearch": 100}
     with pytest.raises(IndexUnavailable):
         backend.knn(item.features.descriptors, 1)
-    assert len(sleeps) == es_backend.RETRIES_ON_429
+    assert len(sleeps) == es_transport.RETRIES_ON_429
     with pytest.raises(IndexUnavailable):
         backend.global_knn(item.features.global_desc, 1)
 

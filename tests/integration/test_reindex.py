@@ -18,11 +18,11 @@ import pytest
 from delf_es.cache import MemoryLocationCache
 from delf_es.features import Extractor
 from delf_es.imageio import load_image
-from delf_es.index.elasticsearch import ElasticsearchBackend
+from delf_es.index.es import ElasticsearchBackend
 from delf_es.search import Searcher
 from test_workers import photos
-from workers.client import Submitter
-from workers.reindex import Reindexer
+from delf_es.workers.app import make_submitter
+from delf_es.workers.reindex import Reindexer
 from workers_fleet import REPO_ROOT, Fleet, whole_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -49,7 +49,7 @@ def test_reindex_to_a_new_model_swaps_the_alias_with_zero_failed_searches_and_eq
     fleet.start_worker(concurrency=2)
     old_extractor = Extractor(fleet.settings)
     new_extractor = Extractor(fleet.settings.model_copy(update=NEW))
-    with Submitter(fleet.settings) as submitter:
+    with make_submitter(fleet.settings) as submitter:
         done = submitter.wait(submitter.submit(paths), timeout=600)
         assert done.done == N, fleet.log(0)[-3000:]
         old_indices = sorted(fleet.es.indices.get_alias(name=fleet.alias))
@@ -125,7 +125,7 @@ def test_reindex_to_a_new_model_swaps_the_alias_with_zero_failed_searches_and_eq
 
     # The beat schedule's path: the workers are configured for Lite0, the live index is now
     # MobileNetV2, so a tick starts a rebuild; once its job is done the next tick swaps back.
-    with Submitter(fleet.settings) as submitter:
+    with make_submitter(fleet.settings) as submitter:
         back = Reindexer(fleet.settings, submitter, None, old_extractor.model_id)
         first = back.tick(delete_old=True)
         assert first.state == "building" and first.source_count == N

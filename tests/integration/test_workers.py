@@ -11,7 +11,7 @@ import pytest
 
 from conftest import shared
 from delf_es.sdk import DelfEs
-from workers.client import Submitter
+from delf_es.workers.app import make_submitter
 from workers_fleet import Fleet, wait_for, whole_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,7 +40,7 @@ def test_enqueued_photos_are_indexed_exactly_once_searchable_and_the_undecodable
     bad.write_bytes(b"this is not a JPEG")
     paths = photos(N_PHOTOS)
     fleet.start_worker(concurrency=2)
-    with Submitter(fleet.settings) as submitter:
+    with make_submitter(fleet.settings) as submitter:
         items = [(p, {"landmark": p.split("/")[-2]}) for p in paths]
         job = submitter.submit(items + [str(bad)])
         again = submitter.submit(items[:3])  # duplicate messages for the same images
@@ -65,7 +65,7 @@ def test_enqueued_photos_are_indexed_exactly_once_searchable_and_the_undecodable
 def test_a_worker_killed_mid_batch_leaves_no_partial_image_and_another_finishes_the_job(fleet):
     paths = photos(N_PHOTOS // 2 + 2, offset=N_PHOTOS)
     first = fleet.start_worker(concurrency=1)
-    with Submitter(fleet.settings) as submitter:
+    with make_submitter(fleet.settings) as submitter:
         job = submitter.submit(paths)
         wait_for(lambda: submitter.progress(job).done >= 2, 300, "the first images to be indexed")
         fleet.kill(first)  # SIGKILL worker + pool process, mid-job: tasks unacknowledged, lock held
@@ -101,7 +101,7 @@ def test_batched_submission_extracts_several_images_per_task_and_still_indexes_e
     bad.write_bytes(open(paths[0], "rb").read()[:3000])
     fleet.start_worker(concurrency=1, env={"DELF_ES_EXTRACT_BATCH": "4"})
     settings = fleet.settings.model_copy(update={"worker_extract_batch": 4})
-    with Submitter(settings) as submitter:
+    with make_submitter(settings) as submitter:
         job = submitter.submit(paths[:5] + [str(bad)] + paths[5:])
         done = submitter.wait(job, timeout=600)
     assert done.total == 10 and done.done == 9, fleet.log(0)[-3000:]

@@ -17,9 +17,9 @@ from delf_es.eval.run import drop_indices
 from delf_es.sdk import DelfEs
 from delf_es.settings import Settings
 from delf_es.types import Features
-from workers.celery_app import make_app
-from workers.client import Submitter
-from workers.store import Staged, staging_key
+from delf_es.workers.app import make_app
+from delf_es.workers.submit import Submitter
+from delf_es.workers.store import Staged, staging_key
 from workers_fleet import redis_url
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def test_an_index_outage_that_outlasts_the_retries_fails_the_job_queryably_and_r
     down = make_app(settings.model_copy(update={"es_url": DOWN_URL}))
     up = make_app(settings)
     image = staged(settings.index_alias, "louvre.jpg")
-    with Submitter(settings, app=down) as submitter, Submitter(settings, app=up):
+    with Submitter(down) as submitter, Submitter(up):
         store = submitter.store
         store.start_job("job-1", 1)
         store.stage(image, "job-1")

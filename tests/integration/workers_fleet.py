@@ -1,7 +1,7 @@
 """Real Celery worker processes for integration tests, isolated from everyone else's.
 
 Each :class:`Fleet` has its own Redis namespace (kombu ``global_keyprefix`` + staging keys) on
-Redis DB 10 (benchmarks/ingest_workers.py uses 9) and its own index alias; workers are ``python -m celery -A workers.main worker``
+Redis DB 10 (benchmarks/ingest_workers.py uses 9) and its own index alias; workers are ``python -m celery -A delf_es.workers.main worker``
 subprocesses in their own process group, killed by that group at the end (or by the test, with
 SIGKILL, to simulate a crash).  Teardown deletes the fleet's indices and Redis keys only.
 """
@@ -67,7 +67,7 @@ class Fleet:
         n = len(self.workers)
         log = open(self.log_dir / f"worker-{n}.log", "wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.main", "worker", "-Q", queues, "-c", str(concurrency),
+            [sys.executable, "-m", "celery", "-A", "delf_es.workers.main", "worker", "-Q", queues, "-c", str(concurrency),
              "--loglevel", "info", "-n", f"{self.id}-{n}@%h", "--without-gossip", "--without-mingle"],
             cwd=REPO_ROOT, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -91,3 +91,28 @@ def test_fit_pca_writes_a_loadable_artifact_with_provenance(tmp_path):
     assert result.exit_code == 0, result.output
     assert Features.load(tmp_path / "f" / "coffee.npz").descriptor_dim == 16
     assert np.isfinite(Features.load(tmp_path / "f" / "coffee.npz").descriptors).all()
+
+
+def test_demo_figure_draws_the_correspondences_the_search_verified(tmp_path, monkeypatch):
+    """The figure shows what the search decided: the inliers drawn are the hit's own (the demo
+    used to re-match for the figure and drew 429 inliers for a hit it printed with 474)."""
+    import delf_es.draw
+
+    drawn = []
+    real = delf_es.draw.draw_matches
+
+    def spy(image_a, image_b, keypoints_a, keypoints_b, correspondences, out_path, **kwargs):
+        drawn.append((len(keypoints_a), len(keypoints_b), correspondences))
+        return real(image_a, image_b, keypoints_a, keypoints_b, correspondences, out_path, **kwargs)
+
+    monkeypatch.setattr(delf_es.draw, "draw_matches", spy)
+    result = runner.invoke(app, [*FAST, "demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    top = summary["hits"][0]
+    assert top["id"].endswith("motorcycle_left.png") and top["inliers"] > 0
+    assert summary["figure_inliers"] == [top["inliers"]]
+    ((query_keypoints, stored_keypoints, correspondences),) = drawn
+    assert correspondences.num_inliers == top["inliers"]
+    assert correspondences.matches[:, 0].max() < query_keypoints and correspondences.matches[:, 1].max() < stored_keypoints
+    assert (tmp_path / "demo" / "demo_search.png").is_file()

@@ -135,3 +135,17 @@ def test_invalid_setting_pickles():
     error = InvalidSetting("must be >= 1", "--max-features -5")
     assert str(pickle.loads(pickle.dumps(error))) == "--max-features -5: must be >= 1"
     assert os.environ.get("DELF_ES_DATA_DIR")
+
+
+def test_elasticsearch_down_is_one_line_with_the_url_and_what_to_do(tmp_path):
+    """A closed port is what a stopped server looks like (issue 15 item 9: ~60 lines of urllib3
+    retry tracebacks used to come first).  A real subprocess: logging as users get it."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DELF_ES_ES_URL": "http://127.0.0.1:9", "DELF_ES_ES_TIMEOUT": "3", "COLUMNS": "80"}
+    done = subprocess.run([sys.executable, "-m", "delf_es.cli", "stats"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, lines
+    assert "http://127.0.0.1:9" in lines[0] and "is it running" in lines[0] and "Traceback" not in lines[0]

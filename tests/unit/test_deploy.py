@@ -84,8 +84,19 @@ def test_dockerfile_installs_the_pinned_torch_and_ships_the_mappings():
         pinned = re.search(rf'"{package}==([^"]+)"', pyproject).group(1)
         assert f"ARG {arg}={pinned}" in dockerfile
     assert re.search(r"^FROM python:3\.11", dockerfile, re.M)
-    for folder in ("delf_es", "workers", "mappings"):
+    for folder in ("delf_es", "mappings"):
         assert f"COPY {folder} ./{folder}" in dockerfile
     # a regular install: the wheel carries the mappings (tests/unit/test_packaging.py)
     assert re.search(r"^RUN pip install --no-cache-dir \.$", dockerfile, re.M) and "-e ." not in dockerfile
     assert 'ENTRYPOINT ["delf-es"]' in dockerfile
+
+
+def test_the_api_service_serves_with_a_token_on_loopback_and_shares_the_upload_folder(compose):
+    api, worker = compose["services"]["api"], compose["services"]["worker"]
+    assert api["command"][:1] == ["serve"] and "--host" in api["command"]
+    assert api["environment"]["DELF_ES_API_TOKEN"].startswith("${DELF_ES_API_TOKEN:?")  # no token, no start
+    assert all(port.startswith("127.0.0.1:") for port in api["ports"])
+    assert "/healthz" in api["healthcheck"]["test"][1]
+    upload_dir = api["environment"]["DELF_ES_API_UPLOAD_DIR"]
+    mounted = {mount.split(":")[1] for mount in worker["volumes"]}
+    assert any(upload_dir.startswith(target + "/") for target in mounted)  # the workers read the staged uploads

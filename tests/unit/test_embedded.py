@@ -20,7 +20,8 @@ import pytest
 
 from delf_es.errors import ImageNotFound, IndexUnavailable, ModelMismatch, UnsupportedFilter
 from delf_es.index.base import ImageRecord
-from delf_es.index.embedded import KEYPOINT_BITS, EmbeddedBackend, _keypoint_ids, compile_filter
+from delf_es.index.embedded import KEYPOINT_BITS, EmbeddedBackend, compile_filter
+from delf_es.index.embedded.keypoint_index import keypoint_ids as _keypoint_ids
 from delf_es.types import Features
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,8 +176,10 @@ def test_leftover_temporary_snapshot_is_removed_on_open(tmp_path):
     with EmbeddedBackend(tmp_path) as backend:
         backend.upsert([_record("a", 10, seed=1)])
     (tmp_path / "keypoints.7.faiss.tmp").write_bytes(b"half written")
-    with EmbeddedBackend(tmp_path):
-        assert _snapshots(tmp_path) == ["keypoints.1.faiss"]
+    with EmbeddedBackend(tmp_path):  # a reader leaves it (a writer could be writing it) ...
+        pass
+    assert _snapshots(tmp_path) == ["keypoints.1.faiss"]  # ... and removes it at close when no one writes
+    assert not (tmp_path / "keypoints.7.faiss.tmp").exists()
 
 
 def test_failed_faiss_update_is_repaired_from_sqlite(tmp_path, monkeypatch):
@@ -250,11 +253,26 @@ def test_first_record_binds_the_model_for_the_rest_of_the_batch(tmp_path):
         assert [failure.item_id for failure in report.failed] == ["b"]
 
 
-def test_directory_cannot_be_opened_twice(tmp_path):
-    with EmbeddedBackend(tmp_path):
-        with pytest.raises(IndexUnavailable, match="already open"):
-            EmbeddedBackend(tmp_path)
-    EmbeddedBackend(tmp_path).close()
+def test_a_second_writer_is_refused_naming_the_holder_and_readers_still_work(tmp_path):
+    """Issue 15 item 10 (in one process: two instances; test_embedded_concurrency.py runs
+    separate processes)."""
+    import os
+
+    from delf_es.errors import IndexLocked
+
+    with EmbeddedBackend(tmp_path) as writer:
+        writer.upsert([_record("a", 10, seed=1)])
+        with EmbeddedBackend(tmp_path) as reader:
+            assert reader.count() == 1 and reader.get("a").num_keypoints == 10
+            with pytest.raises(IndexLocked, match=f"PID {os.getpid()}") as refused:
+                reader.upsert([_record("b", 10, seed=2)])
+            assert isinstance(refused.value, IndexUnavailable) and "searches and stats work" in str(refused.value)
+            writer.upsert([_record("c", 10, seed=3)])
+            assert reader.count() == 2 and reader.existing(["a", "b", "c"]) == {"a", "c"}  # caught up
+            _assert_finds_itself(reader, _record("c", 10, seed=3))
+    with EmbeddedBackend(tmp_path) as again:  # the lock died with its holder's close
+        again.upsert([_record("b", 10, seed=2)])
+        assert again.count() == 3
 
 
 def test_operations_after_close_raise_index_unavailable(tmp_path):

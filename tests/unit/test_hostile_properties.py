@@ -18,7 +18,9 @@ from delf_es.errors import DelfEsError, InvalidImage, InvalidRequest, Unreadable
 from delf_es.imageio import load_image
 from delf_es.index.filters import compile_filter
 from delf_es.safe_files import read_regular_file
-from delf_es.sdk import MAX_ID_BYTES, _check_id, _check_metadata
+from delf_es.items import MAX_ID_BYTES
+from delf_es.items import check_id as _check_id
+from delf_es.items import check_metadata as _check_metadata
 from delf_es.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -131,3 +133,27 @@ def test_typed_errors_pickle_and_print_on_one_line(message, number):
     for error in (InvalidRequest(str(message)), UnreadableFile(str(message), "p"), UnsupportedFilter(str(message))):
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and str(again) == str(error) and isinstance(again, DelfEsError)
+
+
+@hsettings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.text(min_size=1, max_size=200), anything)
+def test_any_accepted_id_and_metadata_round_trip_through_the_embedded_index(tmp_path_factory, name, metadata):
+    from delf_es.index.base import ImageRecord
+    from delf_es.index.embedded import EmbeddedBackend
+    from delf_es.types import Features
+
+    try:
+        image_id, stored = _check_id(name), _check_metadata(metadata if isinstance(metadata, dict) else {"v": metadata})
+    except InvalidRequest:
+        return
+    rng = np.random.default_rng(0)
+    descriptors = rng.normal(size=(5, 8)).astype(np.float32)
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+    features = Features(image_id=image_id, model_id="m@1", image_size=(64, 64), keypoints=np.zeros((5, 2), np.float32),
+                        scales=np.ones(5, np.float32), scores=np.ones(5, np.float32), descriptors=descriptors,
+                        global_desc=descriptors[0])
+    with EmbeddedBackend(tmp_path_factory.mktemp("idx")) as backend:
+        report = backend.upsert([ImageRecord(image_id, image_id, stored, features, "2026-12-01T00:00:00Z")])
+        assert report.ok, report
+        got = backend.get(image_id)
+        assert got.image_id == image_id and got.metadata == stored and backend.existing([image_id]) == {image_id}

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from delf_es.index.elasticsearch import _byte_vector, int8_codes, non_unit_rows
+from delf_es.index.codes import int8_codes, non_unit_rows
+from delf_es.index.es.codec import byte_vector as _byte_vector
 
 
 def unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:

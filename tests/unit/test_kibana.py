@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from delf_es.cli import app
-from delf_es.index.elasticsearch import MAPPINGS_DIR
-from workers.kibana import SAVED_OBJECTS, saved_objects
+from delf_es.index.es.templates import MAPPINGS_DIR
+from delf_es.workers.kibana import SAVED_OBJECTS, saved_objects
 
 KNOWN_TYPES = {"index-pattern", "visualization", "search", "dashboard", "lens"}
 MAPPING_OF_TITLE = {"delf-images": "images-v1.json", "delf-images-failures": "failures-v1.json"}

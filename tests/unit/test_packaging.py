@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "README.md", "delf_es", "workers", "mappings")
+SOURCES = ("pyproject.toml", "README.md", "delf_es", "mappings")
 
 PROBE = """
 import json
 import delf_es
-from delf_es.index.elasticsearch import MAPPINGS_DIR, render_template
-from delf_es.index.failures import MAPPING
-from workers.kibana import SAVED_OBJECTS, saved_objects
+from delf_es.index.es import MAPPINGS_DIR, render_template
+from delf_es.index.es.failures import MAPPING
+from delf_es.workers.kibana import SAVED_OBJECTS, saved_objects
 body = render_template(model_id="m@1", local_dims=40, global_dims=1280)
 print(json.dumps({"package": delf_es.__file__, "mappings": str(MAPPINGS_DIR), "failures": str(MAPPING),
                   "kibana": str(SAVED_OBJECTS), "kibana_objects": len(saved_objects()),
@@ -48,7 +48,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_the_wheel_holds_every_module_and_the_mappings(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    modules = {str(p.relative_to(ROOT)) for folder in ("delf_es", "workers") for p in (ROOT / folder).rglob("*.py")}
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "delf_es").rglob("*.py")}
     assert modules - names == set()  # pyproject.toml lists the packages: a new one must be added there
     mappings = {"delf_es/mappings/" + str(p.relative_to(ROOT / "mappings"))
                 for p in (ROOT / "mappings").rglob("*") if p.is_file()}

@@ -8,6 +8,7 @@ import pytest
 
 from delf_es.errors import ItemFailure
 from delf_es.parallel import ExtractorPool, process_plan, usable_cores
+from delf_es.sdk import pool_engine
 from delf_es.settings import Settings
 
 SMALL = dict(scales=(0.5, 1.0), global_scales=(1.0,), max_feature_num=300, runtime="torch", es_url=None, redis_url=None)
@@ -42,12 +43,13 @@ def test_pool_returns_in_process_features_in_input_order_and_failures_per_item(p
     paths, corrupt = photos
     settings = Settings(data_dir=tmp_path, **SMALL)
     items = [{"path": str(paths[0])}, {"path": str(corrupt)}, {"path": str(paths[1])}, {"path": str(paths[2])}]
-    with ExtractorPool(settings, processes=2, threads=1) as pool:
+    with ExtractorPool(settings, processes=2, threads=1, engine=pool_engine) as pool:
         results = list(pool.extract(items))
     assert isinstance(results[1], ItemFailure) and results[1].item_id == str(corrupt)
     engine = DelfEs(settings)
     for result, path in zip([results[0], results[2], results[3]], paths):
-        name, features = result
+        name, features, thumbnail = result
+        assert thumbnail[:2] == b"\xff\xd8"  # the JPEG thumbnail, made in the worker process
         expected_name, image = engine.load(str(path), None, False)
         assert name == expected_name
         expected = engine.extract(image.pixels, name)

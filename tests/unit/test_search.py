@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from delf_es.cache import MemoryLocationCache, codes_namespace
+from delf_es.cache import revision_key, MemoryLocationCache, codes_namespace
 from delf_es.index.base import ImageRecord
 from delf_es.index.embedded import EmbeddedBackend
 from delf_es.index.codes import int8_codes
@@ -97,8 +97,9 @@ def test_global_shortlist_with_matching_runs_no_keypoint_knn(scene, monkeypatch)
     monkeypatch.setattr(backend, "knn", no_knn)
     hits = search.search(query)
     assert hits[0].image_id == "target" and hits[0].inliers >= 150
-    # the codes were cached on the miss, under their own namespace
-    cached = search.cache.get_many(codes_namespace(MODEL), ["target"])["target"]
+    # the codes were cached on the miss, under their own namespace and the image's revision
+    key = revision_key("target", backend.revisions(["target"])["target"])
+    cached = search.cache.get_many(codes_namespace(MODEL), [key])[key]
     np.testing.assert_array_equal(cached, backend.descriptor_codes(["target"])["target"])
     assert search.search(query)[0].inliers == hits[0].inliers  # from the cache now
 
@@ -138,12 +139,16 @@ def test_metadata_filter_excludes_the_target(scene):
     assert "target" not in [h.image_id for h in hits]
 
 
+def _key(backend, image_id: str) -> str:
+    return revision_key(image_id, backend.revisions([image_id])[image_id])
+
+
 def test_locations_come_from_the_cache_and_misses_are_written_back(scene):
     backend, query = scene
     search = searcher(backend)
     search.search(query)
-    assert "target" in search.cache.get_many(MODEL, ["target"])
-    cached = search.cache.get_many(MODEL, ["target"])["target"]
+    key = _key(backend, "target")
+    cached = search.cache.get_many(MODEL, [key])[key]
     np.testing.assert_array_equal(cached, backend.keypoints(["target"])["target"])
 
 
@@ -154,16 +159,28 @@ def test_a_write_back_racing_a_writer_keeps_the_writers_locations(scene, monkeyp
     search = searcher(backend)
     rewritten = np.full((7, 2), 5.0, np.float32)
     read = backend.keypoints
+    key = _key(backend, "target")
 
     def read_then_lose_the_race(image_ids):
         old = read(image_ids)
-        search.cache.put_many(MODEL, {"target": rewritten})  # the writer commits and caches
+        search.cache.put_many(MODEL, {key: rewritten})  # the writer commits and caches
         return old
 
     monkeypatch.setattr(backend, "keypoints", read_then_lose_the_race)
     search.search(query)
-    np.testing.assert_array_equal(search.cache.get_many(MODEL, ["target"])["target"], rewritten)
-    assert search.cache.get_many(MODEL, ["a", "b", "c", "d"])  # the other shortlisted images were filled
+    np.testing.assert_array_equal(search.cache.get_many(MODEL, [key])[key], rewritten)
+    assert search.cache.get_many(MODEL, [_key(backend, i) for i in "abcd"])  # the other shortlisted images were filled
+
+
+def test_a_cached_entry_of_another_revision_is_never_served(scene):
+    """Stale locations cached for a previous write of 'target' (a writer's invalidation lost to
+    a paused Redis) are not read: the index's revision is part of the key."""
+    backend, query = scene
+    search = searcher(backend)
+    stale = np.zeros((len(backend.keypoints(["target"])["target"]), 2), np.float32)
+    old = revision_key("target", str(int(backend.revisions(["target"])["target"]) - 1))
+    search.cache.put_many(MODEL, {old: stale, "target": stale, "target@0": stale})
+    assert search.search(query)[0].inliers >= 150
 
 
 def test_query_without_keypoints_returns_only_global_hits(scene):
@@ -256,3 +273,85 @@ def test_unset_search_plan_is_the_backends_measured_best():
     assert Settings(correspondences="matching").search_plan() == ("hybrid", "matching")
     with pytest.raises(ValueError):
         Settings(correspondences="nearest")
+
+
+# ---- verified query expansion and the scale rule ---------------------------------------------
+
+
+def _axis(d, *weights):
+    vector = np.zeros(d, np.float32)
+    vector[: len(weights)] = weights
+    return vector / np.linalg.norm(vector)
+
+
+@pytest.fixture()
+def twin_scene(tmp_path):
+    """The query's global descriptor is e1.  'target' (cos 0.89) and its 'twin' (same keypoints,
+    cos 0.29) show the query's object; four distractors sit at cos 0.5.  A global shortlist of
+    two finds the target and a distractor; only the expanded query reaches the twin."""
+    rng = np.random.default_rng(1)
+    backend = EmbeddedBackend(tmp_path / "index", model_id=MODEL)
+    kp = rng.uniform([0, 0], [640, 480], (200, 2))
+    desc = unit(rng, 200, 40)
+    globals_ = {"target": _axis(16, 1.0, 0.5), "twin": _axis(16, 0.3, 1.0)}
+    for k, name in enumerate("abcd"):
+        globals_[name] = _axis(16, *([1.0, 0.0] + [0.0] * k + [1.732]))
+    records = []
+    for name, vector in globals_.items():
+        same = name in ("target", "twin")
+        points = kp if same else rng.uniform([0, 0], [640, 480], (200, 2))
+        descriptors = desc if same else unit(rng, 200, 40)
+        records.append(ImageRecord(name, f"/p/{name}.jpg", {}, features(name, points, descriptors, vector), "2026-11-22T00:00:00Z"))
+    backend.upsert(records)
+    query = features("<query>", kp + 5.0, desc, _axis(16, 1.0))
+    yield backend, query
+    backend.close()
+
+
+@pytest.mark.parametrize("correspondences", ["knn", "matching"])
+def test_query_expansion_reaches_a_positive_the_first_shortlist_missed(twin_scene, correspondences):
+    backend, query = twin_scene
+    plan = {"shortlist_mode": "global", "correspondences": correspondences, "shortlist_size": 2, "qe_alpha": 0.0}
+    plain = searcher(backend, **plan).search(query)
+    assert [h.image_id for h in plain][0] == "target" and "twin" not in {h.image_id for h in plain}
+    expanded = searcher(backend, query_expansion=1, qe_min_inliers=20, **plan).search(query)
+    by_id = {h.image_id: h for h in expanded}
+    assert [h.image_id for h in expanded][:2] == ["target", "twin"]
+    assert by_id["twin"].inliers >= 150
+
+
+def test_query_expansion_needs_a_verified_hit(twin_scene):
+    backend, query = twin_scene
+    plan = {"shortlist_mode": "global", "shortlist_size": 2, "qe_alpha": 0.0, "query_expansion": 1}
+    hits = searcher(backend, qe_min_inliers=10_000, **plan).search(query)
+    assert "twin" not in {h.image_id for h in hits}
+
+
+def test_alpha_query_expansion_weights_hits_by_cosine_power():
+    from delf_es.search import alpha_query_expansion
+
+    q, hit, opposite = _axis(4, 1.0), _axis(4, 1.0, 1.0), _axis(4, -1.0)
+    expected = q + (0.5**0.5) ** 3 * hit  # opposite has cos < 0: weight 0
+    np.testing.assert_allclose(alpha_query_expansion(q, [hit, opposite], 3.0), expected / np.linalg.norm(expected), rtol=1e-6)
+    np.testing.assert_allclose(alpha_query_expansion(q, [], 3.0), q)
+
+
+def test_scale_rule_rejects_inliers_whose_pyramid_scales_disagree(tmp_path, scene):
+    backend, query = scene
+    plan = {"shortlist_mode": "global", "correspondences": "matching"}
+    before = searcher(backend, **plan).search(query)[0]
+    assert before.image_id == "target" and before.inliers >= 150
+    # same scales on both sides and a zoom of ~1: every inlier is consistent
+    assert searcher(backend, ransac_scale_tolerance=0.5, **plan).search(query)[0].inliers == before.inliers
+    # store the target again with its keypoints claimed 4x finer (2 octaves): none agrees
+    from dataclasses import replace
+
+    stored = backend.keypoints(["target"])["target"]
+    codes = backend.descriptor_codes(["target"])["target"].astype(np.float32)
+    finer = Features("target", MODEL, (640, 480), stored, np.full(len(stored), 4.0, np.float32),
+                     np.ones(len(stored), np.float32), codes / np.linalg.norm(codes, axis=1, keepdims=True),
+                     backend.global_descriptors(["target"])["target"])
+    backend.upsert([ImageRecord("target", "/photos/target.jpg", {}, finer, "2026-11-22T00:00:00Z")])
+    hits = {h.image_id: h for h in searcher(backend, ransac_scale_tolerance=0.5, **plan).search(query)}
+    assert hits["target"].inliers == 0
+    assert {h.image_id: h for h in searcher(backend, **plan).search(query)}["target"].inliers >= 150

@@ -383,9 +383,10 @@ def test_function_and_verifier_module_agree(kind):
 
 def test_verifier_takes_every_parameter_from_settings():
     settings = Settings(match_max_distance=0.7, match_mutual=False, ransac_model="affine", ransac_px=3.5,
-                        ransac_confidence=0.99, ransac_max_iters=123, ransac_seed=9)
+                        ransac_confidence=0.99, ransac_max_iters=123, ransac_seed=9, min_inlier_spread=7.5)
     assert Verifier.from_settings(settings) == Verifier(
-        max_distance=0.7, mutual=False, kind="affine", px_threshold=3.5, confidence=0.99, max_iters=123, seed=9
+        max_distance=0.7, mutual=False, kind="affine", px_threshold=3.5, confidence=0.99, max_iters=123, seed=9,
+        min_spread_px=7.5,
     )
 
 
@@ -393,3 +394,69 @@ def test_verifier_rejects_an_unknown_model_kind():
     with pytest.raises(ValueError):
         Verifier(max_distance=0.9, mutual=True, kind="projective", px_threshold=4, confidence=0.99,
                  max_iters=10, seed=0)
+
+
+# ---- scale-consistent inliers ---------------------------------------------------------------
+
+
+def test_local_zoom_of_a_homography_is_the_root_of_its_jacobian_determinant():
+    from delf_es.verify import local_log2_zoom
+
+    h = np.array([[1.2, 0.1, 5.0], [-0.2, 0.9, 3.0], [1e-4, 2e-4, 1.0]])
+    points = np.array([[10.0, 20.0], [300.0, 100.0]])
+
+    def apply(p):
+        q = h @ np.array([p[0], p[1], 1.0])
+        return q[:2] / q[2]
+
+    for point, zoom in zip(points, local_log2_zoom(h, "homography", points)):
+        eps = 1e-4
+        jacobian = np.stack([(apply(point + [eps, 0]) - apply(point - [eps, 0])) / (2 * eps),
+                             (apply(point + [0, eps]) - apply(point - [0, eps])) / (2 * eps)], axis=1)
+        assert zoom == pytest.approx(0.5 * np.log2(abs(np.linalg.det(jacobian))), abs=1e-6)
+    assert local_log2_zoom(h, "fundamental", points) is None
+
+
+def test_scale_consistent_keeps_inliers_whose_scale_ratio_matches_the_zoom():
+    from delf_es.verify import scale_consistent
+
+    zoom2 = np.diag([2.0, 2.0, 1.0])  # B shows A twice as large: s_a / s_b should be 2
+    points = np.zeros((4, 2))
+    scales_a = np.array([1.0, 1.0, 0.5, 2.0])
+    scales_b = np.array([0.5, 1.0, 0.354, 1.0])  # ratios 2, 1, 1.412, 2
+    inliers = np.array([True, True, True, False])
+    kept = scale_consistent(zoom2, "homography", points, scales_a, scales_b, inliers, tolerance=0.25)
+    np.testing.assert_array_equal(kept, [True, False, False, False])
+    kept = scale_consistent(zoom2, "homography", points, scales_a, scales_b, inliers, tolerance=0.6)
+    np.testing.assert_array_equal(kept, [True, False, True, False])  # one level off (0.5) passes 0.6
+    # no model: nothing survives; the fundamental matrix uses the inliers' median ratio
+    assert not scale_consistent(None, "homography", points, scales_a, scales_b, inliers, 0.5).any()
+    fundamental = scale_consistent(np.eye(3), "fundamental", points, np.array([1.0, 1.0, 1.0, 1.0]),
+                                   np.array([1.0, 1.0, 0.25, 1.0]), np.ones(4, bool), 0.5)
+    np.testing.assert_array_equal(fundamental, [True, True, False, True])
+
+
+def test_scale_consistent_refuses_a_bad_tolerance_and_mismatched_scales():
+    from delf_es.verify import scale_consistent
+
+    with pytest.raises(ValueError):
+        scale_consistent(np.eye(3), "homography", np.zeros((1, 2)), np.ones(1), np.ones(1), np.ones(1, bool), 0.0)
+    with pytest.raises(FeatureShapeError):
+        scale_consistent(np.eye(3), "homography", np.zeros((2, 2)), np.ones(3), np.ones(2), np.ones(2, bool), 0.5)
+
+
+def test_verifier_with_the_scale_rule_drops_matches_from_the_wrong_level():
+    rng = np.random.default_rng(3)
+    n = 80
+    kp = rng.uniform(0, 500, (n, 2)).astype(np.float32)
+    desc = rng.standard_normal((n, 40)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    scales_b = np.ones(n, np.float32)
+    scales_b[:30] = 4.0  # 30 keypoints claim a level two octaves away from the rest
+    a = Features("a", "m", (512, 512), kp, np.ones(n, np.float32), np.ones(n, np.float32), desc)
+    b = Features("b", "m", (512, 512), kp + 3.0, scales_b, np.ones(n, np.float32), desc)
+    base = dict(max_distance=0.9, mutual=True, kind="homography", px_threshold=4.0, confidence=0.999, max_iters=2000, seed=0)
+    assert Verifier(**base)(a, b).num_inliers == n
+    assert Verifier(**base, scale_tolerance=0.5)(a, b).num_inliers == n - 30
+    with pytest.raises(ValueError):
+        Verifier(**base, scale_tolerance=-1.0)

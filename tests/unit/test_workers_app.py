@@ -8,9 +8,9 @@ import pytest
 
 from delf_es.settings import Settings
 from delf_es.types import Features
-from workers.celery_app import EXTRACT_QUEUE, INDEX_QUEUE, make_app
-from workers.store import JobProgress, Staged, staging_key
-from workers.tasks import RETRYABLE
+from delf_es.workers.app import EXTRACT_QUEUE, INDEX_QUEUE, make_app
+from delf_es.workers.store import JobProgress, Staged, staging_key
+from delf_es.workers.tasks import RETRYABLE
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import redis.exceptions
 from PIL import Image
 
 from delf_es.errors import IndexUnavailable, RetriesExhausted
-from delf_es.index.failures import FailedImage
+from delf_es.index.es.failures import FailedImage
 from delf_es.settings import Settings
 from delf_es.types import Features
-from workers.celery_app import make_app
+from delf_es.workers.app import make_app
 
 MAX_RETRIES = 2
 
@@ -36,7 +36,7 @@ def features(image_id: str) -> Features:
 
 
 class FakeStore:
-    """FAKE workers.store.Store: jobs and deferred records in memory; staging raises
+    """FAKE delf_es.workers.store.Store: jobs and deferred records in memory; staging raises
     ``stage_error`` (a Redis outage) when set; the writer's lock can be held by someone else."""
 
     def __init__(self, stage_error: Exception | None = None, lock_taken: bool = False) -> None:
@@ -110,7 +110,7 @@ class FakeBatchExtractor(FakeExtractor):
 
 
 class FakeContext:
-    """FAKE workers.celery_app.WorkerContext wiring the fakes above."""
+    """FAKE delf_es.workers.app.WorkerContext wiring the fakes above."""
 
     def __init__(self, settings: Settings, store: FakeStore) -> None:
         self.settings = settings

@@ -1,0 +1,1 @@
+"""One router per resource; :mod:`delf_es.api.app` composes them."""

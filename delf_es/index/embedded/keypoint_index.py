@@ -1,0 +1,242 @@
+"""The embedded index's keypoint search: a faiss index (exact flat, or IVF above ``exact_limit``)
+mirroring the descriptors in SQLite, its on-disk snapshot, and the filtered searches.  Mixed into
+:class:`~delf_es.index.embedded.backend.EmbeddedBackend`.
+
+faiss ids encode ``(row << KEYPOINT_BITS) | keypoint_index``, where ``row`` is the image's SQLite
+rowid (never reused: replacing an image gets a new row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from delf_es.index.base import Neighbours
+from delf_es.index.embedded.storage import SQL_CHUNK, unblob
+
+logger = logging.getLogger(__name__)
+
+#: faiss id = (row << KEYPOINT_BITS) | keypoint index, so an image holds < 2**24 keypoints.
+KEYPOINT_BITS = 24
+MAX_KEYPOINTS = 1 << KEYPOINT_BITS
+_SNAPSHOT_RE = re.compile(r"^keypoints\.(\d+)\.faiss$")
+
+
+def keypoint_ids(rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """faiss ids of every keypoint of ``rows`` (with ``counts`` keypoints each), (sum(counts),) int64."""
+    rows = np.asarray(rows, np.int64)
+    counts = np.asarray(counts, np.int64)
+    total = int(counts.sum())
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(rows << KEYPOINT_BITS, counts) + (np.arange(total, dtype=np.int64) - starts)
+
+
+def _ivf_nlist(n: int) -> int:
+    """faiss's guideline 4 sqrt(n) lists, with >= 39 training points per list."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not supported on every platform / filesystem
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class KeypointIndex:
+    """faiss handling of the embedded backend (a mixin: the backend's state)."""
+
+    def _snapshot_path(self, generation: int) -> Path:
+        return self.directory / f"keypoints.{generation}.faiss"
+
+    def _expected_vectors(self) -> int:
+        return sum(doc.num_keypoints for doc in self._docs.values())
+
+    def _load_snapshot(self) -> Any:
+        path = self._snapshot_path(self._generation)
+        if not path.exists():
+            return None
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            logger.warning("ignoring unreadable keypoint snapshot %s: %s", path, exc)
+            return None
+        if index.ntotal != self._expected_vectors() or index.d != self._local_dim:
+            logger.warning("ignoring keypoint snapshot %s: it does not match the database", path)
+            return None
+        if isinstance(index, faiss.IndexIVF):
+            index.nprobe = self.nprobe
+            self._ivf_trained_on = index.ntotal
+        self._snapshot_generation = self._generation
+        logger.info("loaded keypoint index %s (%d vectors)", path.name, index.ntotal)
+        return index
+
+    def _remove_stale_snapshots(self) -> None:
+        for path in self.directory.iterdir():
+            match = _SNAPSHOT_RE.match(path.name)
+            stale = match is not None and int(match.group(1)) != self._snapshot_generation
+            if stale or path.name.endswith(".faiss.tmp"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def _rebuild_index(self) -> None:
+        """Build the keypoint index from the descriptors stored in SQLite (exclusive lock held)."""
+        rows, counts, blocks = [], [], []
+        for row, count, blob in self._db.execute(
+            "SELECT row, num_keypoints, descriptors FROM images WHERE num_keypoints > 0 ORDER BY row"
+        ):
+            rows.append(row)
+            counts.append(count)
+            blocks.append(unblob(blob, self._local_dim or 0))
+        self._index = None
+        self._ivf_trained_on = 0
+        if not blocks:
+            if self._local_dim is not None:
+                self._index = self._new_flat()
+            return
+        vectors = np.concatenate(blocks)
+        ids = keypoint_ids(np.array(rows), np.array(counts))
+        if self.exact_limit is None or len(vectors) <= self.exact_limit:
+            index = self._new_flat()
+        else:
+            nlist = _ivf_nlist(len(vectors))
+            index = faiss.index_factory(self._local_dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+            sample = vectors  # 40 points per list: above faiss's minimum of 39, half the time of 64
+            if len(vectors) > 40 * nlist:
+                pick = np.random.default_rng(0).choice(len(vectors), 40 * nlist, replace=False)
+                sample = vectors[np.sort(pick)]
+            index.train(sample)
+            index.nprobe = self.nprobe
+            self._ivf_trained_on = len(vectors)
+        index.add_with_ids(vectors, ids)
+        self._index = index
+        logger.info("rebuilt keypoint index from SQLite: %s, %d vectors", type(index).__name__, index.ntotal)
+
+    def _new_flat(self) -> Any:
+        return faiss.index_factory(self._local_dim, "IDMap,Flat", faiss.METRIC_INNER_PRODUCT)
+
+    def _update_index(self, added: dict[int, Any], removed: dict[int, int]) -> None:
+        """Mirror added rows (``_Added``: row, doc, descriptors) and removed rows (row -> keypoints) in faiss."""
+        if self._index is None and self._local_dim is not None:
+            self._index = self._new_flat()
+        gone = {row: count for row, count in removed.items() if count}
+        if gone:
+            ids = keypoint_ids(np.fromiter(gone, np.int64), np.fromiter(gone.values(), np.int64))
+            if self._index.remove_ids(ids) != len(ids):
+                raise RuntimeError("keypoint index out of step with the database")
+        fresh = [item for item in added.values() if item.doc.num_keypoints]
+        if fresh:
+            vectors = np.concatenate([item.descriptors for item in fresh]).astype(np.float32, copy=False)
+            ids = keypoint_ids(
+                np.array([item.row for item in fresh]), np.array([item.doc.num_keypoints for item in fresh])
+            )
+            self._index.add_with_ids(np.ascontiguousarray(vectors), ids)
+        if self._index is not None and self._needs_rebuild(self._index.ntotal):
+            self._rebuild_index()
+
+    def _needs_rebuild(self, n: int) -> bool:
+        """True when ``n`` vectors call for the other structure, or an IVF outgrew its training.
+
+        Flat -> IVF above ``exact_limit``; IVF -> flat at half of it (hysteresis); IVF is
+        retrained once it holds 4x the vectors it was trained on (nlist grows 2x)."""
+        if isinstance(self._index, faiss.IndexIVF):
+            return self.exact_limit is None or n <= self.exact_limit // 2 or n > 4 * self._ivf_trained_on
+        return self.exact_limit is not None and n > self.exact_limit
+
+    def _search_all(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self._index
+        k = min(k, index.ntotal)
+        similarity, labels = index.search(queries, k)
+        if isinstance(index, faiss.IndexIVF):  # a query whose probed lists were short: scan every list
+            short = np.flatnonzero((labels < 0).any(axis=1))
+            if len(short):
+                params = faiss.SearchParametersIVF(nprobe=index.nlist)
+                similarity[short], labels[short] = index.search(queries[short], k, params=params)
+        return similarity, labels
+
+    def _search_ivf_subset(
+        self, queries: np.ndarray, k: int, rows: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """IVF search over-fetching 2 k / (matching fraction) neighbours, filtered here.
+
+        Measured 7x faster than a faiss ``IDSelectorBatch`` (whose bloom prefilter hashes
+        the low id bits, i.e. the keypoint index, so every probe hits its hash set).
+        Queries left with fewer than ``k`` allowed results are searched exactly over
+        the matching images, so results are never fewer than exist.
+        """
+        index = self._index
+        selected = int(counts.sum())
+        k = min(k, selected)
+        fetch = min(index.ntotal, math.ceil(2 * k * index.ntotal / selected))
+        found_similarity, found_labels = index.search(queries, fetch)
+        allowed = np.zeros(int(rows.max()) + 1, bool)
+        allowed[rows] = True
+        found_rows = found_labels >> KEYPOINT_BITS
+        keep = (found_labels >= 0) & allowed[np.clip(found_rows, 0, len(allowed) - 1)] & (found_rows < len(allowed))
+        rank = np.cumsum(keep, axis=1)  # faiss sorts each query's results best first
+        take = keep & (rank <= k)
+        similarity = np.full((len(queries), k), -np.inf, np.float32)
+        labels = np.full((len(queries), k), -1, np.int64)
+        query, column = np.nonzero(take)
+        similarity[query, rank[take] - 1] = found_similarity[query, column]
+        labels[query, rank[take] - 1] = found_labels[query, column]
+        short = np.flatnonzero(take.sum(axis=1) < k)
+        if len(short):
+            similarity[short], labels[short] = self._search_exact_subset(queries[short], k, rows, counts)
+        return similarity, labels
+
+    def _search_exact_subset(
+        self, queries: np.ndarray, k: int, rows: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search over the descriptors of ``rows``, read from SQLite."""
+        conn = self._reader()
+        blocks: dict[int, np.ndarray] = {}
+        row_list = rows.tolist()
+        for start in range(0, len(row_list), SQL_CHUNK):
+            chunk = row_list[start : start + SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for row, blob in conn.execute(f"SELECT row, descriptors FROM images WHERE row IN ({marks})", chunk):
+                blocks[row] = unblob(blob, self._local_dim)
+        vectors = np.ascontiguousarray(np.concatenate([blocks[row] for row in row_list]))
+        ids = keypoint_ids(rows, counts)
+        similarity, positions = faiss.knn(queries, vectors, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
+        return similarity, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
+
+    def _neighbours(self, similarity: np.ndarray, labels: np.ndarray) -> Neighbours:
+        valid = labels >= 0
+        query_index = np.nonzero(valid)[0].astype(np.int64)
+        found = labels[valid].astype(np.int64)
+        rows = found >> KEYPOINT_BITS
+        unique_rows, inverse = np.unique(rows, return_inverse=True)
+        names = np.array([self._docs[int(r)].image_id for r in unique_rows], dtype=object)
+        return Neighbours(
+            query_index=query_index,
+            image_ids=names[inverse] if len(found) else np.zeros(0, dtype=object),
+            keypoint_index=found & (MAX_KEYPOINTS - 1),
+            similarity=np.clip(similarity[valid], -1.0, 1.0).astype(np.float32),
+        )
+
+    def _write_snapshot(self) -> None:
+        if self._snapshot_generation == self._generation or self._index is None or not self._writer.held:
+            return  # only the writer writes snapshots
+        generation = self._generation
+        final = self._snapshot_path(generation)
+        temporary = final.with_name(final.name + ".tmp")
+        faiss.write_index(self._index, str(temporary))
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+        _fsync_directory(self.directory)
+        self._snapshot_generation = generation
+        self._remove_stale_snapshots()
+        logger.info("checkpointed keypoint index to %s", final.name)

@@ -1,0 +1,172 @@
+"""Build the Celery application and the per-process state its tasks use.
+
+Queues: ``extract`` (decode + features; one task per image; prefetch 1 and late acks, so a task
+of a worker that dies is redelivered: immediately if only its pool process died
+(``reject_on_worker_lost``), after ``worker_visibility_timeout`` s if the whole worker died) and
+``index`` (``delf.flush``: one writer at a time drains the staged features in bulk batches of
+``worker_index_batch`` images).  Everything lives under ``worker_namespace`` in Redis (kombu's
+``global_keyprefix``), so fleets, tests and benchmarks sharing a Redis never see each other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from celery.schedules import crontab
+from kombu import Exchange, Queue
+
+from delf_es.errors import ConfigurationError
+from delf_es.settings import Settings
+from delf_es.workers.routes import EXTRACT_QUEUE, FLUSH, INDEX_QUEUE, REINDEX_TICK, TASK_ROUTES
+from delf_es.workers.submit import Submitter
+from delf_es.workers.tasks import register
+
+__all__ = ["EXTRACT_QUEUE", "INDEX_QUEUE", "WorkerContext", "broker_url", "make_app", "make_submitter",
+           "reindex_schedule"]
+#: Models kept loaded per worker process (a reindex briefly needs the old and the new one).
+MAX_EXTRACTORS = 2
+
+
+class WorkerContext:
+    """What tasks of one worker process share, built lazily after the pool forks: the Redis
+    store, the extractors (per model configuration), the Elasticsearch client and backends."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._store = None
+        self._es = None
+        self._cache = None
+        self._extractors: OrderedDict[str, Any] = OrderedDict()
+        self._backends: dict[tuple[str, str], Any] = {}
+
+    @property
+    def redis_url(self) -> str:
+        return broker_url(self.settings)
+
+    @property
+    def store(self):
+        if self._store is None:
+            from delf_es.workers.store import Store
+
+            self._store = Store(self.redis_url, self.settings.worker_namespace)
+        return self._store
+
+    def model_settings(self, overrides: dict[str, Any] | None) -> Settings:
+        """The worker's settings with a task's model overrides (backbone, pca_path, scales...)."""
+        if not overrides:
+            return self.settings
+        return Settings(**{**self.settings.model_dump(), **overrides})
+
+    def extractor(self, overrides: dict[str, Any] | None):
+        from delf_es.features import Extractor
+
+        key = json.dumps(overrides or {}, sort_keys=True, default=str)
+        if key not in self._extractors:
+            self._extractors[key] = Extractor(self.model_settings(overrides))
+            while len(self._extractors) > MAX_EXTRACTORS:
+                self._extractors.popitem(last=False)
+        self._extractors.move_to_end(key)
+        return self._extractors[key]
+
+    @property
+    def transport(self):
+        """The Elasticsearch transport every backend and failure log of this process shares."""
+        if self._es is None:
+            from delf_es.index.es.transport import Transport
+
+            if not self.settings.es_url:
+                raise ConfigurationError("workers write to Elasticsearch: set DELF_ES_ES_URL")
+            self._es = Transport(self.settings)
+        return self._es
+
+    def backend(self, alias: str, model_id: str):
+        from delf_es.index.es import ElasticsearchBackend
+
+        key = (alias, model_id)
+        if key not in self._backends:
+            settings = self.settings.model_copy(update={"index_alias": alias})
+            self._backends[key] = ElasticsearchBackend(settings, model_id=model_id, client=self.transport.client)
+        return self._backends[key]
+
+    def failure_log(self, index: str):
+        from delf_es.index.es.failures import FailureLog
+
+        return FailureLog(self.transport, index)
+
+    @property
+    def location_cache(self):
+        """The searchers' keypoint-location cache, refreshed on every write (None without redis_url)."""
+        if self._cache is None and self.settings.redis_url:
+            from delf_es.cache import RedisLocationCache
+
+            self._cache = RedisLocationCache(self.settings.redis_url)
+        return self._cache
+
+
+def broker_url(settings: Settings) -> str:
+    url = settings.worker_redis_url or settings.redis_url
+    if not url:
+        raise ConfigurationError("workers need Redis: set DELF_ES_WORKER_REDIS_URL or DELF_ES_REDIS_URL")
+    return url
+
+
+def reindex_schedule(settings: Settings) -> timedelta | crontab:
+    """``worker_reindex_schedule`` as a Celery schedule: seconds -> an interval, else a crontab."""
+    try:
+        return timedelta(seconds=float(settings.worker_reindex_schedule))
+    except ValueError:
+        minute, hour, day_of_month, month_of_year, day_of_week = settings.worker_reindex_schedule.split()
+        return crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
+                       day_of_week=day_of_week)
+
+
+def make_app(settings: Settings) -> Celery:
+    """The Celery application for ``settings`` (tasks registered, ``app.delf`` = WorkerContext)."""
+    url = broker_url(settings)
+    prefix = settings.worker_namespace + ":"
+    visibility = float(settings.worker_visibility_timeout)
+    app = Celery("delf-es", broker=url, backend=url, set_as_current=False)
+    app.conf.update(
+        # one exchange and routing key per queue: sharing one would copy every message to both queues
+        task_queues=tuple(Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (EXTRACT_QUEUE, INDEX_QUEUE)),
+        task_default_queue=EXTRACT_QUEUE,
+        task_default_exchange=EXTRACT_QUEUE,
+        task_default_routing_key=EXTRACT_QUEUE,
+        task_routes=TASK_ROUTES,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=24 * 3600,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "global_keyprefix": prefix,
+            "visibility_timeout": visibility,
+            # look for abandoned messages often enough to honour a short visibility timeout
+            "unacked_restore_interval": max(1, min(10, int(visibility / 4))),
+            "unacked_restore_throttle": 1,
+        },
+        result_backend_transport_options={"global_keyprefix": prefix},
+        worker_send_task_events=False,
+        # The beat schedule (`celery -A delf_es.workers.main beat`): a safety-net flush for staged
+        # features whose writer died, and a check (nightly by default) that rebuilds the index
+        # when the configured model or PCA differs from the live index's (zero downtime, resumable).
+        beat_schedule={
+            "flush-stragglers": {"task": FLUSH, "schedule": timedelta(seconds=settings.worker_flush_interval)},
+            "reindex-if-model-changed": {"task": REINDEX_TICK, "schedule": reindex_schedule(settings)},
+        },
+    )
+    app.delf = WorkerContext(settings)
+    register(app, settings)  # tasks are registered through the app: no module-level Celery app exists
+    return app
+
+
+def make_submitter(settings: Settings) -> Submitter:
+    """A :class:`~delf_es.workers.submit.Submitter` on a new application for ``settings``."""
+    return Submitter(make_app(settings))
