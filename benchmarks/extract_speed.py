@@ -50,8 +50,8 @@ ROWS: dict[str, tuple[dict, dict]] = {
     "torch-float32-2x1": ({"runtime": "torch", "precision": "float32"}, {"processes": 2}),
     "openvino-float32-2x1": ({"runtime": "openvino", "precision": "float32"}, {"processes": 2}),
     "openvino-int8-2x1": ({"runtime": "openvino", "precision": "int8"}, {"processes": 2}),
-    "torch-float32-nchw": ({"runtime": "torch", "precision": "float32", "channels_last": False}, {}),
-    "torch-float32-pad-copies": ({"runtime": "torch", "precision": "float32"}, {"old_padding": True}),
+    "torch-float32-nchw": ({"runtime": "torch", "precision": "float32", "channels_last": False}, {"cap_s": 45}),
+    "torch-float32-pad-copies": ({"runtime": "torch", "precision": "float32"}, {"old_padding": True, "cap_s": 45}),
     "torch-bfloat16-weights": ({"runtime": "torch", "precision": "bfloat16"}, {"cap_s": 45}),
     "torch-bfloat16-autocast": ({"runtime": "torch", "precision": "bfloat16"}, {"cpu_autocast": True, "cap_s": 45}),
     "torch-compile": ({"runtime": "torch", "precision": "float32", "torch_compile": True}, {"cap_s": 45}),
@@ -126,7 +126,7 @@ def child(spec: dict) -> None:
     from delf_es.settings import Settings
 
     settings = Settings(**spec["settings"], torch_threads=threads, data_dir=spec["data_dir"],
-                        int8_calibration=spec.get("calibration"))
+                        model_cache_dir=Path(spec["data_dir"]) / "models", int8_calibration=spec.get("calibration"))
     start = time.perf_counter()
     extractor = Extractor(settings)
     if spec.get("cpu_autocast"):
@@ -326,15 +326,19 @@ def main() -> None:
     parser.add_argument("--calibration", default="/work/cache/speed/training.txt",
                         help="INT8 calibration photos (the list of scripts/training_images.sh)")
     parser.add_argument("--out", default=str(RESULTS / "extract_speed.json"))
-    parser.add_argument("--row-timeout", type=float, default=600, help="s; a row still running is killed")
+    parser.add_argument("--row-timeout", type=float, default=360, help="s; a row still running is killed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--attach-map", nargs="+", metavar="ROW=EVAL.json")
+    parser.add_argument("--table", action="store_true", help="print the result as a Markdown table (docs/extraction.md)")
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
     if args.attach_map:
         attach_map(Path(args.out), args.attach_map)
+        return
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
         return
 
     from delf_es.inputs import expand_inputs
@@ -404,6 +408,27 @@ def _versions() -> dict:
         except PackageNotFoundError:
             found[package] = None
     return found
+
+
+def markdown_table(result: dict) -> str:
+    def number(value, digits=2):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| row | runtime | processes x threads | s / image (median) | p90 | ratio to float32 | peak RSS MB | "
+             "keypoints kept | descriptor cosine | global cosine | share of dense-conv peak | paris250 mAP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['row']} | {row['error']} |||||||||||")
+            continue
+        photos = "" if row["photos_measured"] >= 20 else f" ({row['photos_measured']} photos)"
+        lines.append(
+            f"| {row['row']} | {row['runtime']} | {row['processes']} x {row['threads_per_process']} | "
+            f"{number(row['seconds_per_image_median'])}{photos} | {number(row['seconds_per_image_p90'])} | "
+            f"{number(row.get('ratio_to_float32'))} | {row['peak_rss_mb']:.0f} | {number(row.get('keypoints_kept_share_median'), 3)} | "
+            f"{number(row.get('descriptor_cosine_median'), 4)} | {number(row.get('global_cosine_median'), 4)} | "
+            f"{number(row.get('fraction_of_dense_conv_peak'))} | {number(row.get('paris250_map'), 1)} |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -25,12 +25,12 @@ from pathlib import Path
 
 def run(paths: list[str], processes: int, threads: int, models: Path | None, env_extra: dict[str, str]) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix=f"ingest{processes}.", dir="/work/cache/speed" if Path("/work/cache/speed").is_dir() else None))
-    if models is not None:
-        (data_dir / "models").symlink_to(models.resolve())
     listing = data_dir / "photos.txt"
     listing.write_text("\n".join(paths) + "\n")
     env = {**os.environ, **env_extra, "DELF_ES_DATA_DIR": str(data_dir), "DELF_ES_EXTRACT_PROCESSES": str(processes),
            "DELF_ES_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    if models is not None:
+        env["DELF_ES_MODEL_CACHE_DIR"] = str(models.resolve())
     for name in ("DELF_ES_ES_URL", "DELF_ES_REDIS_URL"):  # the embedded index, no Redis
         env.pop(name, None)
     load_before = os.getloadavg()
@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", default="../shared/data/paris250/db")
     parser.add_argument("--photos", type=int, default=250)
-    parser.add_argument("--models", type=Path, default=None, help="cached converted models (data_dir/models)")
+    parser.add_argument("--models", type=Path, default=None, help="converted-model cache (DELF_ES_MODEL_CACHE_DIR)")
     parser.add_argument("--configs", nargs="+", default=["2x1", "1x2"], help="PROCESSESxTHREADS")
     parser.add_argument("--runtime", default=None, help="DELF_ES_RUNTIME for the runs (default: the settings' default)")
     parser.add_argument("--precision", default=None)

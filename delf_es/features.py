@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from delf_es.errors import FeatureShapeError, WeightsNotFound
 from delf_es.model.delf import DelfModel, ModelMeta, build_model
 from delf_es.model.receptive_field import ReceptiveField, level_size
-from delf_es.model.runtime import Calibration, LevelNetwork, RuntimeChoice, build_network, choose_runtime, training_photos
+from delf_es.model.runtime import (Calibration, LevelNetwork, RuntimeChoice, build_network, choose_runtime, model_id_suffix,
+                                   training_photos)
 from delf_es.model.weights import PROJECT_WEIGHTS_DIR
 from delf_es.pca import PcaArtifact, l2_normalise
 from delf_es.settings import Settings
@@ -83,14 +84,30 @@ class Extractor:
         self._std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1)
         self.runtime: RuntimeChoice = choose_runtime(settings.runtime, settings.precision, self.device.type)
         log.info("network runtime %s: %s", self.runtime.name, self.runtime.reason)
-        self.network: LevelNetwork
-        self.network, self._id_suffix = build_network(
-            self.runtime, model, self.device, cache_dir=Path(settings.data_dir) / "models", model_key=self._model_key(),
-            threads=settings.torch_threads, channels_last=settings.channels_last, compile=settings.torch_compile,
-            calibration=self._calibration,
-        )
+        # INT8's calibration set is named in the model id, so it is resolved (and checked) now;
+        # the network itself is built (converted, compiled) at first use, so a process that only
+        # needs the model id (the writer of a multi-process bulk index) never loads it
+        self._calibration_set = self._calibration() if self.runtime.precision == "int8" else None
+        self._id_suffix = model_id_suffix(self.runtime, self._calibration_set.digest() if self._calibration_set else "")
+        self._network: LevelNetwork | None = None
         #: the PyTorch model (float32 unless the torch runtime casts it); ``network`` is what runs
         self.model: DelfModel = model
+
+    @property
+    def network(self) -> LevelNetwork:
+        """What runs the pyramid levels (see :mod:`delf_es.model.runtime`), built at first use."""
+        if self._network is None:
+            settings = self.settings
+            self._network, _ = build_network(
+                self.runtime, self.model, self.device, cache_dir=Path(settings.model_cache_dir),
+                model_key=self._model_key(), threads=settings.torch_threads, channels_last=settings.channels_last,
+                compile=settings.torch_compile, calibration=lambda: self._calibration_set,
+            )
+        return self._network
+
+    @network.setter
+    def network(self, network: LevelNetwork) -> None:
+        self._network = network
 
     def _load_pca(self) -> PcaArtifact | None:
         if not self.settings.use_pca:

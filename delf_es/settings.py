@@ -59,12 +59,17 @@ class Settings(BaseSettings):
     score_threshold: float = Field(default=0.0, ge=0.0, description="keep descriptors scoring above this")
     device: str = "cpu"
     runtime: str = Field(
-        default="torch", description="what runs the network: 'auto' (on CPU the fastest measured that is installed, "
+        default="auto", description="what runs the network: 'auto' (on CPU the fastest measured that is installed, "
         "see delf_es/model/runtime.py and docs/extraction.md; on CUDA torch), 'torch', 'openvino' or 'onnxruntime'",
     )
     precision: str = Field(
         default="auto", description="'auto' (float32), 'float32', 'bfloat16' (CPU: bf16 weights; CUDA: autocast), "
         "'float16' (CUDA autocast) or 'int8' (OpenVINO + NNCF; changes the model id)",
+    )
+    model_cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "delf-es" / "models",
+        description="converted networks (OpenVINO, ONNX), built at first use from the shipped weights; "
+        "named by the weights' digests, so every data_dir and process can share one",
     )
     int8_calibration: Path | None = Field(
         default=None, description="photos INT8 is calibrated on: the list written by scripts/training_images.sh "
@@ -73,7 +78,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=0, ge=0, description="threads of the network runtime (torch, OpenVINO, ONNX "
                                "Runtime); 0 = the runtime's default")
     extract_processes: int = Field(
-        default=1, ge=0, description="processes that decode + extract in bulk indexing (delf-es index, "
+        default=0, ge=0, description="processes that decode + extract in bulk indexing (delf-es index, "
         "DelfEs.bulk_add), each with torch_threads threads (0 there = cores / processes); 0 = one per core on CPU",
     )
     channels_last: bool = Field(default=True, description="torch on CPU: channels-last memory format")

@@ -120,7 +120,7 @@ def torch_features(models_dir):
 
     from delf_es.features import Extractor
 
-    extractor = Extractor(Settings(runtime="torch", data_dir=models_dir, **SMALL))
+    extractor = Extractor(Settings(runtime="torch", data_dir=models_dir, model_cache_dir=models_dir / "models", **SMALL))
     return extractor, extractor.extract(np.ascontiguousarray(data.coffee()), "coffee")
 
 
@@ -136,7 +136,7 @@ def test_converted_float32_model_agrees_with_torch_and_keeps_the_model_id(runtim
     from delf_es.features import Extractor
 
     reference_extractor, reference = torch_features
-    extractor = Extractor(Settings(runtime=runtime, data_dir=models_dir, **SMALL))
+    extractor = Extractor(Settings(runtime=runtime, data_dir=models_dir, model_cache_dir=models_dir / "models", **SMALL))
     assert extractor.runtime.name == f"{runtime}/float32"
     assert extractor.model_id == reference_extractor.model_id  # float rounding only
     got = extractor.extract(photo, "coffee")
@@ -144,7 +144,7 @@ def test_converted_float32_model_agrees_with_torch_and_keeps_the_model_id(runtim
     np.testing.assert_allclose(got.keypoints, reference.keypoints, atol=1e-3)
     np.testing.assert_allclose(got.descriptors, reference.descriptors, atol=2e-3)
     assert float(got.global_desc @ reference.global_desc) > 0.99999
-    assert list((models_dir / "models").iterdir())  # built locally, cached under data_dir
+    assert list((models_dir / "models").iterdir())  # built locally, cached under model_cache_dir
 
 
 def test_converted_model_is_built_once_and_then_read_from_the_cache(models_dir, monkeypatch, photo):
@@ -152,13 +152,13 @@ def test_converted_model_is_built_once_and_then_read_from_the_cache(models_dir, 
     from delf_es.features import Extractor
     from delf_es.model import runtime
 
-    Extractor(Settings(runtime="openvino", data_dir=models_dir, **SMALL))  # built (or already there)
+    Extractor(Settings(runtime="openvino", data_dir=models_dir, model_cache_dir=models_dir / "models", **SMALL)).network  # built (or already there)
 
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted again although cached")
 
     monkeypatch.setattr(runtime, "convert_openvino", no_second_conversion)
-    again = Extractor(Settings(runtime="openvino", data_dir=models_dir, **SMALL))
+    again = Extractor(Settings(runtime="openvino", data_dir=models_dir, model_cache_dir=models_dir / "models", **SMALL))
     assert len(again.extract(photo, "coffee").keypoints) > 0
 
 
@@ -166,7 +166,7 @@ def test_batched_levels_through_openvino_match_one_at_a_time(models_dir, photo):
     pytest.importorskip("openvino")
     from delf_es.features import Extractor
 
-    extractor = Extractor(Settings(runtime="openvino", data_dir=models_dir, extract_batch=2, **SMALL))
+    extractor = Extractor(Settings(runtime="openvino", data_dir=models_dir, model_cache_dir=models_dir / "models", extract_batch=2, **SMALL))
     flipped = np.ascontiguousarray(photo[:, ::-1])
     batched = extractor.extract_many([(photo, "a"), (flipped, "b")])
     for got, pixels in zip(batched, (photo, flipped)):
@@ -189,7 +189,7 @@ def test_int8_is_calibrated_on_the_given_photos_and_gets_its_own_model_id(models
         Image.fromarray(getattr(data, name)()).save(paths[-1])
     listing.write_text("\n".join(map(str, paths)) + "\n")
     reference_extractor, reference = torch_features
-    extractor = Extractor(Settings(runtime="openvino", precision="int8", int8_calibration=listing, data_dir=models_dir, **SMALL))
+    extractor = Extractor(Settings(runtime="openvino", precision="int8", int8_calibration=listing, data_dir=models_dir, model_cache_dir=models_dir / "models", **SMALL))
     assert extractor.model_id.startswith(reference_extractor.model_id + "+int8-")
     got = extractor.extract(photo, "coffee")
     # INT8 changes features beyond rounding (hence the id) but keeps most keypoints and directions
@@ -201,7 +201,7 @@ def test_int8_is_calibrated_on_the_given_photos_and_gets_its_own_model_id(models
     assert np.median(cosines) > 0.8
 
     listing.write_text(str(paths[0]) + "\n")  # another calibration set: another model id
-    other = Extractor(Settings(runtime="openvino", precision="int8", int8_calibration=listing, data_dir=models_dir, **SMALL))
+    other = Extractor(Settings(runtime="openvino", precision="int8", int8_calibration=listing, data_dir=models_dir, model_cache_dir=models_dir / "models", **SMALL))
     assert other.model_id != extractor.model_id
 
 
@@ -210,18 +210,18 @@ def test_int8_without_calibration_photos_is_a_clear_error(models_dir, tmp_path):
     from delf_es.features import Extractor
 
     with pytest.raises(RuntimeUnavailable, match="calibration"):
-        Extractor(Settings(runtime="openvino", precision="int8", data_dir=models_dir, **SMALL))
+        Extractor(Settings(runtime="openvino", precision="int8", data_dir=models_dir, model_cache_dir=models_dir / "models", **SMALL))
     with pytest.raises(RuntimeUnavailable, match="missing"):
         listing = tmp_path / "list.txt"
         listing.write_text("/nonexistent/photo.jpg\n")
-        Extractor(Settings(runtime="openvino", precision="int8", int8_calibration=listing, data_dir=models_dir, **SMALL))
+        Extractor(Settings(runtime="openvino", precision="int8", int8_calibration=listing, data_dir=models_dir, model_cache_dir=models_dir / "models", **SMALL))
 
 
 def test_cpu_bfloat16_stays_close_to_float32(models_dir, torch_features, photo):
     from delf_es.features import Extractor
 
     _, reference = torch_features
-    extractor = Extractor(Settings(runtime="torch", precision="bfloat16", data_dir=models_dir, **SMALL))
+    extractor = Extractor(Settings(runtime="torch", precision="bfloat16", data_dir=models_dir, model_cache_dir=models_dir / "models", **SMALL))
     got = extractor.extract(photo, "coffee")
     assert float(got.global_desc @ reference.global_desc) > 0.99
     assert kept_share(got, reference) > 0.7
@@ -233,7 +233,7 @@ def test_cuda_autocast_agrees_with_cpu_float32(precision, models_dir, torch_feat
     from delf_es.features import Extractor
 
     _, reference = torch_features
-    extractor = Extractor(Settings(device="cuda", precision=precision, data_dir=models_dir, **SMALL))
+    extractor = Extractor(Settings(device="cuda", precision=precision, data_dir=models_dir, model_cache_dir=models_dir / "models", **SMALL))
     assert extractor.network.autocast is not None and next(extractor.model.parameters()).dtype == torch.float32
     got = extractor.extract(photo, "coffee")
     assert float(got.global_desc @ reference.global_desc) > 0.999
