@@ -4,6 +4,7 @@ with a real Celery worker for ``?wait=false``.  Real model (fast Lite0 settings)
 from __future__ import annotations
 
 import json
+import select
 import socket
 import time
 
@@ -67,18 +68,25 @@ def test_a_chunked_body_over_the_cap_is_refused_while_it_streams(embedded):
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall((f"PUT /v1/images/big.jpg HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
                       "Content-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+        # select + send (not sendall): a non-blocking sendall can send part of a chunk and then raise,
+        # which would corrupt the chunked framing when the server reads slowly (a loaded machine).
+        pending = b""
         sock.setblocking(False)
         try:
-            while sent < total and b"\r\n\r\n" not in answer:
-                try:
-                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            while b"\r\n\r\n" not in answer:
+                if not pending and sent < total:
+                    pending = b"%x\r\n%s\r\n" % (len(chunk), chunk)
                     sent += len(chunk)
-                except BlockingIOError:
-                    time.sleep(0.01)
-                try:
-                    answer += sock.recv(65_536)
-                except BlockingIOError:
-                    pass
+                readable, writable, _ = select.select([sock], [sock] if pending else [], [], 30)
+                if not readable and not writable:
+                    break
+                if readable:
+                    data = sock.recv(65_536)
+                    if not data:
+                        break
+                    answer += data
+                if writable and pending:
+                    pending = pending[sock.send(pending):]
         except (BrokenPipeError, ConnectionResetError):
             pass
         sock.setblocking(True)
