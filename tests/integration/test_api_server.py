@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import select
 import socket
-import time
 
 import httpx
 import pytest
