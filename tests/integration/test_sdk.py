@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared
-from delf_es.cache import RedisLocationCache
+from delf_es.cache import RedisLocationCache, image_revisions, revision_key
 from delf_es.errors import ImageNotFound, IndexUnavailable, InvalidImage
 from delf_es.eval.run import drop_indices
 from delf_es.sdk import DelfEs
@@ -221,7 +221,10 @@ def test_search_stays_correct_when_redis_is_flushed_or_stopped(services, extract
             expected = [(h["id"], h["inliers"]) for h in engine.search_image(query)]
             assert expected[0][0] == query
             ids = [str(shared(path)) for path in PHOTOS]
-            assert set(RedisLocationCache(redis_url).get_many(engine.model_id, ids)) == set(ids)  # filled on add
+            # filled on add, under each image's revision key (a cached entry of another write is a miss)
+            keys = [revision_key(i, r) for i, r in image_revisions(engine.backend, ids).items()]
+            assert len(keys) == len(ids)
+            assert set(RedisLocationCache(redis_url).get_many(engine.model_id, keys)) == set(keys)
             redis.Redis.from_url(redis_url).flushall()
             assert [(h["id"], h["inliers"]) for h in engine.search_image(query)] == expected
             assert redis.Redis.from_url(redis_url).dbsize() > 0  # refilled on the miss
