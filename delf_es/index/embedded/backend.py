@@ -13,7 +13,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import faiss
 import numpy as np
@@ -112,6 +112,23 @@ class EmbeddedBackend(Storage, KeypointIndex):
         """The model whose features this index holds (None until set)."""
         return self._model_id
 
+    @contextlib.contextmanager
+    def _transaction(self, action: str) -> Iterator[None]:
+        """One ``BEGIN IMMEDIATE`` transaction of the writer: rolled back on any exception, and a
+        SQLite error becomes ``IndexUnavailable`` naming ``action`` ("write", "delete")."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise IndexUnavailable(f"embedded index {self.directory}: {action} failed: {exc}") from exc
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
     def upsert(self, records: Iterable[ImageRecord], refresh: bool = False) -> BulkReport:
         """Write images, replacing any with the same id (document and keypoints together).
 
@@ -128,8 +145,7 @@ class EmbeddedBackend(Storage, KeypointIndex):
             pending = {"model_id": self._model_id, "local_dim": self._local_dim, "global_dim": self._global_dim}
             added: dict[int, _Added] = {}
             removed: dict[int, int] = {}  # row -> num_keypoints, rows that existed before this call
-            try:
-                db.execute("BEGIN IMMEDIATE")
+            with self._transaction("write"):
                 for record in records:
                     item_id = str(getattr(record, "image_id", record))
                     db.execute("SAVEPOINT item")
@@ -167,14 +183,6 @@ class EmbeddedBackend(Storage, KeypointIndex):
                     db.execute("COMMIT")
                     if added or removed:
                         self._apply(pending, added, removed)
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-                raise IndexUnavailable(f"embedded index {self.directory}: write failed: {exc}") from exc
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         return BulkReport(succeeded=succeeded, failed=failed)
 
     def _validate(
@@ -256,8 +264,7 @@ class EmbeddedBackend(Storage, KeypointIndex):
             self._become_writer()
             db = self._db
             removed: dict[int, int] = {}
-            try:
-                db.execute("BEGIN IMMEDIATE")
+            with self._transaction("delete"):
                 for image_id in image_ids:
                     old = db.execute(
                         "SELECT row, num_keypoints FROM images WHERE image_id = ?", (str(image_id),)
@@ -276,14 +283,6 @@ class EmbeddedBackend(Storage, KeypointIndex):
                     if removed:
                         pending = {"model_id": self._model_id, "local_dim": self._local_dim, "global_dim": self._global_dim}
                         self._apply(pending, {}, removed)
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-                raise IndexUnavailable(f"embedded index {self.directory}: delete failed: {exc}") from exc
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         return BulkReport(succeeded=succeeded, failed=failed)
 
     def get(self, image_id: str) -> StoredImage:
