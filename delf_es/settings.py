@@ -119,6 +119,11 @@ class Settings(BaseSettings):
         "pairs: true pairs spread >= 26.6 px, a 24 px textured spot 12 px, a line 3-6 px "
         "(benchmarks/results/degenerate_geometry*.json)",
     )
+    min_inlier_spread_fraction: float = Field(
+        default=0.0, ge=0, lt=1, description="the same rule relative to the image: a model also needs its inliers to "
+        "spread at least this fraction of each image's short side (the larger of the two thresholds applies; in "
+        "search the stored keypoints' extent stands in for the database image's size); 0 = px rule only",
+    )
     min_keypoint_contrast: float = Field(
         default=1.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
         "added and query images, so flat images match nothing (delf_es/degenerate.py); 0 = keep all.  Chosen on "
