@@ -56,7 +56,7 @@ PAIRS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pairs"
 TOLERANCES = (1.5, 1.0, 0.75, 0.5)
 QE_CANDIDATES = (8, 10, 12, 15, 20, 25, 30)
 SPREAD_PX = (0.0, 4.0, 8.0, 12.0, 16.0)
-SPREAD_FRACTIONS = (0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03)
+SPREAD_FRACTIONS = (0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06)
 
 
 class CachedExtractor:
@@ -288,7 +288,11 @@ def main() -> None:
            "max_cosine": args.max_cosine, "summary": summary, "true_rows": true_rows,
            "degenerate_rows": degenerate_rows,
            "false_rows_top": sorted(false_rows, key=lambda r: -r["inliers"])[:60],
-           "false_inliers_all": [r["inliers"] for r in false_rows],
+           # every false pair, compact, so other rules can be scored from this file
+           "false_compact_fields": ["inliers", "spread_a_px", "spread_b_px", "short_a_px", "short_b_px",
+                                    *[f"scale_rule_{t}" for t in TOLERANCES], "global_cosine"],
+           "false_compact": [[r["inliers"], *r["spread_px"], *r["short_side_px"],
+                              *[r["scale_rule"][str(t)] for t in TOLERANCES], r["global_cosine"]] for r in false_rows],
            "extracted_this_run": feats.extracted, "seconds": round(time.time() - started, 1),
            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg": list(os.getloadavg()),
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
