@@ -263,8 +263,8 @@ def main() -> None:
         return p.source.split("/")[0] if "/" in p.source else "photo"
 
     false_index, near = different_scene_pairs(pool, args.max_cosine)
-    if args.max_false_pairs > 0:
-        false_index = false_index[:: max(1, len(false_index) // args.max_false_pairs)]
+    step = max(1, len(false_index) // args.max_false_pairs) if args.max_false_pairs > 0 else 1
+    false_index = false_index[::step]
     true_rows = [{"set": g, "pair": name, **measure(a, b, settings, h)} for g, name, a, b, h in true_pairs]
     false_rows = []
     for i, j in false_index:
@@ -285,7 +285,7 @@ def main() -> None:
            "true_pairs": len(true_rows), "false_pairs": len(false_rows), "pool_images": len(pool),
            "near_duplicates_left_out": [{"pair": f"{pool[i].name} x {pool[j].name}", "cosine": round(c, 4)}
                                         for i, j, c in near],
-           "max_cosine": args.max_cosine, "summary": summary, "true_rows": true_rows,
+           "max_cosine": args.max_cosine, "false_pairs_every_kth": step, "summary": summary, "true_rows": true_rows,
            "degenerate_rows": degenerate_rows,
            "false_rows_top": sorted(false_rows, key=lambda r: -r["inliers"])[:60],
            # every false pair, compact, so other rules can be scored from this file
@@ -319,17 +319,28 @@ def plot(result: dict, false_rows: list[dict], path: Path) -> None:
         value = result["summary"]["qe_min_inliers"][key]
         left.axvline(value, color="k", linestyle=style, label=f"{key.replace('_', ' ')}: {value}")
     left.set_xscale("symlog", linthresh=10)
+    left.set_xlim(0, None)
     left.set_yscale("log")
     left.set_xlabel("inliers (settings' spread rule)")
+    left.set_ylabel("share of pairs")
     left.legend(fontsize=8)
-    for kind, rows, colour in (("true", result["true_rows"], "#228833"), ("degenerate", result["degenerate_rows"], "#0077bb")):
-        values = [min(sp / side for sp, side in zip(r["spread_px"], r["short_side_px"])) for r in rows if r["inliers"]]
-        right.scatter(values, np.random.default_rng(0).uniform(0, 1, len(values)) + (kind == "true"), s=12,
-                      color=colour, label=kind)
+    solved = set(result["summary"]["solved_true_pairs"]["names"])
+    rows = [(0, r) for r in result["degenerate_rows"]] + [(1 + (r["pair"] in solved), r) for r in result["true_rows"]]
+    rng = np.random.default_rng(0)
+    for level, label, colour in ((0, "degenerate cases", "#0077bb"), (1, "true pairs, unsolved", "#999933"),
+                                 (2, "true pairs, solved (>= half the inliers correct)", "#228833")):
+        values = [min(sp / side for sp, side in zip(r["spread_px"], r["short_side_px"])) for lv, r in rows
+                  if lv == level and r["inliers"]]
+        right.scatter(values, level + rng.uniform(-0.15, 0.15, len(values)), s=14, color=colour, label=label)
+    if rule[1] > 0:
+        right.axvline(rule[1], color="k", linestyle="--", label=f"min_inlier_spread_fraction {rule[1]:g}")
     right.set_xscale("log")
+    right.minorticks_off()
+    right.set_xticks([0.01, 0.02, 0.05, 0.1, 0.2, 0.4], ["0.01", "0.02", "0.05", "0.1", "0.2", "0.4"])
     right.set_yticks([])
-    right.set_xlabel("inlier spread / short side (smaller of the two images)")
-    right.legend(fontsize=8)
+    right.set_ylim(-0.5, 3.2)
+    right.set_xlabel("inlier spread / short side (the smaller of the two images)")
+    right.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{result['model_id']}  {result['config'] or 'default'}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
