@@ -312,12 +312,23 @@ def twin_scene(tmp_path):
 def test_query_expansion_reaches_a_positive_the_first_shortlist_missed(twin_scene, correspondences):
     backend, query = twin_scene
     plan = {"shortlist_mode": "global", "correspondences": correspondences, "shortlist_size": 2, "qe_alpha": 0.0}
-    plain = searcher(backend, **plan).search(query)
+    plain = searcher(backend, query_expansion=0, **plan).search(query)
     assert [h.image_id for h in plain][0] == "target" and "twin" not in {h.image_id for h in plain}
     expanded = searcher(backend, query_expansion=1, qe_min_inliers=20, **plan).search(query)
     by_id = {h.image_id: h for h in expanded}
     assert [h.image_id for h in expanded][:2] == ["target", "twin"]
     assert by_id["twin"].inliers >= 150
+
+
+def test_query_expansion_is_on_by_default_and_only_above_every_chance_match():
+    # paris250 +4.5 mAP (benchmarks/results/eval/quality-qe-5.json); it changes no pair's verification.
+    # A hit joins the expansion only with more inliers than any different-scene pair of the pairs check got.
+    import json
+    from pathlib import Path
+
+    pairs = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/chance_inliers.json").read_text())
+    assert Settings().query_expansion == 5
+    assert Settings().qe_min_inliers > pairs["summary"]["false"]["max"] and pairs["false_pairs"] >= 500
 
 
 def test_query_expansion_needs_a_verified_hit(twin_scene):
