@@ -319,3 +319,21 @@ class InvalidSetting(DelfEsError, ValueError):
 
     def __str__(self) -> str:
         return f"{self.source}: {self.message}" if self.source else self.message
+
+
+# ---------------------------------------------------------------- local services (delf_es/services/)
+
+
+class ServiceFailed(DelfEsError, RuntimeError):
+    """A local service (Elasticsearch node, Redis) cannot be installed, started or stopped, or
+    starting it was refused: its port is held by a process delf-es did not start, it already runs
+    on another port, a download does not match its pinned SHA-256.  ``service`` names it
+    (``"es"``, ``"es node-1"``, ``"redis"``)."""
+
+    def __init__(self, message: str, service: str = "") -> None:
+        super().__init__(message, service)
+        self.message = message
+        self.service = service
+
+    def __str__(self) -> str:
+        return f"{self.service}: {self.message}" if self.service else self.message
