@@ -153,11 +153,12 @@ class Settings(BaseSettings):
         "benchmarks/rank_by.py), 'inliers' or 'verified-then-global' (>= min_inliers by inliers, the rest by global similarity)",
     )
     query_expansion: int = Field(
-        default=0, ge=0, description="verified query expansion (alpha-QE, as in the DELG and cirtorch evaluations): "
+        default=5, ge=0, description="verified query expansion (alpha-QE, as in the DELG and cirtorch evaluations): "
         "re-query the global index with the query's global descriptor averaged with those of its best this many "
         "verified hits (>= qe_min_inliers), verify the new images it brings and re-rank by the expanded "
-        "similarity; 0 = off.  Costs one more global kNN, one read of those hits' vectors and the RANSAC of the "
-        "new images (benchmarks/results/eval/ rows 'qe-*')",
+        "similarity; 0 = off.  On by default: +4.5 mAP on paris250 (87.57 vs 83.06) for +20 ms per query, and "
+        "it changes no pair's verification.  Costs one more global kNN, one read of those hits' vectors and "
+        "the RANSAC of the new images (benchmarks/results/eval/quality-qe-5.json)",
     )
     qe_min_inliers: int = Field(default=20, ge=1, description="inliers for a hit to join the expanded query")
     qe_alpha: float = Field(default=3.0, ge=0, description="alpha-QE: a verified hit weighs cos(query, hit)^alpha")

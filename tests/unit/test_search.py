@@ -312,12 +312,17 @@ def twin_scene(tmp_path):
 def test_query_expansion_reaches_a_positive_the_first_shortlist_missed(twin_scene, correspondences):
     backend, query = twin_scene
     plan = {"shortlist_mode": "global", "correspondences": correspondences, "shortlist_size": 2, "qe_alpha": 0.0}
-    plain = searcher(backend, **plan).search(query)
+    plain = searcher(backend, query_expansion=0, **plan).search(query)
     assert [h.image_id for h in plain][0] == "target" and "twin" not in {h.image_id for h in plain}
     expanded = searcher(backend, query_expansion=1, qe_min_inliers=20, **plan).search(query)
     by_id = {h.image_id: h for h in expanded}
     assert [h.image_id for h in expanded][:2] == ["target", "twin"]
     assert by_id["twin"].inliers >= 150
+
+
+def test_query_expansion_is_on_by_default():
+    # paris250 +4.5 mAP (benchmarks/results/eval/quality-qe-5.json); it changes no pair's verification
+    assert Settings().query_expansion == 5 and Settings().qe_min_inliers >= 20
 
 
 def test_query_expansion_needs_a_verified_hit(twin_scene):
