@@ -253,6 +253,39 @@ class Settings(BaseSettings):
     )
     thumbnails: bool = Field(default=True, description="store a small JPEG (<= 256 px, <= 16 KB) with each image")
 
+    # --- Elasticsearch index layout (applied when the indices are created) ----------------
+    es_number_of_shards: int = Field(
+        default=1, ge=1, le=1024, description="primary shards of the image and keypoint indices; 1 suits one "
+        "node, as many as nodes (3) spreads a cluster's work (docs/operations.md)",
+    )
+    es_number_of_replicas: int = Field(
+        default=0, ge=0, le=32, description="replica copies of each shard (images, keypoints and failures "
+        "indices); 0 on one node (a replica there is never assigned: health stays yellow), 1 on 3 nodes so "
+        "losing one node loses nothing",
+    )
+
+    # --- local services (delf-es services, delf_es/services/) ---------------------------
+    services_home: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "delf-es" / "services",
+        description="binaries, data, logs and pid files of the local Elasticsearch and Redis",
+    )
+    es_port: int = Field(default=9200, ge=1, le=65535, description="HTTP port of local node 0; node i uses es_port + i")
+    es_transport_port: int | None = Field(
+        default=None, ge=1, le=65535, description="transport port of local node 0 (node i: + i); None = es_port + 1100",
+    )
+    es_nodes: int = Field(default=1, ge=1, le=9, description="local Elasticsearch nodes started as one cluster")
+    es_heap: str = Field(default="512m", pattern=r"^[0-9]+[kKmMgG]$", description="-Xms/-Xmx of each local node, e.g. 512m")
+    es_java_opts: str = Field(default="", description="extra JVM options of the local nodes")
+    es_user: str = Field(default="delfes", min_length=1, description="unprivileged user running the local nodes "
+                         "(Elasticsearch refuses root)")
+    es_start_timeout: float = Field(default=120.0, gt=0, description="s a start may take until the cluster is healthy")
+    java_home: Path | None = Field(default=None, description="JDK (>= 21) for the local nodes; None = the newest found")
+    redis_port: int = Field(default=6379, ge=1, le=65535, description="port of the local Redis")
+    redis_appendonly: bool = Field(
+        default=False, description="local Redis writes an append-only file (fsync every second), so a restart "
+        "keeps queues and state; off = no persistence (tests, caches)",
+    )
+
     @field_validator("scales", "global_scales")
     @classmethod
     def _scales_positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
