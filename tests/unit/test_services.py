@@ -439,3 +439,17 @@ def test_wait_exit_sees_a_zombie_as_exited(sleeper):
     sleeper.kill()
     time.sleep(0.5)  # not reaped yet: a zombie
     assert system.exited(sleeper.pid) and system.wait_exit(sleeper.pid, timeout=1)
+
+
+def test_the_services_package_depends_only_on_settings_and_errors():
+    import ast
+
+    package = Path(cfg.__file__).parent
+    imported = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("delf_es"):
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names if a.name.startswith("delf_es"))
+    assert {m for m in imported if not m.startswith("delf_es.services")} == {"delf_es.settings", "delf_es.errors"}
