@@ -22,14 +22,14 @@ CROP = 0.6
 JPEG_QUALITY = 88
 
 
-def sources() -> list[Path]:
+def sources(shared: Path = SHARED) -> list[Path]:
     """Every paris250 database photo, then every distractor wallpaper, in a fixed order; the
     landmarks interleaved (so a prefix of N photos covers all five)."""
-    db = SHARED / "paris250" / "db"
+    db = shared / "paris250" / "db"
     groups = [sorted(folder.glob("*.jpg")) for folder in sorted(p for p in db.iterdir() if p.is_dir())]
     spread = [path for group in zip(*groups) for path in group]
     spread += [p for group in groups for p in group[min(map(len, groups)):]]  # the uneven tails
-    wallpapers = sorted(p for p in (SHARED / "distractors" / "wallpapers").iterdir()
+    wallpapers = sorted(p for p in (shared / "distractors" / "wallpapers").iterdir()
                         if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     return spread + wallpapers
 
@@ -44,14 +44,14 @@ def _variant(image: Image.Image, variant: int) -> Image.Image:
     return image
 
 
-def derive(folder: Path, n: int) -> list[Path]:
+def derive(folder: Path, n: int, shared: Path = SHARED) -> list[Path]:
     """``n`` distinct photos written to ``folder`` (reused when already there); their paths.
 
     Raises:
         ValueError: more photos asked for than two variants of the sources give, or two derived
             photos with the same pixels (the count of "indexed once" would be dishonest).
     """
-    found = sources()
+    found = sources(shared)
     if n > 2 * len(found):
         raise ValueError(f"{n} photos asked for; the shared data gives {2 * len(found)}")
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,11 +73,11 @@ def derive(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def queries(folder: Path) -> list[Path]:
+def queries(folder: Path, shared: Path = SHARED) -> list[Path]:
     """The paris250 web photos (not in the indexed set), shrunk like the indexed ones."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for source in sorted((SHARED / "paris250" / "web").glob("*/*.jpg")):
+    for source in sorted((shared / "paris250" / "web").glob("*/*.jpg")):
         target = folder / f"query__{source.parent.name}__{source.stem}.jpg"
         if not target.is_file():
             with Image.open(source) as raw:

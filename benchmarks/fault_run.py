@@ -316,6 +316,22 @@ def seed_distribution(source_home: Path, home: Path) -> None:
             (home / f".copy-{dist.name}").rename(target)  # never a half-copied distribution
 
 
+#: What the workers' logs say about messages: rejected without requeue (lost unless redelivered
+#: another way), tasks that raised, unacknowledged messages a worker restored on a lost connection.
+LOG_MARKS = {"rejected_without_requeue": "reject requeue=False", "raised_unexpected": "raised unexpected",
+             "restored_on_reconnect": "Restoring "}
+
+
+def worker_log_marks(logs: Path) -> dict[str, int]:
+    """Counts of :data:`LOG_MARKS` lines over every ``worker-*.log`` in ``logs``."""
+    found = dict.fromkeys(LOG_MARKS, 0)
+    for path in sorted(logs.glob("worker-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            for name, mark in LOG_MARKS.items():
+                found[name] += mark in line
+    return found
+
+
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -367,6 +383,7 @@ def run(plan: FaultPlan) -> dict[str, Any]:
         ready.set()
         fleet.close()
         result["faults"] = [vars(f) for f in faults]
+        result["worker_logs"] = worker_log_marks(plan.work)
         load["after"] = _load()
         result["load_average"] = load
         result["wall_s"] = round(time.monotonic() - began, 1)

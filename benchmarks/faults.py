@@ -48,6 +48,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=500)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "faults.json")
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data", help="the shared data folder")
     parser.add_argument("--work", type=Path, default=Path("/work/cache/faults"))
     parser.add_argument("--services-home", type=Path, default=Path("/work/cache/services-faults"))
     parser.add_argument("--es-port", type=int, default=9290)
@@ -57,8 +58,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("elastic_transport").setLevel(logging.ERROR)  # one line per request otherwise
-    photos = derive(args.work / "photos", args.photos)
-    plan = FaultPlan(photos=photos, queries=queries(args.work / "queries"), work=args.work / f"run-{int(time.time())}",
+    photos = derive(args.work / "photos", args.photos, args.shared)
+    plan = FaultPlan(photos=photos, queries=queries(args.work / "queries", args.shared), work=args.work / f"run-{int(time.time())}",
                      services_home=args.services_home, es_port=args.es_port, redis_port=args.redis_port,
                      timeout=args.timeout, keep_services=args.keep_services)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

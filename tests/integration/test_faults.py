@@ -62,4 +62,6 @@ def test_ingest_through_a_killed_node_a_killed_worker_and_a_redis_restart_indexe
     assert result["image_documents"] == result["count_api"] == PHOTOS and result["staged_left"] == 0, logs
     assert result["cluster_status"] == "green", logs
     assert result["searcher_crashed"] is None and result["searches"] > 0, logs
-    assert result["searches_failed"] == 0, logs  # typed errors retried are allowed, and counted
+    assert result["searches_failed"] == 0, logs
+    # a message rejected without requeue is an image or a flush lost (the bug test_workers_broker_restart.py pins)
+    assert result["worker_logs"]["rejected_without_requeue"] == 0, logs  # typed errors retried are allowed, and counted
