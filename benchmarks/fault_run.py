@@ -225,6 +225,22 @@ def _progress(store, job: str, last):
         return last
 
 
+def _check_appendonly(port: int) -> None:
+    """Refuse a Redis without the append-only file: its restart would empty the queues and jobs,
+    which tests nothing but the setup (a Redis left running by an earlier run, started without it).
+
+    Raises:
+        RuntimeError: append-only is off.
+    """
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        if client.config_get("appendonly").get("appendonly") != "yes":
+            raise RuntimeError(f"Redis on port {port} runs without the append-only file; stop it "
+                               "(delf-es services stop redis) so the fault run starts its own")
+    finally:
+        client.close()
+
+
 def _master(config) -> int | None:
     """Index of the elected master node (by ``_cat/master`` from any node answering)."""
     import urllib.request
@@ -347,6 +363,7 @@ def run(plan: FaultPlan) -> dict[str, Any]:
     began = time.monotonic()
     load = {"before": _load()}
     started = start(config, "all").started
+    _check_appendonly(config.redis_port)
     result: dict[str, Any] = {"services_started": started, "services_start_s": round(time.monotonic() - began, 1)}
     values = _run_values(name, config.es_url, redis_url)
     env, settings = _env(_as_env(values)), Settings(**values)
@@ -404,9 +421,15 @@ def _ingest_with_faults(plan, config, fleet, store, job, t0, ready, faults, load
     killed_node: int | None = None
     pending = ["kill_node", "restart_node", "kill_worker", "restart_redis"]
     restarter: threading.Thread | None = None
+    vanished = False
     peak = 0.0
     while True:
+        seen = progress
         progress = _progress(store, job, progress)
+        if seen is not None and seen.total and not progress.total:
+            log.error("job %s vanished from Redis (total was %d)", job, seen.total)
+            vanished = True
+            break
         done = progress.done if progress else 0
         if done:
             ready.set()  # the index exists: the client may search
@@ -451,7 +474,7 @@ def _ingest_with_faults(plan, config, fleet, store, job, t0, ready, faults, load
     load["peak_1min"] = round(peak, 2)
     return {"job": job, "ingest_s": round(time.monotonic() - t0, 1), "job_done": progress.done if progress else 0,
             "job_failed": dict(list((progress.failed if progress else {}).items())[:20]),
-            "faults_not_fired": pending, "finished": bool(progress and progress.finished)}
+            "faults_not_fired": pending, "finished": bool(progress and progress.finished), "job_vanished": vanished}
 
 
 def _restart(config, node: int, fault: Fault, began: float) -> None:

@@ -7,7 +7,7 @@ fails Celery rejects the running message *without requeue* (``Reject(exc, requeu
 publish retries give up after about 0.6 s; a restart loading an append-only file takes seconds.
 The fleet's app now retries a publish through a broker outage of up to ``PUBLISH_RETRY_S``.
 
-Real Redis (its own, on the suite's ``redis_port + 1`` in the services home's ``faults/``
+Real Redis (its own, on the suite's ``redis_port + 2`` in the services home's ``faults/``
 folder, stopped mid-test and started again 3 s later), real Celery publishing; no worker needed.
 """
 
@@ -48,7 +48,7 @@ def image_id(raw: bytes) -> str:
 def broker():
     suite = Settings()
     config = services_config(Settings(services_home=Path(suite.services_home) / "faults",
-                                      redis_port=suite.redis_port + 1))
+                                      redis_port=suite.redis_port + 2))
     started = start_redis(config)
     try:
         yield config
@@ -62,13 +62,15 @@ def test_a_task_published_while_the_broker_restarts_for_seconds_reaches_the_queu
     url = broker.redis_url.rsplit("/", 1)[0] + "/12"
     app = make_app(Settings(worker_redis_url=url, worker_namespace=namespace))
     try:
-        app.send_task(EXTRACT, args=[message("before")], queue=EXTRACT_QUEUE)  # the connection is made and pooled
+        app.send_task(EXTRACT, args=[message("before")], queue=EXTRACT_QUEUE, ignore_result=True)  # the connection is made and pooled
         stop_redis(broker)
         restarter = threading.Timer(OUTAGE_S, start_redis, args=(broker,))
         restarter.start()
-        assert not ping(broker.redis_port)  # the publish below meets the outage
-        app.send_task(EXTRACT, args=[message("during")], queue=EXTRACT_QUEUE)  # waits for Redis, then lands
-        restarter.join()
+        try:
+            assert not ping(broker.redis_port)  # the publish below meets the outage
+            app.send_task(EXTRACT, args=[message("during")], queue=EXTRACT_QUEUE, ignore_result=True)  # waits for Redis, then lands
+        finally:
+            restarter.join()  # even on failure: the fixture then stops the Redis the timer started
         client = redis.Redis.from_url(url)
         try:
             queued = [image_id(raw) for raw in client.lrange(f"{namespace}:{EXTRACT_QUEUE}", 0, -1)]
