@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -157,11 +158,12 @@ class Searcher:
                              votes=candidate.votes, global_similarity=candidate.global_similarity,
                              inlier_pairs=pairs)
 
-        if s.verify_threads == 1 or len(shortlist) < 2:
+        threads = min(verify_thread_count(s.verify_threads), len(shortlist))
+        if threads <= 1:
             return [verify_one(image_id) for image_id in shortlist]
         # Each image's result depends only on its own inputs (RANSAC is seeded), so the order
         # of completion cannot change a hit; map() keeps the shortlist order.
-        with ThreadPoolExecutor(max_workers=s.verify_threads, thread_name_prefix="delf-es-verify") as pool:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="delf-es-verify") as pool:
             return list(pool.map(verify_one, shortlist))
 
     def _collect(self, neighbours: Neighbours, candidates: dict[str, _Candidate], count_votes: bool = True) -> None:
@@ -222,6 +224,17 @@ class Searcher:
             mask = scale_consistent(model, s.ransac_model, query.keypoints[q_idx], query.scales[q_idx],
                                     scales[db_idx], mask, s.ransac_scale_tolerance)
         return np.hstack([query.keypoints[q_idx][mask], locations[db_idx][mask]]).astype(np.float32)
+
+
+def verify_thread_count(setting: int, cpu_count: int | None = None, load: float | None = None) -> int:
+    """Threads to verify with: ``setting`` when > 0; 0 = auto, the cores the 1-minute load average
+    leaves free, counting this process's own (it is running, so it is part of the load), at least 1
+    and at most ``cpu_count``.  A busy machine gets 1 thread: there, threads only fight for cores."""
+    if setting > 0:
+        return setting
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    busy = load if load is not None else os.getloadavg()[0]
+    return max(1, min(cores, int(cores - busy + 1)))
 
 
 def alpha_query_expansion(query: np.ndarray, hits: list[np.ndarray], alpha: float) -> np.ndarray:
