@@ -16,6 +16,12 @@
      (cache, then index).  With the global shortlist no keypoint kNN runs at all (one kNN
      search instead of one per query descriptor), but matching costs CPU here instead: a
      1000 x 1000 product and two argmaxes per shortlisted image (benchmarks/search_speed.py).
+     Measured alternatives (benchmarks/verify_speed.py, real features): one product over
+     several shortlisted images at once is slower on this CPU (the reductions leave the
+     cache), float16 has no fast product on AVX2, and an early exit below ``min_inliers``
+     mutual matches never fires on real shortlists (the fewest seen is ~60 matches); what
+     scales is verifying images in threads (``verify_threads``): the products and pydegensac
+     release the GIL.
 """
 
 from __future__ import annotations
