@@ -75,7 +75,9 @@ def comparable(hits: list[SearchHit]) -> list[tuple]:
 @pytest.mark.parametrize("threads", [2, 0])
 def test_threaded_verification_returns_the_hits_of_the_plain_path_on_real_photos(real, threads):
     backend, query, model_id = real
-    base = Settings(**FAST, shortlist_mode="global", correspondences="matching", shortlist_size=len(PHOTOS))
+    # the reference has no query expansion; with it (the default) both paths are compared below
+    base = Settings(**FAST, shortlist_mode="global", correspondences="matching", shortlist_size=len(PHOTOS),
+                    query_expansion=0)
     expected = comparable(reference(backend, query, base))
     one = Searcher(backend, MemoryLocationCache(), base.model_copy(update={"verify_threads": 1}), model_id).search(query)
     many = Searcher(backend, MemoryLocationCache(), base.model_copy(update={"verify_threads": threads}), model_id)
@@ -84,6 +86,10 @@ def test_threaded_verification_returns_the_hits_of_the_plain_path_on_real_photos
     assert comparable(many.search(query)) == expected  # codes and locations from the cache now
     assert one[0].image_id.startswith("paris250/db/defense/") and one[0].inliers >= base.min_inliers
     assert len(one) == len(PHOTOS)
+    qe = base.model_copy(update={"query_expansion": Settings().query_expansion, "shortlist_size": 4})
+    plain = Searcher(backend, MemoryLocationCache(), qe.model_copy(update={"verify_threads": 1}), model_id).search(query)
+    threaded = Searcher(backend, MemoryLocationCache(), qe.model_copy(update={"verify_threads": threads}), model_id)
+    assert comparable(threaded.search(query)) == comparable(plain)
 
 
 def test_auto_threads_are_the_cores_the_load_leaves_free():
