@@ -121,7 +121,7 @@ def main() -> None:
                  "features": data.source, "replication": cached_features.REPLICATION},
         "plan": {"shortlist_mode": "global", "correspondences": "matching", "shortlist_size": base.shortlist_size,
                  "query_max_descriptors": base.query_max_descriptors, "min_inliers": base.min_inliers,
-                 "ransac_max_iters": base.ransac_max_iters},
+                 "ransac_max_iters": base.ransac_max_iters, "query_expansion": base.query_expansion},
         "machine": {"cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
     }
