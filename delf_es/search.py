@@ -16,12 +16,19 @@
      (cache, then index).  With the global shortlist no keypoint kNN runs at all (one kNN
      search instead of one per query descriptor), but matching costs CPU here instead: a
      1000 x 1000 product and two argmaxes per shortlisted image (benchmarks/search_speed.py).
+     Measured alternatives (benchmarks/verify_speed.py, real features): one product over
+     several shortlisted images at once is slower on this CPU (the reductions leave the
+     cache), float16 has no fast product on AVX2, and an early exit below ``min_inliers``
+     mutual matches never fires on real shortlists (the fewest seen is ~60 matches); what
+     scales is verifying images in threads (``verify_threads``): the products and pydegensac
+     release the GIL.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -30,6 +37,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from delf_es.cache import LocationCache, codes_namespace, image_revisions, revision_key
+from delf_es.degenerate import keypoint_extent
 from delf_es.index.codes import decode_codes
 from delf_es.index.base import Backend, MetadataFilter, Neighbours
 from delf_es.errors import KeypointVectorsDisabled
@@ -157,11 +165,12 @@ class Searcher:
                              votes=candidate.votes, global_similarity=candidate.global_similarity,
                              inlier_pairs=pairs)
 
-        if s.verify_threads == 1 or len(shortlist) < 2:
+        threads = min(verify_thread_count(s.verify_threads), len(shortlist))
+        if threads <= 1:
             return [verify_one(image_id) for image_id in shortlist]
         # Each image's result depends only on its own inputs (RANSAC is seeded), so the order
         # of completion cannot change a hit; map() keeps the shortlist order.
-        with ThreadPoolExecutor(max_workers=s.verify_threads, thread_name_prefix="delf-es-verify") as pool:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="delf-es-verify") as pool:
             return list(pool.map(verify_one, shortlist))
 
     def _collect(self, neighbours: Neighbours, candidates: dict[str, _Candidate], count_votes: bool = True) -> None:
@@ -214,14 +223,28 @@ class Searcher:
         valid = db_idx < len(locations)
         q_idx, db_idx = q_idx[valid], db_idx[valid]
         s = self.settings
+        # the database image's size is not read here: its stored keypoints' extent stands in
+        sizes = (query.image_size, keypoint_extent(locations) if s.min_inlier_spread_fraction > 0 else None)
         model, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
-                                     s.ransac_confidence, s.ransac_max_iters, s.ransac_seed, s.min_inlier_spread)
+                                     s.ransac_confidence, s.ransac_max_iters, s.ransac_seed, s.min_inlier_spread,
+                                     min_spread_fraction=s.min_inlier_spread_fraction, image_sizes=sizes)
         mask = np.asarray(mask, bool)
         # the scale rule needs the image's stored scales; an image stored without them keeps its inliers
         if s.ransac_scale_tolerance is not None and scales is not None and len(scales) == len(locations):
             mask = scale_consistent(model, s.ransac_model, query.keypoints[q_idx], query.scales[q_idx],
                                     scales[db_idx], mask, s.ransac_scale_tolerance)
         return np.hstack([query.keypoints[q_idx][mask], locations[db_idx][mask]]).astype(np.float32)
+
+
+def verify_thread_count(setting: int, cpu_count: int | None = None, load: float | None = None) -> int:
+    """Threads to verify with: ``setting`` when > 0; 0 = auto, the cores the 1-minute load average
+    leaves free, counting this process's own (it is running, so it is part of the load), at least 1
+    and at most ``cpu_count``.  A busy machine gets 1 thread: there, threads only fight for cores."""
+    if setting > 0:
+        return setting
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    busy = load if load is not None else os.getloadavg()[0]
+    return max(1, min(cores, int(cores - busy + 1)))
 
 
 def alpha_query_expansion(query: np.ndarray, hits: list[np.ndarray], alpha: float) -> np.ndarray:

@@ -114,10 +114,17 @@ class Settings(BaseSettings):
         "the model's zoom within this many log2 units (levels are 0.5 apart); None = off (see verify.scale_consistent)",
     )
     min_inlier_spread: float = Field(
-        default=16.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
-        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check.  Chosen on the "
-        "pairs: true pairs spread >= 26.6 px, a 24 px textured spot 12 px, a line 3-6 px "
-        "(benchmarks/results/degenerate_geometry*.json)",
+        default=4.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
+        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check.  The floor under "
+        "min_inlier_spread_fraction (small images, unknown sizes): below every true pair's spread (>= 8.7 px), above "
+        "a line's or a point cloud's (< 3 px) (benchmarks/results/chance_inliers.json, docs/quality.md)",
+    )
+    min_inlier_spread_fraction: float = Field(
+        default=0.02, ge=0, lt=1, description="the same rule relative to the image: a model also needs its inliers to "
+        "spread at least this fraction of each image's short side (the larger of the two thresholds applies; in "
+        "search the stored keypoints' extent stands in for the database image's size); 0 = px rule only.  Chosen "
+        "on the pairs: the smallest that rejects every degenerate case (a line 0.013, a 24 px spot 0.016-0.017), "
+        "while solved true pairs spread >= 0.086 (benchmarks/results/chance_inliers.json, docs/quality.md)",
     )
     min_keypoint_contrast: float = Field(
         default=1.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
@@ -143,9 +150,11 @@ class Settings(BaseSettings):
     query_max_descriptors: int = Field(default=1000, ge=1, description="strongest query keypoints used for kNN")
     min_inliers: int = Field(default=12, ge=0, description="verified inliers for a hit to count as a match")
     verify_threads: int = Field(
-        default=1, ge=1, description="threads verifying shortlisted images (numpy's products release the GIL, "
-        "pydegensac holds it); 1 measured faster on the shared 2 cores (p50 252-280 ms vs 326-365 ms with 2 at "
-        "10k images, benchmarks/results/search_speed_es_10k*.json): more only helps with idle cores",
+        default=0, ge=0, description="threads verifying shortlisted images; 0 = auto: the cores the 1-minute load "
+        "average leaves free (at least 1, see search.verify_thread_count).  numpy's products and pydegensac both "
+        "release the GIL (benchmarks/verify_speed.py measures it), so threads scale on idle cores; on busy shared "
+        "cores 1 was measured faster (p50 252-280 ms vs 326-365 ms with 2 at 10k images, "
+        "benchmarks/results/search_speed_es_10k*.json), which auto picks there",
     )
     rank_by: str = Field(
         default="inliers+global",
@@ -160,7 +169,8 @@ class Settings(BaseSettings):
         "it changes no pair's verification.  Costs one more global kNN, one read of those hits' vectors and "
         "the RANSAC of the new images (benchmarks/results/eval/quality-qe-5.json)",
     )
-    qe_min_inliers: int = Field(default=20, ge=1, description="inliers for a hit to join the expanded query")
+    qe_min_inliers: int = Field(default=15, ge=1, description="inliers for a hit to join the expanded query; "
+                                "above every different-scene pair's (max 14 of 731, p99 11: benchmarks/results/chance_inliers.json)")
     qe_alpha: float = Field(default=3.0, ge=0, description="alpha-QE: a verified hit weighs cos(query, hit)^alpha")
     rank_global_weight: float = Field(
         default=50.0, ge=0, description="inliers one unit of global cosine is worth (rank_by='inliers+global'); "
