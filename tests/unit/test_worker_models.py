@@ -117,3 +117,25 @@ def test_the_submitter_and_the_reindexer_refuse_a_loose_dict_of_overrides(settin
         Submitter(FakeApp(settings)).submit(["/photos/a.jpg"], model={"backbone": "mobilenetv2"})
     with pytest.raises(InvalidRequest, match="ModelSpec"):
         Reindexer(settings.model_copy(update={"es_url": "http://127.0.0.1:1"}), None, {"backbone": "mobilenetv2"})
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["reindex", "--backbone", "mobilenetv2", "--pca", "PCA_LITE2"], "fitted for efficientnet-lite2/expand"),
+    (["--backbone", "resnet50", "reindex"], "no weight file given"),
+    (["reindex", "--backbone", "vgg16"], "unknown backbone 'vgg16'"),
+])
+def test_reindex_refuses_a_target_model_it_cannot_name_before_contacting_any_service(arguments, words, monkeypatch):
+    """The target spec (this run's settings + the reindex options) is built first: a bad one is a
+    one-line error, with no worker, Redis or Elasticsearch reached (none runs at these URLs)."""
+    from typer.testing import CliRunner
+
+    from delf_es.cli import app
+    from delf_es.model.weights import PROJECT_WEIGHTS_DIR
+
+    monkeypatch.setenv("DELF_ES_ES_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("DELF_ES_REDIS_URL", "redis://127.0.0.1:1/0")
+    pca = str(PROJECT_WEIGHTS_DIR / "pca-efficientnet-lite2-expand-norm-40.npz")
+    result = CliRunner().invoke(app, [pca if a == "PCA_LITE2" else a for a in arguments])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], result.output
