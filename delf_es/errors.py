@@ -319,3 +319,9 @@ class InvalidSetting(DelfEsError, ValueError):
 
     def __str__(self) -> str:
         return f"{self.source}: {self.message}" if self.source else self.message
+
+
+class KeypointVectorsDisabled(ConfigurationError):
+    """A keypoint kNN (the 'local' or 'hybrid' shortlist, 'knn' correspondences) on an index created
+    without keypoint vectors (``keypoint_vectors`` off): search with ``shortlist_mode='global'`` and
+    ``correspondences='matching'``, or rebuild the index with ``keypoint_vectors=true``."""

@@ -53,7 +53,8 @@ def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
     from delf_es.index.embedded import EmbeddedBackend
 
     return EmbeddedBackend(Path(settings.data_dir) / settings.index_alias, model_id=model_id,
-                           exact_limit=settings.embedded_exact_limit, nprobe=settings.embedded_nprobe)
+                           exact_limit=settings.embedded_exact_limit, nprobe=settings.embedded_nprobe,
+                           keypoint_vectors=settings.index_keypoint_vectors())
 
 
 def open_cache(settings: Settings) -> LocationCache:

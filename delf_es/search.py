@@ -32,7 +32,8 @@ from threadpoolctl import threadpool_limits
 from delf_es.cache import LocationCache, codes_namespace, image_revisions, revision_key
 from delf_es.index.codes import decode_codes
 from delf_es.index.base import Backend, MetadataFilter, Neighbours
-from delf_es.settings import Settings
+from delf_es.errors import KeypointVectorsDisabled
+from delf_es.settings import Settings, needs_keypoint_knn
 from delf_es.types import Features, SearchHit
 from delf_es.verify import estimate_model, scale_consistent
 
@@ -67,7 +68,13 @@ class Searcher:
         candidates: dict[str, _Candidate] = defaultdict(_Candidate)
         descriptors = query.descriptors[: s.query_max_descriptors]
         local_order: list[str] = []
-        shortlist_mode, correspondences = s.search_plan()
+        keypoint_vectors = self.backend.has_keypoint_vectors()
+        shortlist_mode, correspondences = s.search_plan(keypoint_vectors)
+        if not keypoint_vectors and needs_keypoint_knn(shortlist_mode, correspondences):
+            raise KeypointVectorsDisabled(
+                f"shortlist_mode={shortlist_mode!r} with correspondences={correspondences!r} needs the keypoint kNN, "
+                "but this index was created without keypoint vectors (keypoint_vectors=false): use "
+                "shortlist_mode='global' and correspondences='matching', or rebuild the index with keypoint vectors")
         if shortlist_mode in ("local", "hybrid") and len(descriptors):
             self._collect(self.backend.knn(descriptors, s.knn_k, metadata_filter), candidates)
             local_order = sorted(

@@ -179,6 +179,14 @@ class Settings(BaseSettings):
         default="auto", description="index backend: 'auto' (Elasticsearch when es_url is set, else embedded), "
         "'embedded' (even with es_url set) or 'elasticsearch' (es_url required)",
     )
+    keypoint_vectors: bool | None = Field(
+        default=None, description="index every keypoint's descriptor for the keypoint kNN (HNSW on Elasticsearch, "
+        "faiss on the embedded index), which the 'local' and 'hybrid' shortlists and 'knn' correspondences need; "
+        "recorded in the index when it is created (an index created before this setting has them).  None = the "
+        "backend's default plan decides: off on Elasticsearch (global shortlist + matching never searches them; "
+        "they were about half of each image's bytes and most of its ingest time), on for the embedded index "
+        "(see index_keypoint_vectors, benchmarks/results/keypoint_vectors.json)",
+    )
     embedded_exact_limit: int | None = Field(
         default=200_000, ge=0, description="embedded index: most keypoint vectors searched exactly (flat); above "
         "it an IVF index is trained; None = always exact, 0 = always IVF (benchmarks/embedded_index.py)",
@@ -273,13 +281,29 @@ class Settings(BaseSettings):
             return "elasticsearch" if self.es_url else "embedded"
         return self.backend
 
-    def search_plan(self) -> tuple[str, str]:
+    def index_keypoint_vectors(self) -> bool:
+        """Whether an index created with these settings indexes keypoint vectors: ``keypoint_vectors``,
+        unset = whether the backend's default plan (:meth:`search_plan`) uses the keypoint kNN."""
+        if self.keypoint_vectors is not None:
+            return self.keypoint_vectors
+        mode, correspondences = self.search_plan()
+        return needs_keypoint_knn(mode, correspondences)
+
+    def search_plan(self, keypoint_vectors: bool = True) -> tuple[str, str]:
         """(shortlist_mode, correspondences) to search with.  Unset, each is the best measured for
         the backend (benchmarks/search_speed.py, benchmarks/results/eval/): on Elasticsearch the
         global shortlist with descriptor matching (one kNN search per query instead of one per
         query descriptor: p50 0.7 s vs 11.4 s at 1000 images, mAP 84.8 vs 85.1); on the embedded
-        index, whose faiss kNN is cheap, the hybrid shortlist with kNN pairs."""
-        on_elasticsearch = self.index_backend() == "elasticsearch"
-        mode = self.shortlist_mode or ("global" if on_elasticsearch else "hybrid")
-        correspondences = self.correspondences or ("matching" if on_elasticsearch else "knn")
+        index, whose faiss kNN is cheap, the hybrid shortlist with kNN pairs.  On an index without
+        keypoint vectors (``keypoint_vectors=False``) an unset one is the choice needing no
+        keypoint kNN (global, matching); a set one is kept (and refused by the search)."""
+        knn_by_default = keypoint_vectors and self.index_backend() != "elasticsearch"
+        mode = self.shortlist_mode or ("hybrid" if knn_by_default else "global")
+        correspondences = self.correspondences or ("knn" if knn_by_default else "matching")
         return mode, correspondences
+
+
+def needs_keypoint_knn(shortlist_mode: str, correspondences: str) -> bool:
+    """True when a search plan runs the keypoint kNN: a local or hybrid shortlist, or kNN pairs
+    (the kNN restricted to the shortlisted images)."""
+    return shortlist_mode in ("local", "hybrid") or correspondences == "knn"

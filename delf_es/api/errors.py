@@ -39,6 +39,7 @@ STATUS: dict[str, int] = {
     "ImageNotFound": 404,
     "TaskNotFound": 404,
     "ModelMismatch": 409,
+    "KeypointVectorsDisabled": 409,  # the plan needs keypoint vectors the index was created without
     "IndexUnavailable": 503,
     "RetriesExhausted": 503,
     "Overloaded": 503,

@@ -157,6 +157,12 @@ class Backend(Protocol):
         """Images whose global descriptor is nearest to (G,) ``vector``, best first."""
         ...
 
+    def has_keypoint_vectors(self) -> bool:
+        """Whether the index holds keypoint vectors, i.e. :meth:`knn` works (the ``keypoint_vectors``
+        setting the index was created with; otherwise ``knn`` raises
+        :class:`~delf_es.errors.KeypointVectorsDisabled`)."""
+        ...
+
     def revisions(self, image_ids: Iterable[str]) -> dict[str, str]:
         """A token per indexed id that changes at every write of that image (missing ids left
         out); search caches are keyed by it, so a cached entry of another write is a miss."""

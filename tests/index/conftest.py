@@ -76,7 +76,8 @@ def make_elasticsearch(tmp_path: Path) -> Iterator[Backend]:
 
     url = _ELASTICSEARCH["url"]
     alias = f"delf-contract-{uuid.uuid4().hex[:12]}"
-    backend = ElasticsearchBackend(Settings(es_url=url, index_alias=alias))
+    # keypoint vectors on: the contract covers the keypoint kNN (off is tested in test_keypoint_vectors.py)
+    backend = ElasticsearchBackend(Settings(es_url=url, index_alias=alias, keypoint_vectors=True))
     try:
         yield backend
     finally:

@@ -75,7 +75,7 @@ def alias(services) -> Iterator[str]:
 
 @pytest.fixture()
 def settings(services, alias) -> Settings:
-    return Settings(es_url=services.es_url, index_alias=alias)
+    return Settings(es_url=services.es_url, index_alias=alias, keypoint_vectors=True)  # these tests search keypoints
 
 
 @pytest.fixture()
@@ -136,7 +136,8 @@ def test_first_write_creates_versioned_indices_behind_the_aliases_with_the_templ
         images: {"aliases": {alias: {"is_write_index": True}}},
         keypoints: {"aliases": {f"{alias}-keypoints": {"is_write_index": True}}},
     }
-    for name, template, extra in (("images", images, {"global_dims": GLOBAL_DIM}), ("keypoints", keypoints, {})):
+    for name, template, extra in (("images", images, {"global_dims": GLOBAL_DIM, "keypoint_vectors": True}),
+                                  ("keypoints", keypoints, {})):
         mapping = client.indices.get_mapping(index=template)[template]["mappings"]
         wanted = render_template(f"{name}-v1.json", model_id=MODEL_ID, local_dims=LOCAL_DIM, global_dims=GLOBAL_DIM)
         assert mapping["_meta"] == wanted["mappings"]["_meta"] == {
@@ -333,7 +334,7 @@ def test_delete_removes_every_keypoint_document(backend, services, alias):
 
 def test_server_down_raises_index_unavailable_quickly_for_every_call():
     url = f"http://127.0.0.1:{unused_port()}"
-    backend = ElasticsearchBackend(Settings(es_url=url, index_alias="delf-down"))
+    backend = ElasticsearchBackend(Settings(es_url=url, index_alias="delf-down", keypoint_vectors=True))
     queries = unit_rows(np.random.default_rng(0), 3, LOCAL_DIM)
     calls = {
         "upsert": lambda: backend.upsert([record("a")]),
@@ -411,7 +412,7 @@ def overloaded(services, alias, monkeypatch) -> Iterator[tuple[ElasticsearchBack
     monkeypatch.setattr(time, "sleep", sleeps.append)
     client = Elasticsearch(services.es_url, node_class=OverloadedNode, request_timeout=30, max_retries=0,
                            retry_on_status=())
-    backend = ElasticsearchBackend(Settings(es_url=services.es_url, index_alias=alias), client=client)
+    backend = ElasticsearchBackend(Settings(es_url=services.es_url, index_alias=alias, keypoint_vectors=True), client=client)
     yield backend, sleeps
     client.close()
 

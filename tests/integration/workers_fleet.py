@@ -46,7 +46,8 @@ class Fleet:
         self.log_dir = tmp_path
         self.settings = Settings(**FAST, es_url=self.es_url, worker_redis_url=self.broker, index_alias=self.alias,
                                  worker_namespace=self.id, worker_index_batch=4,
-                                 worker_visibility_timeout=VISIBILITY_TIMEOUT_S, worker_lock_ttl=LOCK_TTL_S)
+                                 worker_visibility_timeout=VISIBILITY_TIMEOUT_S, worker_lock_ttl=LOCK_TTL_S,
+                                 keypoint_vectors=True)  # whole_images checks the keypoint documents too
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("DELF_ES_")},
             **FAST_ENV,
@@ -58,6 +59,7 @@ class Fleet:
             "DELF_ES_WORKER_INDEX_BATCH": "4",
             "DELF_ES_WORKER_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT_S),
             "DELF_ES_WORKER_LOCK_TTL": str(LOCK_TTL_S),
+            "DELF_ES_KEYPOINT_VECTORS": "true",
             "OMP_NUM_THREADS": "1",  # two pool processes on a shared 2-core machine
         }
         self.workers: list[subprocess.Popen] = []

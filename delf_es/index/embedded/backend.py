@@ -18,7 +18,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import faiss
 import numpy as np
 
-from delf_es.errors import ConfigurationError, FeatureShapeError, ImageNotFound, IndexUnavailable, ItemFailure
+from delf_es.errors import (ConfigurationError, FeatureShapeError, ImageNotFound, IndexUnavailable, ItemFailure,
+                            KeypointVectorsDisabled)
 from delf_es.index.base import BulkReport, GlobalHit, ImageRecord, MetadataFilter, Neighbours, StoredImage
 from delf_es.index.codes import int8_codes
 from delf_es.index.embedded.keypoint_index import MAX_KEYPOINTS, KeypointIndex
@@ -53,6 +54,10 @@ class EmbeddedBackend(Storage, KeypointIndex):
         exact_limit: most keypoint vectors searched exactly (flat index); above it an
             IVF index is trained.  None = always exact; 0 = always IVF.
         nprobe: IVF lists visited per query (recall vs latency).
+        keypoint_vectors: mirror every keypoint descriptor in the faiss index (the keypoint kNN);
+            False saves its memory and upsert time when searches use only the global shortlist and
+            matching.  Recorded in the directory when it is created; an existing directory keeps
+            its own (one created before the setting has them).
 
     Raises:
         IndexUnavailable: the directory is open elsewhere or its database is unreadable.
@@ -66,6 +71,7 @@ class EmbeddedBackend(Storage, KeypointIndex):
         *,
         exact_limit: int | None = 200_000,
         nprobe: int = 16,
+        keypoint_vectors: bool = True,
     ) -> None:
         if exact_limit is not None and exact_limit < 0:
             raise ConfigurationError(f"exact_limit must be >= 0 or None, got {exact_limit}")
@@ -94,10 +100,11 @@ class EmbeddedBackend(Storage, KeypointIndex):
         self._global_matrix: tuple[np.ndarray, np.ndarray] | None = None
         self._index: Any = None
         self._ivf_trained_on = 0
+        self._keypoint_vectors = keypoint_vectors  # the directory's own, once _create_schema has read it
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._db = self._connect()
-            self._create_schema(model_id)
+            self._create_schema(model_id, keypoint_vectors)
             self._load_snapshot_state()
         except sqlite3.Error as exc:
             self._release_directory()
@@ -364,6 +371,10 @@ class EmbeddedBackend(Storage, KeypointIndex):
             candidates = sorted({self._row_of[i] for i in map(str, image_ids) if i in self._row_of})
         return [row for row in candidates if predicate(self._docs[row].metadata)]
 
+    def has_keypoint_vectors(self) -> bool:
+        """Whether the keypoint kNN works (the directory's ``keypoint_vectors``)."""
+        return self._keypoint_vectors
+
     def knn(
         self,
         descriptors: np.ndarray,
@@ -372,6 +383,8 @@ class EmbeddedBackend(Storage, KeypointIndex):
         image_ids: Iterable[str] | None = None,
     ) -> Neighbours:
         """The ``k`` nearest stored keypoints of each query descriptor.
+
+        Raises :class:`KeypointVectorsDisabled` on an index created without keypoint vectors.
 
         Args:
             descriptors: (Q, D) float32 unit rows.
@@ -383,6 +396,10 @@ class EmbeddedBackend(Storage, KeypointIndex):
             Neighbours grouped by query (ascending), best first within a query.
         """
         queries = self._check_query(descriptors, k)
+        if not self._keypoint_vectors:
+            raise KeypointVectorsDisabled(
+                f"embedded index {self.directory} was created without keypoint vectors (keypoint_vectors=false): "
+                "no keypoint kNN; search with shortlist_mode='global' and correspondences='matching'")
         with self._reading():
             selected = self._matching_rows(metadata_filter, image_ids)
             index = self._index

@@ -91,6 +91,9 @@ class KeypointIndex:
 
     def _rebuild_index(self) -> None:
         """Build the keypoint index from the descriptors stored in SQLite (exclusive lock held)."""
+        if not self._keypoint_vectors:
+            self._index = None
+            return
         rows, counts, blocks = [], [], []
         for row, count, blob in self._db.execute(
             "SELECT row, num_keypoints, descriptors FROM images WHERE num_keypoints > 0 ORDER BY row"
@@ -127,6 +130,8 @@ class KeypointIndex:
 
     def _update_index(self, added: dict[int, Any], removed: dict[int, int]) -> None:
         """Mirror added rows (``_Added``: row, doc, descriptors) and removed rows (row -> keypoints) in faiss."""
+        if not self._keypoint_vectors:
+            return
         if self._index is None and self._local_dim is not None:
             self._index = self._new_flat()
         gone = {row: count for row, count in removed.items() if count}

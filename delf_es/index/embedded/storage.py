@@ -154,7 +154,7 @@ class Storage:
         conn.execute("PRAGMA synchronous=FULL")  # a commit is durable before faiss reflects it
         return conn
 
-    def _create_schema(self, model_id: str | None) -> None:
+    def _create_schema(self, model_id: str | None, keypoint_vectors: bool = True) -> None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -192,6 +192,12 @@ class Storage:
                 )
             if model_id is not None and stored is None:
                 db.execute("INSERT INTO meta VALUES ('model_id', ?)", (model_id,))
+            if "keypoint_vectors" not in meta:
+                # a new index records what it was asked for; one written before the setting has them
+                empty = stored is None and db.execute("SELECT 1 FROM images LIMIT 1").fetchone() is None
+                meta["keypoint_vectors"] = "1" if keypoint_vectors or not empty else "0"
+                db.execute("INSERT INTO meta VALUES ('keypoint_vectors', ?)", (meta["keypoint_vectors"],))
+            self._keypoint_vectors = meta["keypoint_vectors"] == "1"
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -210,6 +216,9 @@ class Storage:
             self._docs[row] = Doc(image_id, json.loads(metadata), num_keypoints)
             if global_blob:
                 self._globals[row] = np.frombuffer(global_blob, dtype="<f4").astype(np.float32)
+        if not self._keypoint_vectors:  # no keypoint kNN: nothing to mirror in faiss
+            self._index = None
+            return
         self._index = self._load_snapshot()
         if self._index is None or self._needs_rebuild(self._index.ntotal):  # e.g. reopened with another exact_limit
             self._rebuild_index()

@@ -65,7 +65,7 @@ class ElasticsearchBackend:
         self.url = self.transport.url
         self.timeout = self.transport.timeout
         self.num_candidates = int(settings.es_knn_num_candidates)
-        self._writer = Writer(self.transport, self.aliases, model_id)
+        self._writer = Writer(self.transport, self.aliases, model_id, settings.index_keypoint_vectors())
         self._queries = Queries(self.transport, self.aliases, self.num_candidates)
 
     # ------------------------------------------------------------------ writes
@@ -201,6 +201,12 @@ class ElasticsearchBackend:
 
     # ------------------------------------------------------------------ search
 
+    def has_keypoint_vectors(self) -> bool:
+        """Whether :meth:`knn` works: the index's ``_meta.keypoint_vectors`` (an index without the
+        key has them); before the first write, what the index will be created with."""
+        indices = self.aliases.current()
+        return indices.keypoint_vectors if indices is not None else self._writer.keypoint_vectors
+
     def knn(
         self,
         descriptors: np.ndarray,
@@ -218,6 +224,9 @@ class ElasticsearchBackend:
 
         Returns:
             Neighbours grouped by query (ascending), best first within a query.
+
+        Raises:
+            KeypointVectorsDisabled: the index was created without keypoint vectors.
         """
         return self._queries.knn(descriptors, k, metadata_filter, image_ids)
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from delf_es.errors import UnsupportedFilter
+from delf_es.errors import KeypointVectorsDisabled, UnsupportedFilter
 from delf_es.index.base import GlobalHit, MetadataFilter, Neighbours
 from delf_es.index.codes import int8_codes
 from delf_es.index.es.codec import byte_vector, float_vector
@@ -87,6 +87,10 @@ class Queries:
         indices = self.aliases.current()
         if indices is None:
             return Neighbours.empty()
+        if not indices.keypoint_vectors:
+            raise KeypointVectorsDisabled(
+                f"index {indices.images} was created without keypoint vectors (keypoint_vectors=false): no keypoint "
+                "kNN; search with shortlist_mode='global' and correspondences='matching'")
         check_descriptors(descriptors, indices.local_dims)
         if len(descriptors) == 0 or restrict == []:
             return Neighbours.empty()

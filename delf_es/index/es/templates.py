@@ -43,6 +43,7 @@ def render_template(
     model_id: str,
     local_dims: int,
     global_dims: int | None = None,
+    keypoint_vectors: bool = True,
     directory: Path = MAPPINGS_DIR,
 ) -> dict[str, Any]:
     """The index body (``settings``, ``mappings``) of template ``name`` with its parameters filled.
@@ -51,7 +52,8 @@ def render_template(
     numbers); a ``dims`` whose value is None is dropped (Elasticsearch then takes the dimension
     from the first vector); top-level keys starting with ``_`` (comments) are dropped.
     """
-    params = {"model_id": model_id, "local_dims": local_dims, "global_dims": global_dims}
+    params = {"model_id": model_id, "local_dims": local_dims, "global_dims": global_dims,
+              "keypoint_vectors": keypoint_vectors}
     template = json.loads((directory / name).read_text())
 
     def fill(node: Any) -> Any:
@@ -99,6 +101,9 @@ class Indices:
         local_dims: D of the keypoint vectors (-1: nothing will be written, see ``Aliases.for_write``).
         global_dims: G, None until a record with a global descriptor was written.
         quantised_global: the global vectors are int8-quantised in the HNSW graph (rescore needed).
+        keypoint_vectors: the keypoints index holds a vector per keypoint (the keypoint kNN works);
+            False: it stays empty and only the image documents are written (``_meta.keypoint_vectors``,
+            absent = True: indices created before the setting have them).
     """
 
     images: str
@@ -108,6 +113,7 @@ class Indices:
     global_dims: int | None
     quantised_global: bool
     thumbnails: bool = False  # the mapping has the thumbnail fields (indexes since the HTTP API)
+    keypoint_vectors: bool = True
 
 
 class Aliases:
@@ -150,6 +156,7 @@ class Aliases:
             global_dims=int(global_dims) if global_dims else None,
             quantised_global=global_type.get("index_options", {}).get("type", "hnsw") != "hnsw",
             thumbnails="thumbnail" in mapping.get("properties", {}),
+            keypoint_vectors=meta.get("keypoint_vectors", True) is not False,
         )
         return self._indices
 
@@ -168,13 +175,16 @@ class Aliases:
         raise RequestRejected(
             f"alias {alias} at {self.transport.url} points at {sorted(names)} and none is its write index")
 
-    def create(self, model_id: str, local_dims: int, global_dims: int | None) -> Indices:
+    def create(self, model_id: str, local_dims: int, global_dims: int | None, keypoint_vectors: bool = True) -> Indices:
         """Create both versioned indices and point the aliases at them in one atomic call
-        (idempotent; a concurrent creator of the same model ends with the same indices)."""
+        (idempotent; a concurrent creator of the same model ends with the same indices).  The
+        keypoints index is created even without ``keypoint_vectors`` (then it stays empty), so
+        both aliases exist for every index and a reindex can swap them alike."""
         images, keypoints = index_names(self.images, model_id)
         client = self.transport.client
         for name, template in ((keypoints, f"keypoints-{SCHEMA}.json"), (images, f"images-{SCHEMA}.json")):
-            body = render_template(template, model_id=model_id, local_dims=local_dims, global_dims=global_dims)
+            body = render_template(template, model_id=model_id, local_dims=local_dims, global_dims=global_dims,
+                                   keypoint_vectors=keypoint_vectors)
             try:
                 self.transport.call(f"creating index {name}", client.indices.create, index=name, **body)
                 logger.info("created index %s (model %s)", name, model_id)

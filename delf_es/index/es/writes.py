@@ -12,6 +12,9 @@ Consistency without transactions.  Each image has two keypoint *slots*; keypoint
    by the next write of that image, which knows its count), then sweeps anything else not of
    the new generation (left by a writer that died).
 
+An index created without keypoint vectors (``Indices.keypoint_vectors`` False) writes only step 2:
+its keypoints index stays empty, so there is nothing to write, delete or sweep there.
+
 So a search sees a whole version of each image or nothing of a version: a crash or a rejected
 keypoint leaves the previous version intact and searchable, never half an image.  A delete
 removes the keypoints, then the image document; interrupted, the image stays partly searchable
@@ -69,12 +72,15 @@ class _Write:
 
 class Writer:
     """Upserts and deletes on the indices behind ``aliases`` (records of another ``model_id``
-    than the backend's are refused; None = the index's, or the first record's)."""
+    than the backend's are refused; None = the index's, or the first record's).  Indices it
+    creates index keypoint vectors when ``keypoint_vectors`` is True; existing ones keep theirs."""
 
-    def __init__(self, transport: Transport, aliases: Aliases, model_id: str | None) -> None:
+    def __init__(self, transport: Transport, aliases: Aliases, model_id: str | None,
+                 keypoint_vectors: bool = True) -> None:
         self.transport = transport
         self.aliases = aliases
         self.model_id = model_id
+        self.keypoint_vectors = keypoint_vectors
 
     # ------------------------------------------------------------------ upsert
 
@@ -101,7 +107,7 @@ class Writer:
             return Indices(images, keypoints, wanted, -1, None, False)
         global_sizes = (len(r.features.global_desc) for r in valid if r.features.model_id == wanted)
         global_dims = next((size for size in global_sizes if size), None)
-        return self.aliases.create(wanted, first.descriptor_dim, global_dims)
+        return self.aliases.create(wanted, first.descriptor_dim, global_dims, self.keypoint_vectors)
 
     def upsert(self, records: Iterable[ImageRecord]) -> BulkReport:
         """Write images, each replacing any image of the same id (all or nothing per image, as
@@ -121,7 +127,8 @@ class Writer:
                 last[record.image_id] = position
         chosen = sorted(last.values())
         for start in range(0, len(chosen), IMAGES_PER_ROUND):
-            for write in self._write_round([(p, records[p]) for p in chosen[start : start + IMAGES_PER_ROUND]]):
+            for write in self._write_round([(p, records[p]) for p in chosen[start : start + IMAGES_PER_ROUND]],
+                                           indices.keypoint_vectors):
                 outcome[write.position] = write.error
         for position, record in enumerate(records):  # earlier copies of an id share the last one's fate
             if position not in outcome:
@@ -154,8 +161,9 @@ class Writer:
         indices = self.aliases.current()
         return indices is not None and indices.thumbnails
 
-    def _write_round(self, items: list[tuple[int, ImageRecord]]) -> list[_Write]:
-        """Write a few images: new keypoints, then image documents, then old keypoints."""
+    def _write_round(self, items: list[tuple[int, ImageRecord]], keypoint_vectors: bool = True) -> list[_Write]:
+        """Write a few images: new keypoints, then image documents, then old keypoints (only the
+        image documents without ``keypoint_vectors``)."""
         live = self.versions([record.image_id for _, record in items])
         writes = []
         for position, record in items:
@@ -171,7 +179,7 @@ class Writer:
         # 1. keypoints into the free slot
         by_id: dict[str, _Write] = {}
         actions: list[dict[str, Any]] = []
-        for write in writes:
+        for write in writes if keypoint_vectors else []:
             for action in self._keypoint_actions(write):
                 by_id[action["_id"]] = write
                 actions.append(action)
@@ -196,12 +204,12 @@ class Writer:
             {"_op_type": "delete", "_index": self.aliases.keypoints,
              "_id": keypoint_id(w.record.image_id, w.previous.slot, j)}
             for w in complete
-            if w.error is None and w.previous is not None
+            if w.error is None and w.previous is not None and keypoint_vectors
             for j in range(w.previous.num_keypoints)
         ]
         leftovers = sum(not ok for _, _, ok in self.transport.bulk("upsert (old keypoints)", dead))
         # 4. anything else not of the new generations (left by a writer that died), as of the last refresh
-        committed = {w.record.image_id: w.generation for w in complete if w.error is None}
+        committed = {w.record.image_id: w.generation for w in complete if w.error is None and keypoint_vectors}
         leftovers += self.sweep(committed, {action["_id"] for action in dead})
         if leftovers:
             logger.warning("%d dead keypoints could not be deleted; the next write of their images will", leftovers)
@@ -254,7 +262,8 @@ class Writer:
         ids = [str(image_id) for image_id in image_ids]
         if not ids:
             return BulkReport()
-        if self.aliases.current() is None:
+        indices = self.aliases.current()
+        if indices is None:
             return BulkReport(failed=[ItemFailure(image_id, "not found") for image_id in ids])
         outcome: dict[int, str | None] = {}
         live = self.versions(list(dict.fromkeys(ids)))
@@ -267,7 +276,7 @@ class Writer:
                 seen.add(image_id)
                 targets.append(position)
         actions, owner = [], {}
-        for position in targets:
+        for position in targets if indices.keypoint_vectors else []:
             version = live[ids[position]]
             for slot, count in ((version.slot, version.num_keypoints), (1 - version.slot, version.other_slot_keypoints)):
                 for j in range(count):
@@ -278,7 +287,7 @@ class Writer:
             position = owner[action["_id"]]
             if not ok and outcome.get(position) is None:
                 outcome[position] = str(result)
-        swept = {ids[p]: None for p in targets if p not in outcome}
+        swept = {ids[p]: None for p in targets if p not in outcome and indices.keypoint_vectors}
         if self.sweep(swept, set(owner)):
             logger.warning("some stray keypoints of deleted images could not be deleted")
         documents = [
