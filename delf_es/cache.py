@@ -168,7 +168,7 @@ class RedisLocationCache:
     """Arrays in Redis (see the module docstring) under ``<prefix>:<namespace>:<image_id>``.
 
     Entries expire after ``ttl_seconds`` (30 days), so a Redis with ``maxmemory-policy
-    volatile-lru`` (scripts/services.sh) evicts cache entries, never a queue sharing it.
+    volatile-lru`` (delf_es/services/config.py) evicts cache entries, never a queue sharing it.
     Every Redis error is logged (at most once per ``warn_every`` s) and treated as a miss,
     with short socket timeouts so a stopped server costs milliseconds, not a hang.
 

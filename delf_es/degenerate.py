@@ -16,7 +16,9 @@ never paris250):
   A homography fitted to points on one line, or in a spot a few pixels wide, is not evidence of
   the same scene: any such set fits within the RANSAC threshold.  The spread of an inlier set is
   the standard deviation along its minor principal axis (px), and a model whose inliers spread
-  less than ``min_inlier_spread`` px in either image is no model.
+  less than :func:`spread_threshold` in either image is no model: ``min_inlier_spread`` px, or
+  ``min_inlier_spread_fraction`` of the image's short side when that is larger, so the rule
+  scales with the image (a spot is a spot at 512 px and at 4000 px).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import numpy as np
 from delf_es.errors import FeatureShapeError
 from delf_es.types import Features
 
-__all__ = ["CELL_PX", "drop_flat_keypoints", "inlier_spread", "keypoint_contrast"]
+__all__ = ["CELL_PX", "degenerate_inliers", "drop_flat_keypoints", "inlier_spread", "keypoint_contrast",
+           "keypoint_extent", "spread_threshold"]
 
 #: Stride of the local feature map (px of the resized pyramid level): one keypoint per cell.
 CELL_PX = 16
@@ -111,3 +114,39 @@ def inlier_spread(points: np.ndarray) -> float:
     centred = array - array.mean(axis=0)
     covariance = centred.T @ centred / len(array)
     return float(np.sqrt(max(np.linalg.eigvalsh(covariance)[0], 0.0)))
+
+
+def spread_threshold(image_size: tuple[int, int] | None, min_px: float, min_fraction: float) -> float:
+    """The smallest inlier spread (px, minor-axis std) a model needs in an image of
+    ``image_size`` = (width, height) px: ``max(min_px, min_fraction * short side)``; an unknown
+    size (None) leaves ``min_px``."""
+    if image_size is None or min_fraction <= 0:
+        return float(min_px)
+    return max(float(min_px), float(min_fraction) * float(min(image_size)))
+
+
+def keypoint_extent(keypoints: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) px that (N, 2) keypoints span from the origin (max x, max y): a lower bound
+    of the image's size, which stands in for it where only the stored keypoints are at hand
+    (search), so the fraction rule there is never stricter than with the true size.  None if N = 0."""
+    array = np.asarray(keypoints, dtype=np.float64).reshape(-1, 2)
+    if not len(array):
+        return None
+    width, height = np.ceil(np.maximum(array.max(axis=0), 1.0))
+    return int(width), int(height)
+
+
+def degenerate_inliers(
+    points_a: np.ndarray,
+    points_b: np.ndarray,
+    min_px: float,
+    min_fraction: float = 0.0,
+    sizes: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None),
+) -> bool:
+    """True when the (K, 2) px inliers in image A or in image B spread less than
+    :func:`spread_threshold` of that image (``sizes`` = (A's, B's) (width, height) px, None where
+    unknown).  False when both thresholds are 0 (no check)."""
+    limits = [spread_threshold(size, min_px, min_fraction) for size in sizes]
+    if max(limits) <= 0:
+        return False
+    return inlier_spread(points_a) < limits[0] or inlier_spread(points_b) < limits[1]

@@ -325,3 +325,21 @@ class KeypointVectorsDisabled(ConfigurationError):
     """A keypoint kNN (the 'local' or 'hybrid' shortlist, 'knn' correspondences) on an index created
     without keypoint vectors (``keypoint_vectors`` off): search with ``shortlist_mode='global'`` and
     ``correspondences='matching'``, or rebuild the index with ``keypoint_vectors=true``."""
+
+
+# ---------------------------------------------------------------- local services (delf_es/services/)
+
+
+class ServiceFailed(DelfEsError, RuntimeError):
+    """A local service (Elasticsearch node, Redis) cannot be installed, started or stopped, or
+    starting it was refused: its port is held by a process delf-es did not start, it already runs
+    on another port, a download does not match its pinned SHA-256.  ``service`` names it
+    (``"es"``, ``"es node-1"``, ``"redis"``)."""
+
+    def __init__(self, message: str, service: str = "") -> None:
+        super().__init__(message, service)
+        self.message = message
+        self.service = service
+
+    def __str__(self) -> str:
+        return f"{self.service}: {self.message}" if self.service else self.message

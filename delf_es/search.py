@@ -30,6 +30,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from delf_es.cache import LocationCache, codes_namespace, image_revisions, revision_key
+from delf_es.degenerate import keypoint_extent
 from delf_es.index.codes import decode_codes
 from delf_es.index.base import Backend, MetadataFilter, Neighbours
 from delf_es.errors import KeypointVectorsDisabled
@@ -214,8 +215,11 @@ class Searcher:
         valid = db_idx < len(locations)
         q_idx, db_idx = q_idx[valid], db_idx[valid]
         s = self.settings
+        # the database image's size is not read here: its stored keypoints' extent stands in
+        sizes = (query.image_size, keypoint_extent(locations) if s.min_inlier_spread_fraction > 0 else None)
         model, mask = estimate_model(query.keypoints[q_idx], locations[db_idx], s.ransac_model, s.ransac_px,
-                                     s.ransac_confidence, s.ransac_max_iters, s.ransac_seed, s.min_inlier_spread)
+                                     s.ransac_confidence, s.ransac_max_iters, s.ransac_seed, s.min_inlier_spread,
+                                     min_spread_fraction=s.min_inlier_spread_fraction, image_sizes=sizes)
         mask = np.asarray(mask, bool)
         # the scale rule needs the image's stored scales; an image stored without them keeps its inliers
         if s.ransac_scale_tolerance is not None and scales is not None and len(scales) == len(locations):

@@ -114,10 +114,17 @@ class Settings(BaseSettings):
         "the model's zoom within this many log2 units (levels are 0.5 apart); None = off (see verify.scale_consistent)",
     )
     min_inlier_spread: float = Field(
-        default=16.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
-        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check.  Chosen on the "
-        "pairs: true pairs spread >= 26.6 px, a 24 px textured spot 12 px, a line 3-6 px "
-        "(benchmarks/results/degenerate_geometry*.json)",
+        default=4.0, ge=0, description="px; a model whose inliers spread less than this (minor-axis std) in either "
+        "image, i.e. lie on a line or in a spot, is no match (delf_es/degenerate.py); 0 = no check.  The floor under "
+        "min_inlier_spread_fraction (small images, unknown sizes): below every true pair's spread (>= 8.7 px), above "
+        "a line's or a point cloud's (< 3 px) (benchmarks/results/chance_inliers.json, docs/quality.md)",
+    )
+    min_inlier_spread_fraction: float = Field(
+        default=0.02, ge=0, lt=1, description="the same rule relative to the image: a model also needs its inliers to "
+        "spread at least this fraction of each image's short side (the larger of the two thresholds applies; in "
+        "search the stored keypoints' extent stands in for the database image's size); 0 = px rule only.  Chosen "
+        "on the pairs: the smallest that rejects every degenerate case (a line 0.013, a 24 px spot 0.016-0.017), "
+        "while solved true pairs spread >= 0.086 (benchmarks/results/chance_inliers.json, docs/quality.md)",
     )
     min_keypoint_contrast: float = Field(
         default=1.0, ge=0, description="grey levels; keypoints whose cell has a lower pixel std are dropped from "
@@ -153,13 +160,15 @@ class Settings(BaseSettings):
         "benchmarks/rank_by.py), 'inliers' or 'verified-then-global' (>= min_inliers by inliers, the rest by global similarity)",
     )
     query_expansion: int = Field(
-        default=0, ge=0, description="verified query expansion (alpha-QE, as in the DELG and cirtorch evaluations): "
+        default=5, ge=0, description="verified query expansion (alpha-QE, as in the DELG and cirtorch evaluations): "
         "re-query the global index with the query's global descriptor averaged with those of its best this many "
         "verified hits (>= qe_min_inliers), verify the new images it brings and re-rank by the expanded "
-        "similarity; 0 = off.  Costs one more global kNN, one read of those hits' vectors and the RANSAC of the "
-        "new images (benchmarks/results/eval/ rows 'qe-*')",
+        "similarity; 0 = off.  On by default: +4.5 mAP on paris250 (87.57 vs 83.06) for +20 ms per query, and "
+        "it changes no pair's verification.  Costs one more global kNN, one read of those hits' vectors and "
+        "the RANSAC of the new images (benchmarks/results/eval/quality-qe-5.json)",
     )
-    qe_min_inliers: int = Field(default=20, ge=1, description="inliers for a hit to join the expanded query")
+    qe_min_inliers: int = Field(default=15, ge=1, description="inliers for a hit to join the expanded query; "
+                                "above every different-scene pair's (max 14 of 731, p99 11: benchmarks/results/chance_inliers.json)")
     qe_alpha: float = Field(default=3.0, ge=0, description="alpha-QE: a verified hit weighs cos(query, hit)^alpha")
     rank_global_weight: float = Field(
         default=50.0, ge=0, description="inliers one unit of global cosine is worth (rank_by='inliers+global'); "
@@ -243,6 +252,39 @@ class Settings(BaseSettings):
         "see the same folder; None = <data_dir>/api-uploads",
     )
     thumbnails: bool = Field(default=True, description="store a small JPEG (<= 256 px, <= 16 KB) with each image")
+
+    # --- Elasticsearch index layout (applied when the indices are created) ----------------
+    es_number_of_shards: int = Field(
+        default=1, ge=1, le=1024, description="primary shards of the image and keypoint indices; 1 suits one "
+        "node, as many as nodes (3) spreads a cluster's work (docs/operations.md)",
+    )
+    es_number_of_replicas: int = Field(
+        default=0, ge=0, le=32, description="replica copies of each shard (images, keypoints and failures "
+        "indices); 0 on one node (a replica there is never assigned: health stays yellow), 1 on 3 nodes so "
+        "losing one node loses nothing",
+    )
+
+    # --- local services (delf-es services, delf_es/services/) ---------------------------
+    services_home: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "delf-es" / "services",
+        description="binaries, data, logs and pid files of the local Elasticsearch and Redis",
+    )
+    es_port: int = Field(default=9200, ge=1, le=65535, description="HTTP port of local node 0; node i uses es_port + i")
+    es_transport_port: int | None = Field(
+        default=None, ge=1, le=65535, description="transport port of local node 0 (node i: + i); None = es_port + 1100",
+    )
+    es_nodes: int = Field(default=1, ge=1, le=9, description="local Elasticsearch nodes started as one cluster")
+    es_heap: str = Field(default="512m", pattern=r"^[0-9]+[kKmMgG]$", description="-Xms/-Xmx of each local node, e.g. 512m")
+    es_java_opts: str = Field(default="", description="extra JVM options of the local nodes")
+    es_user: str = Field(default="delfes", min_length=1, description="unprivileged user running the local nodes "
+                         "(Elasticsearch refuses root)")
+    es_start_timeout: float = Field(default=120.0, gt=0, description="s a start may take until the cluster is healthy")
+    java_home: Path | None = Field(default=None, description="JDK (>= 21) for the local nodes; None = the newest found")
+    redis_port: int = Field(default=6379, ge=1, le=65535, description="port of the local Redis")
+    redis_appendonly: bool = Field(
+        default=False, description="local Redis writes an append-only file (fsync every second), so a restart "
+        "keeps queues and state; off = no persistence (tests, caches)",
+    )
 
     @field_validator("scales", "global_scales")
     @classmethod

@@ -35,12 +35,11 @@ __all__ = ["InvalidSetting", "SERVICE_VARIABLES", "load_settings", "parse_json_o
            "unknown_variables"]
 
 ENV_PREFIX = "DELF_ES_"
-#: ``DELF_ES_*`` variables read by the service tooling (scripts/services.sh, delf-es services),
-#: not by :class:`Settings`.
+#: ``DELF_ES_*`` variables that are not :class:`Settings` fields: what ``delf-es services start``
+#: prints (``*_STARTED``), the test fixture's switch and docker-compose's.  (The services' own
+#: ports, heap, home... are settings.)
 SERVICE_VARIABLES = frozenset({
-    "DELF_ES_SERVICES_HOME", "DELF_ES_ES_PORT", "DELF_ES_ES_TRANSPORT_PORT", "DELF_ES_ES_HEAP", "DELF_ES_ES_JAVA_OPTS",
-    "DELF_ES_ES_USER", "DELF_ES_ES_START_TIMEOUT", "DELF_ES_JAVA_HOME", "DELF_ES_REDIS_PORT", "DELF_ES_ES_STARTED",
-    "DELF_ES_REDIS_STARTED", "DELF_ES_ES_VERSION", "DELF_ES_KEEP_SERVICES", "DELF_ES_IMAGES_DIR",
+    "DELF_ES_ES_STARTED", "DELF_ES_REDIS_STARTED", "DELF_ES_ES_VERSION", "DELF_ES_KEEP_SERVICES", "DELF_ES_IMAGES_DIR",
 })
 
 
@@ -211,7 +210,8 @@ def preflight(
         for field in ("backbone_weights", "attention_weights", "pca_path"):
             _check_file(getattr(settings, field), field, options, overrides)
     if index:
-        _check_url(settings.es_url, ("http", "https"), _source("es_url", options, overrides))
+        for url in (settings.es_url or "").split(","):  # one URL per node of a cluster
+            _check_url(url.strip(), ("http", "https"), _source("es_url", options, overrides))
         _check_url(settings.redis_url, ("redis", "rediss", "unix"), _source("redis_url", options, overrides))
         _check_url(settings.worker_redis_url, ("redis", "rediss", "unix"), _source("worker_redis_url", options, overrides))
         if not settings.es_url:

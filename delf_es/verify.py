@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 import pydegensac
 
-from delf_es.degenerate import inlier_spread
+from delf_es.degenerate import degenerate_inliers
 from delf_es.errors import FeatureShapeError, InvalidRequest
 from delf_es.types import Correspondences, Features
 
@@ -202,6 +202,9 @@ def estimate_model(
     max_iters: int,
     seed: int,
     min_spread_px: float = 0.0,
+    *,
+    min_spread_fraction: float = 0.0,
+    image_sizes: tuple[tuple[int, int] | None, tuple[int, int] | None] = (None, None),
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Robustly fit a model mapping ``points_a`` to ``points_b``.
 
@@ -223,6 +226,10 @@ def estimate_model(
         min_spread_px: a model whose inliers spread less than this (minor-axis std, px) in
             either image is degenerate (a line, a spot) and reported as no model
             (:func:`delf_es.degenerate.inlier_spread`); 0 = no check.
+        min_spread_fraction: the same, as a fraction of each image's short side (the larger of
+            the two thresholds applies; :func:`delf_es.degenerate.spread_threshold`); 0 = none.
+        image_sizes: (A's, B's) (width, height) px for ``min_spread_fraction``; None where
+            unknown (that image then needs only ``min_spread_px``).
 
     Returns:
         ``(model, inlier_mask)``: model is (3, 3) float64 (homography normalised to
@@ -264,7 +271,7 @@ def estimate_model(
     elif abs(model[2, 2]) > 1e-12:
         model = model / model[2, 2]
     inliers[np.flatnonzero(finite)] = mask
-    if min_spread_px > 0 and min(inlier_spread(pa[inliers]), inlier_spread(pb[inliers])) < min_spread_px:
+    if degenerate_inliers(pa[inliers], pb[inliers], min_spread_px, min_spread_fraction, image_sizes):
         logger.debug("%s model on %d inliers rejected: inliers on a line or in a spot", kind, int(inliers.sum()))
         return None, np.zeros(k, dtype=bool)
     return model, inliers
@@ -378,6 +385,7 @@ class Verifier:
         scale_tolerance: when set, inliers must also be scale-consistent within this many log2
             units (:func:`scale_consistent`); None = off.
         min_spread_px: degenerate-inlier threshold, px (see :func:`estimate_model`).
+        min_spread_fraction: degenerate-inlier threshold, fraction of each image's short side.
     """
 
     max_distance: float
@@ -389,6 +397,7 @@ class Verifier:
     seed: int
     scale_tolerance: float | None = None
     min_spread_px: float = 0.0
+    min_spread_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _check_params(self.kind, self.px_threshold, self.confidence, self.max_iters)
@@ -409,6 +418,7 @@ class Verifier:
             seed=settings.ransac_seed,
             scale_tolerance=settings.ransac_scale_tolerance,
             min_spread_px=settings.min_inlier_spread,
+            min_spread_fraction=settings.min_inlier_spread_fraction,
         )
 
     def __call__(self, a: Features, b: Features) -> Correspondences:
@@ -423,6 +433,8 @@ class Verifier:
             self.max_iters,
             self.seed,
             self.min_spread_px,
+            min_spread_fraction=self.min_spread_fraction,
+            image_sizes=(a.image_size, b.image_size),
         )
         if self.scale_tolerance is not None:
             inliers = scale_consistent(model, self.kind, a.keypoints[matches[:, 0]], a.scales[matches[:, 0]],

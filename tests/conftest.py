@@ -49,7 +49,7 @@ def photo() -> np.ndarray:
 
 
 #: pytest-timeout for tests marked integration or slow that set no timeout themselves: long enough
-#: for a cold services start (scripts/services.sh downloads Elasticsearch, up to 900 s) plus the
+#: for a cold services start (delf-es services downloads Elasticsearch, up to 900 s) plus the
 #: test, short enough that a hang fails the run instead of stalling CI.  Others: pyproject's 900 s.
 LONG_TEST_TIMEOUT_S = 1800
 

@@ -9,7 +9,7 @@ Use the session-scoped ``services`` fixture in any test marked
         es = Elasticsearch(services.es_url)
         r = redis.Redis.from_url(services.redis_url)
 
-It runs ``scripts/services.sh start`` once per test session (installing
+It runs ``delf-es services start`` (delf_es/services/) once per test session (installing
 Elasticsearch and Redis on first use, which can take a minute or two), and at
 the end of the session stops only the services that *it* started: services that
 were already running (e.g. started by hand for a dev loop) are left running.
@@ -21,13 +21,15 @@ script's output in the failure message.
 
 Environment:
   DELF_ES_KEEP_SERVICES=1  never stop the services at session end (faster reruns)
-  and every DELF_ES_* variable documented in scripts/services.sh (ports, cache dir...).
+  and the services settings (DELF_ES_ES_PORT, DELF_ES_REDIS_PORT, DELF_ES_SERVICES_HOME...,
+  docs/operations.md).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +37,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVICES_SCRIPT = REPO_ROOT / "scripts" / "services.sh"
 
 # A cold start downloads ~130 MB of Elasticsearch and may apt-get install Redis;
-# the script itself bounds ES startup to DELF_ES_ES_START_TIMEOUT (120 s).
+# the command itself bounds ES startup to DELF_ES_ES_START_TIMEOUT (120 s).
 START_TIMEOUT_S = 900
 STOP_TIMEOUT_S = 180
 
@@ -54,15 +55,17 @@ class Services:
     started_by_session: tuple[str, ...]  # subset of ("es", "redis"); stopped at session end
 
 
-def run_services_script(
-    action: str, target: str = "all", timeout: float = START_TIMEOUT_S, env: dict[str, str] | None = None
+def run_services(
+    action: str, target: str = "all", *args: str, timeout: float = START_TIMEOUT_S, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run scripts/services.sh ACTION TARGET (with ``env`` added to the environment, e.g. another
-    port) and return the completed process (never raises on exit code)."""
+    """Run ``delf-es services ACTION TARGET ARGS...`` of this checkout (with ``env`` added to the
+    environment, e.g. another port) and return the completed process (never raises on exit code)."""
+    environ = {**os.environ, **(env or {})}
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environ.get("PYTHONPATH")]))
     try:
         return subprocess.run(
-            ["bash", str(SERVICES_SCRIPT), action, target],
-            env={**os.environ, **(env or {})},
+            [sys.executable, "-m", "delf_es.cli", "services", action, target, *args],
+            env=environ,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -87,7 +90,7 @@ def _describe(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def _parse_assignments(stdout: str) -> dict[str, str]:
-    """The KEY=VALUE lines that `services.sh start` prints on stdout."""
+    """The KEY=VALUE lines that `delf-es services start` prints on stdout."""
     values: dict[str, str] = {}
     for line in stdout.splitlines():
         key, sep, value = line.strip().partition("=")
@@ -99,15 +102,15 @@ def _parse_assignments(stdout: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
     """Start Elasticsearch and Redis for the test session; see the module docstring."""
-    proc = run_services_script("start", "all")
+    proc = run_services("start", "all")
     if proc.returncode != 0:
-        pytest.fail(f"scripts/services.sh start failed, {_describe(proc)}", pytrace=False)
+        pytest.fail(f"delf-es services start failed, {_describe(proc)}", pytrace=False)
     values = _parse_assignments(proc.stdout)
     try:
         es_url = values["DELF_ES_ES_URL"]
         redis_url = values["DELF_ES_REDIS_URL"]
     except KeyError as missing:
-        pytest.fail(f"scripts/services.sh start did not print {missing}, {_describe(proc)}", pytrace=False)
+        pytest.fail(f"delf-es services start did not print {missing}, {_describe(proc)}", pytrace=False)
     started = tuple(name for name in _SERVICE_NAMES if values.get(f"DELF_ES_{name.upper()}_STARTED") == "yes")
 
     try:
@@ -119,8 +122,8 @@ def services() -> Iterator[Services]:
         if not keep:
             failures = []
             for name in started:
-                stop = run_services_script("stop", name, timeout=STOP_TIMEOUT_S)
+                stop = run_services("stop", name, timeout=STOP_TIMEOUT_S)
                 if stop.returncode != 0:
                     failures.append(f"stop {name}: {_describe(stop)}")
             if failures:
-                pytest.fail("scripts/services.sh stop failed:\n" + "\n".join(failures), pytrace=False)
+                pytest.fail("delf-es services stop failed:\n" + "\n".join(failures), pytrace=False)

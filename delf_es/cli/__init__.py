@@ -9,7 +9,8 @@ no module or class state.  One module per group of commands, each registering it
 * :mod:`~delf_es.cli.evaluate`: eval;
 * :mod:`~delf_es.cli.serving`: serve (the HTTP API);
 * :mod:`~delf_es.cli.workers`: worker, enqueue, failures, reindex, kibana-import;
-* :mod:`~delf_es.cli.train`: ``train attention|backbone``.
+* :mod:`~delf_es.cli.train`: ``train attention|backbone``;
+* :mod:`~delf_es.cli.services`: ``services start|stop|status`` (local Elasticsearch and Redis).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from delf_es.cli import evaluate, features, search, serving, workers
+from delf_es.cli import evaluate, features, search, serving, services, workers
 from delf_es.cli.context import CliContext, console, fail
 from delf_es.cli.train import train_app
 from delf_es.errors import InvalidSetting
@@ -87,6 +88,6 @@ def _parse_scales(text: str) -> tuple[float, ...]:
     return values
 
 
-for _group in (features, search, evaluate, serving, workers):
+for _group in (features, search, evaluate, serving, workers, services):
     _group.register(app)
 app.add_typer(train_app, name="train")

@@ -119,7 +119,7 @@ class WorkerContext:
     def failure_log(self, index: str):
         from delf_es.index.es.failures import FailureLog
 
-        return FailureLog(self.transport, index)
+        return FailureLog(self.transport, index, replicas=self.settings.es_number_of_replicas)
 
     @property
     def location_cache(self):

@@ -44,7 +44,7 @@ BACKEND_FACTORIES: dict[str, Callable[[Path], Iterator[Backend]]] = {
 }
 
 
-# ---- Elasticsearch: the real server of scripts/services.sh (tests marked ``integration``) ----
+# ---- Elasticsearch: the real server of delf-es services (tests marked ``integration``) ----
 
 _ELASTICSEARCH: dict[str, str] = {}  # "url": set by _elasticsearch_services for the running test
 

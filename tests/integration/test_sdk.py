@@ -204,10 +204,10 @@ def test_search_stays_correct_when_redis_is_flushed_or_stopped(services, extract
     shared one (a Celery broker for other tests) is never flushed or stopped."""
     import redis
 
-    from services_fixture import run_services_script
+    from services_fixture import run_services
 
     port = {"DELF_ES_REDIS_PORT": str(unused_port())}
-    started = run_services_script("start", "redis", env=port)
+    started = run_services("start", "redis", env=port)
     assert started.returncode == 0, started.stderr
     redis_url = f"redis://127.0.0.1:{port['DELF_ES_REDIS_PORT']}/0"
     alias = f"test-redis-{uuid.uuid4().hex[:8]}"
@@ -228,13 +228,13 @@ def test_search_stays_correct_when_redis_is_flushed_or_stopped(services, extract
             redis.Redis.from_url(redis_url).flushall()
             assert [(h["id"], h["inliers"]) for h in engine.search_image(query)] == expected
             assert redis.Redis.from_url(redis_url).dbsize() > 0  # refilled on the miss
-            stopped = run_services_script("stop", "redis", env=port)
+            stopped = run_services("stop", "redis", env=port)
             assert stopped.returncode == 0, stopped.stderr
             began = time.monotonic()
             assert [(h["id"], h["inliers"]) for h in engine.search_image(query)] == expected
             assert time.monotonic() - began < 60, "a stopped Redis must not stall search"
     finally:
-        run_services_script("stop", "redis", env=port)
+        run_services("stop", "redis", env=port)
         from elasticsearch import Elasticsearch
 
         drop_indices(Elasticsearch(services.es_url), f"{alias}*")

@@ -1,4 +1,5 @@
-"""The local services from scripts/services.sh work as the index layer needs them.
+"""The local services from ``delf-es services`` (and its wrapper scripts/services.sh) work as
+the index layer needs them.
 
 Besides health checks, this pins the Elasticsearch features delf-es relies on
 and that the minimal integ-test-zip distribution does provide: dense_vector with
@@ -16,11 +17,13 @@ import pytest
 import redis
 from elasticsearch import Elasticsearch
 
+from services_fixture import run_services
+
 DIMS = 40
 SERVICES_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "services.sh"
 
 
-def run_services_script(action: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def run_wrapper(action: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(SERVICES_SCRIPT), action, "all"],
         capture_output=True,
@@ -40,7 +43,7 @@ def es(services):
 
 @pytest.mark.integration
 def test_status_reports_both_running(services) -> None:
-    proc = run_services_script("status", timeout=60)
+    proc = run_services("status", "all", timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"url={services.es_url}" in proc.stdout
     assert f"url={services.redis_url}" in proc.stdout
@@ -48,11 +51,22 @@ def test_status_reports_both_running(services) -> None:
 
 @pytest.mark.integration
 def test_second_start_is_a_noop(services) -> None:
-    proc = run_services_script("start", timeout=300)
+    proc = run_services("start", "all", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "DELF_ES_ES_STARTED=no" in proc.stdout.splitlines()
     assert "DELF_ES_REDIS_STARTED=no" in proc.stdout.splitlines()
     assert f"DELF_ES_ES_URL={services.es_url}" in proc.stdout.splitlines()
+
+
+@pytest.mark.integration
+def test_the_bash_wrapper_runs_the_same_command(services) -> None:
+    proc = run_wrapper("status", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "es: running pid=" in proc.stdout and f"url={services.es_url} health=" in proc.stdout
+    proc = run_wrapper("start", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == [f"DELF_ES_ES_URL={services.es_url}", "DELF_ES_ES_STARTED=no",
+                                        f"DELF_ES_REDIS_URL={services.redis_url}", "DELF_ES_REDIS_STARTED=no"]
 
 
 @pytest.mark.integration

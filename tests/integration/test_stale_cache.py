@@ -51,7 +51,7 @@ class OwnRedis:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.fail("redis-server is not installed (scripts/services.sh installs it)")
+            pytest.fail("redis-server is not installed (delf-es services start installs it)")
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
              "--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no"],

@@ -94,3 +94,59 @@ def test_a_blank_png_matches_no_transparent_png_and_a_true_pair_still_matches(tm
             h["inliers"] == 0 for h in engine.search_image(str(blank), min_inliers=0))
         hits = engine.search_image(str(b))
         assert hits and hits[0]["id"] == str(a.resolve()) and hits[0]["inliers"] >= 30, hits
+
+
+def test_spread_threshold_is_the_larger_of_the_floor_and_the_fraction_of_the_short_side():
+    from delf_es.degenerate import spread_threshold
+
+    assert spread_threshold((2000, 1500), 4.0, 0.02) == pytest.approx(30.0)
+    assert spread_threshold((300, 200), 8.0, 0.02) == 8.0  # 4 px from the fraction: the floor wins
+    assert spread_threshold(None, 4.0, 0.02) == 4.0 and spread_threshold((2000, 1500), 4.0, 0.0) == 4.0
+
+
+def test_keypoint_extent_is_the_span_from_the_origin():
+    from delf_es.degenerate import keypoint_extent
+
+    assert keypoint_extent(np.array([[10.2, 5.0], [630.4, 470.0], [3.0, 2.0]])) == (631, 470)
+    assert keypoint_extent(np.zeros((0, 2))) is None
+
+
+def _cluster(side_px: float, seed: int = 2):
+    rng = np.random.default_rng(seed)
+    a = 300 + rng.uniform(0, side_px, (200, 2))
+    return a, _homography_points(a) + rng.normal(0, 0.3, a.shape)
+
+
+def test_the_fraction_rule_scales_with_the_image():
+    """A 60 px cluster (spread ~17 px) is degenerate in a 2000 x 1500 photo at 2% of the short side
+    (30 px), a match in a 640 x 480 one (9.6 px), and left to the px floor when sizes are unknown."""
+    a, b = _cluster(60.0)
+    args = ("homography", 12.0, 0.999, 2000, 0, 4.0)
+    big, _ = estimate_model(a, b, *args, min_spread_fraction=0.02, image_sizes=((2000, 1500), (2000, 1500)))
+    small, mask = estimate_model(a, b, *args, min_spread_fraction=0.02, image_sizes=((640, 480), (640, 480)))
+    unknown, _ = estimate_model(a, b, *args, min_spread_fraction=0.02)
+    one_big, _ = estimate_model(a, b, *args, min_spread_fraction=0.02, image_sizes=((640, 480), (2000, 1500)))
+    assert big is None and one_big is None
+    assert small is not None and mask.sum() > 190 and unknown is not None
+
+
+def test_verifier_uses_each_images_size_for_the_fraction_rule():
+    from delf_es.verify import Verifier
+
+    a, b = _cluster(60.0)
+    rng = np.random.default_rng(3)
+    descriptors = rng.normal(size=(len(a), 16)).astype(np.float32)
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+
+    def features(points, size):
+        n = len(points)
+        return Features(image_id="x", model_id="m", image_size=size, keypoints=points.astype(np.float32),
+                        scales=np.ones(n, np.float32), scores=np.ones(n, np.float32), descriptors=descriptors,
+                        global_desc=np.eye(1, 8, dtype=np.float32)[0])
+
+    verifier = Verifier(max_distance=0.9, mutual=True, kind="homography", px_threshold=12.0, confidence=0.999,
+                        max_iters=2000, seed=0, min_spread_px=4.0, min_spread_fraction=0.02)
+    assert verifier(features(a, (640, 480)), features(b, (640, 480))).model is not None
+    big = verifier(features(a, (2000, 1500)), features(b, (2000, 1500)))
+    assert big.model is None and not big.inlier_mask.any()
+    assert Verifier.from_settings(Settings(min_inlier_spread_fraction=0.02)).min_spread_fraction == 0.02

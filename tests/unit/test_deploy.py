@@ -1,5 +1,5 @@
 """docker-compose.yml and Dockerfile, structurally (no Docker engine here): services, health
-checks, volumes, settings names, and versions consistent with scripts/services.sh / pyproject."""
+checks, volumes, settings names, and versions consistent with delf-es services (delf_es/services/) / pyproject."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ def compose():
 
 
 def services_script_version() -> str:
-    return re.search(r"^readonly ES_VERSION=(\S+)$", (ROOT / "scripts/services.sh").read_text(), re.M).group(1)
+    from delf_es.services.config import ES_VERSION
+
+    return ES_VERSION
 
 
 def test_every_service_is_there_with_a_health_check(compose):

@@ -312,12 +312,23 @@ def twin_scene(tmp_path):
 def test_query_expansion_reaches_a_positive_the_first_shortlist_missed(twin_scene, correspondences):
     backend, query = twin_scene
     plan = {"shortlist_mode": "global", "correspondences": correspondences, "shortlist_size": 2, "qe_alpha": 0.0}
-    plain = searcher(backend, **plan).search(query)
+    plain = searcher(backend, query_expansion=0, **plan).search(query)
     assert [h.image_id for h in plain][0] == "target" and "twin" not in {h.image_id for h in plain}
     expanded = searcher(backend, query_expansion=1, qe_min_inliers=20, **plan).search(query)
     by_id = {h.image_id: h for h in expanded}
     assert [h.image_id for h in expanded][:2] == ["target", "twin"]
     assert by_id["twin"].inliers >= 150
+
+
+def test_query_expansion_is_on_by_default_and_only_above_every_chance_match():
+    # paris250 +4.5 mAP (benchmarks/results/eval/quality-qe-5.json); it changes no pair's verification.
+    # A hit joins the expansion only with more inliers than any different-scene pair of the pairs check got.
+    import json
+    from pathlib import Path
+
+    pairs = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/chance_inliers.json").read_text())
+    assert Settings().query_expansion == 5
+    assert Settings().qe_min_inliers > pairs["summary"]["false"]["max"] and pairs["false_pairs"] >= 500
 
 
 def test_query_expansion_needs_a_verified_hit(twin_scene):
@@ -355,3 +366,22 @@ def test_scale_rule_rejects_inliers_whose_pyramid_scales_disagree(tmp_path, scen
     hits = {h.image_id: h for h in searcher(backend, ransac_scale_tolerance=0.5, **plan).search(query)}
     assert hits["target"].inliers == 0
     assert {h.image_id: h for h in searcher(backend, **plan).search(query)}["target"].inliers >= 150
+
+
+def test_spread_fraction_rule_checks_the_query_by_its_size_and_the_database_image_by_its_keypoints(scene):
+    """The target's inliers spread ~138 px (uniform over 640 x 480) in both images."""
+    from dataclasses import replace
+
+    backend, query = scene
+    plan = {"shortlist_mode": "global", "correspondences": "matching", "min_inlier_spread": 0.0}
+
+    def target_inliers(q, fraction):
+        hits = {h.image_id: h for h in searcher(backend, min_inlier_spread_fraction=fraction, **plan).search(q)}
+        return hits["target"].inliers
+
+    assert target_inliers(query, 0.2) >= 150  # 96 px needed in a 480 px short side
+    assert target_inliers(query, 0.4) == 0  # 192 px needed
+    # a query claimed 100 px small passes its side at 0.4 (40 px); the database image, whose
+    # stored keypoints span ~640 x 480, still needs ~192 px and fails
+    small = replace(query, image_size=(100, 100))
+    assert target_inliers(small, 0.4) == 0 and target_inliers(small, 0.2) >= 150

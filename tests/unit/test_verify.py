@@ -383,10 +383,11 @@ def test_function_and_verifier_module_agree(kind):
 
 def test_verifier_takes_every_parameter_from_settings():
     settings = Settings(match_max_distance=0.7, match_mutual=False, ransac_model="affine", ransac_px=3.5,
-                        ransac_confidence=0.99, ransac_max_iters=123, ransac_seed=9, min_inlier_spread=7.5)
+                        ransac_confidence=0.99, ransac_max_iters=123, ransac_seed=9, min_inlier_spread=7.5,
+                        min_inlier_spread_fraction=0.03)
     assert Verifier.from_settings(settings) == Verifier(
         max_distance=0.7, mutual=False, kind="affine", px_threshold=3.5, confidence=0.99, max_iters=123, seed=9,
-        min_spread_px=7.5,
+        min_spread_px=7.5, min_spread_fraction=0.03,
     )
 
 

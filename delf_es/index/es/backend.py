@@ -58,7 +58,8 @@ class ElasticsearchBackend:
     def __init__(self, settings: Settings, model_id: str | None = None, client: Elasticsearch | None = None) -> None:
         self.settings = settings
         self.transport = Transport(settings, client=client)
-        self.aliases = Aliases(self.transport, settings.index_alias)
+        self.aliases = Aliases(self.transport, settings.index_alias, shards=settings.es_number_of_shards,
+                               replicas=settings.es_number_of_replicas)
         self.alias = self.aliases.images
         self.keypoints_alias = self.aliases.keypoints
         self.model_id = model_id

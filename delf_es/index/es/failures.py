@@ -51,15 +51,17 @@ class FailureLog:
     """Read and write ``<alias>-failures`` through ``transport`` (its error map: an outage is
     IndexUnavailable, retried by the workers; a refusal is RequestRejected, never retried)."""
 
-    def __init__(self, transport: Transport, index: str) -> None:
+    def __init__(self, transport: Transport, index: str, replicas: int = 0) -> None:
         self.transport = transport
         self.index = index
+        self.replicas = replicas  # es_number_of_replicas: on a cluster the log survives a lost node too
         self._created = False
 
     def _ensure(self) -> None:
         if self._created:
             return
         body = {k: v for k, v in json.loads(MAPPING.read_text()).items() if not k.startswith("_")}
+        body["settings"] = {**body.get("settings", {}), "number_of_replicas": int(self.replicas)}
         try:
             self.transport.call(f"creating {self.index}", self.transport.client.indices.create, index=self.index, **body)
         except RequestRejected as exc:

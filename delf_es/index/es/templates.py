@@ -77,6 +77,17 @@ def render_template(
     return {key: fill(value) for key, value in template.items() if not key.startswith("_")}
 
 
+def with_layout(index_settings: Mapping[str, Any], shards: int, replicas: int) -> dict[str, Any]:
+    """``index_settings`` with ``number_of_shards`` / ``number_of_replicas`` set (whether the
+    template spells them flat or under ``index``)."""
+    out = {k: v for k, v in index_settings.items() if k not in ("index.number_of_shards", "index.number_of_replicas")}
+    if isinstance(out.get("index"), Mapping):
+        out["index"] = {k: v for k, v in out["index"].items() if k not in ("number_of_shards", "number_of_replicas")}
+    out["number_of_shards"] = int(shards)
+    out["number_of_replicas"] = int(replicas)
+    return out
+
+
 def index_names(alias: str, model_id: str) -> tuple[str, str]:
     """The concrete, versioned (images, keypoints) indices behind ``alias`` for ``model_id``."""
     digest = hashlib.sha1(model_id.encode()).hexdigest()[:12]
@@ -118,12 +129,17 @@ class Indices:
 
 class Aliases:
     """The image alias and its keypoints alias (``<alias>-keypoints``), read and created through
-    ``transport``; remembers the indices behind them until :meth:`load` reads them again."""
+    ``transport``; remembers the indices behind them until :meth:`load` reads them again.
 
-    def __init__(self, transport: Transport, alias: str) -> None:
+    ``shards`` and ``replicas`` (settings ``es_number_of_shards`` / ``es_number_of_replicas``)
+    replace the templates' 1 / 0 when :meth:`create` creates the indices."""
+
+    def __init__(self, transport: Transport, alias: str, shards: int = 1, replicas: int = 0) -> None:
         self.transport = transport
         self.images = alias
         self.keypoints = alias + KEYPOINTS_SUFFIX
+        self.shards = shards
+        self.replicas = replicas
         self._indices: Indices | None = None
 
     def load(self) -> Indices | None:
@@ -185,6 +201,7 @@ class Aliases:
         for name, template in ((keypoints, f"keypoints-{SCHEMA}.json"), (images, f"images-{SCHEMA}.json")):
             body = render_template(template, model_id=model_id, local_dims=local_dims, global_dims=global_dims,
                                    keypoint_vectors=keypoint_vectors)
+            body["settings"] = with_layout(body.get("settings", {}), self.shards, self.replicas)
             try:
                 self.transport.call(f"creating index {name}", client.indices.create, index=name, **body)
                 logger.info("created index %s (model %s)", name, model_id)

@@ -17,8 +17,10 @@ Errors (:meth:`Transport.call`, :meth:`Transport.bulk`, :meth:`Transport.msearch
 
 Retry policy, layer by layer (so one 429 is retried by at most two layers, never four):
 
-1. the client (elastic-transport): one more try on a dropped connection (``max_retries=1``);
-   never on a timeout or an HTTP status (``retry_on_timeout=False``, ``retry_on_status=()``);
+1. the client (elastic-transport): one more try on a dropped or refused connection
+   (``max_retries=1``; with several node URLs, one try on each other node, the failed node being
+   marked dead); never on a timeout or an HTTP status (``retry_on_timeout=False``,
+   ``retry_on_status=()``: a node that hangs costs one timed-out request, then is skipped);
 2. this module: HTTP 429 only (a whole request, or bulk items / msearch searches rejected with
    429), :data:`RETRIES_ON_429` times after 0.5, 1, 2 s (capped at :data:`MAX_BACKOFF`), the way
    ``helpers.streaming_bulk`` retries; 5xx and timeouts are raised at once;
@@ -85,14 +87,24 @@ def reason(error: Any) -> str:
     return str(error)
 
 
+def node_urls(es_url: str | None) -> list[str]:
+    """The node URLs of ``es_url``: one URL, or several separated by commas (a cluster's nodes)."""
+    return [url.strip() for url in (es_url or "").split(",") if url.strip()]
+
+
 def connect(settings: Settings, request_timeout: float | None = None) -> Elasticsearch:
-    """A client for ``settings.es_url`` with the retry policy of layer 1 (module docstring)."""
-    if not settings.es_url:
+    """A client for ``settings.es_url`` (one node URL, or several comma-separated: requests go
+    round-robin to the nodes) with the retry policy of layer 1 (module docstring)."""
+    hosts = node_urls(settings.es_url)
+    if not hosts:
         raise ConfigurationError("Elasticsearch is not configured: set DELF_ES_ES_URL (settings.es_url)")
     return Elasticsearch(
-        settings.es_url,
+        hosts,
         request_timeout=float(request_timeout or settings.es_timeout),
-        max_retries=1,  # one more try on a dropped connection; 429/5xx are handled by Transport
+        # A refused or dropped connection marks the node dead (skipped, with backoff, until it
+        # answers again) and is tried once more on each other node: a killed node costs one
+        # failed connect, not an error.  429/5xx are handled by Transport.
+        max_retries=max(1, len(hosts) - 1),
         retry_on_timeout=False,
         retry_on_status=(),
     )
@@ -110,7 +122,7 @@ class Transport:
 
     def __init__(self, settings: Settings, client: Elasticsearch | None = None,
                  request_timeout: float | None = None) -> None:
-        self.url = redact(settings.es_url or "(client given)")
+        self.url = ",".join(redact(url) for url in node_urls(settings.es_url)) or "(client given)"
         self.timeout = float(request_timeout or settings.es_timeout)
         self.owns_client = client is None
         self.client = client if client is not None else connect(settings, self.timeout)
