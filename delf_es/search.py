@@ -16,12 +16,19 @@
      (cache, then index).  With the global shortlist no keypoint kNN runs at all (one kNN
      search instead of one per query descriptor), but matching costs CPU here instead: a
      1000 x 1000 product and two argmaxes per shortlisted image (benchmarks/search_speed.py).
+     Measured alternatives (benchmarks/verify_speed.py, real features): one product over
+     several shortlisted images at once is slower on this CPU (the reductions leave the
+     cache), float16 has no fast product on AVX2, and an early exit below ``min_inliers``
+     mutual matches never fires on real shortlists (the fewest seen is ~60 matches); what
+     scales is verifying images in threads (``verify_threads``): the products and pydegensac
+     release the GIL.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -158,11 +165,12 @@ class Searcher:
                              votes=candidate.votes, global_similarity=candidate.global_similarity,
                              inlier_pairs=pairs)
 
-        if s.verify_threads == 1 or len(shortlist) < 2:
+        threads = min(verify_thread_count(s.verify_threads), len(shortlist))
+        if threads <= 1:
             return [verify_one(image_id) for image_id in shortlist]
         # Each image's result depends only on its own inputs (RANSAC is seeded), so the order
         # of completion cannot change a hit; map() keeps the shortlist order.
-        with ThreadPoolExecutor(max_workers=s.verify_threads, thread_name_prefix="delf-es-verify") as pool:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="delf-es-verify") as pool:
             return list(pool.map(verify_one, shortlist))
 
     def _collect(self, neighbours: Neighbours, candidates: dict[str, _Candidate], count_votes: bool = True) -> None:
@@ -226,6 +234,17 @@ class Searcher:
             mask = scale_consistent(model, s.ransac_model, query.keypoints[q_idx], query.scales[q_idx],
                                     scales[db_idx], mask, s.ransac_scale_tolerance)
         return np.hstack([query.keypoints[q_idx][mask], locations[db_idx][mask]]).astype(np.float32)
+
+
+def verify_thread_count(setting: int, cpu_count: int | None = None, load: float | None = None) -> int:
+    """Threads to verify with: ``setting`` when > 0; 0 = auto, the cores the 1-minute load average
+    leaves free, counting this process's own (it is running, so it is part of the load), at least 1
+    and at most ``cpu_count``.  A busy machine gets 1 thread: there, threads only fight for cores."""
+    if setting > 0:
+        return setting
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    busy = load if load is not None else os.getloadavg()[0]
+    return max(1, min(cores, int(cores - busy + 1)))
 
 
 def alpha_query_expansion(query: np.ndarray, hits: list[np.ndarray], alpha: float) -> np.ndarray:

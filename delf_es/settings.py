@@ -150,9 +150,11 @@ class Settings(BaseSettings):
     query_max_descriptors: int = Field(default=1000, ge=1, description="strongest query keypoints used for kNN")
     min_inliers: int = Field(default=12, ge=0, description="verified inliers for a hit to count as a match")
     verify_threads: int = Field(
-        default=1, ge=1, description="threads verifying shortlisted images (numpy's products release the GIL, "
-        "pydegensac holds it); 1 measured faster on the shared 2 cores (p50 252-280 ms vs 326-365 ms with 2 at "
-        "10k images, benchmarks/results/search_speed_es_10k*.json): more only helps with idle cores",
+        default=0, ge=0, description="threads verifying shortlisted images; 0 = auto: the cores the 1-minute load "
+        "average leaves free (at least 1, see search.verify_thread_count).  numpy's products and pydegensac both "
+        "release the GIL (benchmarks/verify_speed.py measures it), so threads scale on idle cores; on busy shared "
+        "cores 1 was measured faster (p50 252-280 ms vs 326-365 ms with 2 at 10k images, "
+        "benchmarks/results/search_speed_es_10k*.json), which auto picks there",
     )
     rank_by: str = Field(
         default="inliers+global",

@@ -11,6 +11,7 @@ of a worker that dies is redelivered: immediately if only its pool process died
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from datetime import timedelta
 from typing import Any, Mapping
@@ -29,6 +30,22 @@ __all__ = ["EXTRACT_QUEUE", "INDEX_QUEUE", "WorkerContext", "broker_url", "make_
            "reindex_schedule"]
 #: Models kept loaded per worker process (a reindex briefly needs the old and the new one).
 MAX_EXTRACTORS = 2
+#: How long a publish (a task's retry, the flush it triggers, a submission) keeps trying through
+#: a broker outage, s.  Celery's default gives up after about 0.6 s, and a task whose retry cannot
+#: be published is rejected *without requeue* (``Task.retry`` raises ``Reject(exc,
+#: requeue=False)``): a Redis restart of a few seconds lost images (the fault test,
+#: tests/integration/test_workers_broker_restart.py).  Past this the message is still lost: a
+#: broker down for minutes needs the jobs resubmitted (ids make that harmless).
+PUBLISH_RETRY_S = 120.0
+PUBLISH_RETRY_STEP_S, PUBLISH_RETRY_MAX_INTERVAL_S = 0.5, 2.0
+
+
+def publish_retry_policy(total_s: float = PUBLISH_RETRY_S) -> dict[str, float]:
+    """kombu's retry policy for publishing: waits of 0, 0.5, 1, 1.5, then 2 s each, ``total_s`` in all."""
+    ramp = [min(i * PUBLISH_RETRY_STEP_S, PUBLISH_RETRY_MAX_INTERVAL_S) for i in range(4)]
+    retries = len(ramp) + max(0, math.ceil((total_s - sum(ramp)) / PUBLISH_RETRY_MAX_INTERVAL_S))
+    return {"max_retries": retries, "interval_start": 0, "interval_step": PUBLISH_RETRY_STEP_S,
+            "interval_max": PUBLISH_RETRY_MAX_INTERVAL_S}
 
 
 class WorkerContext:
@@ -169,6 +186,8 @@ def make_app(settings: Settings) -> Celery:
         accept_content=["json"],
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
+        task_publish_retry=True,
+        task_publish_retry_policy=publish_retry_policy(),
         broker_transport_options={
             "global_keyprefix": prefix,
             "visibility_timeout": visibility,

@@ -1,0 +1,195 @@
+"""Growing an index (issue 13 item 5): search latency, global kNN recall, bytes and ingest rate by size.
+
+    python benchmarks/scale.py --sizes 10000 30000 [--backends elasticsearch embedded] [--nodes 1]
+
+Data: real features (the default model's cache: paris250 photos + distractors and the 38 query
+crops), the database replicated with perturbations beyond the real photos (cached_features.py).
+One index per backend grows through the sizes with the shipped defaults (Elasticsearch: no keypoint
+vectors, int8_hnsw global vectors; embedded: created without keypoint vectors too, as the default
+plan measured here does not use them), added with ``DelfEs.add_features_bulk`` (features given).
+At each size: search p50/p95 over the real queries with the default Elasticsearch plan (global
+shortlist of 100 + matching + RANSAC, the location/code cache warm in Redis or in memory),
+global kNN recall@10 against exact search over every stored global descriptor, bytes per image
+(Elasticsearch ``_stats`` + ``_disk_usage`` by field; embedded: files), the ingest rate of the
+increment, and Elasticsearch's heap.  ``--nodes`` is recorded as given: the cluster behind
+``--es-url`` (several URLs, comma-separated, once the multi-node client lands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cached_features  # noqa: E402
+from search_speed import StageTimer, cache_flush, embedded_bytes, es_bytes, measure_search  # noqa: E402
+
+from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache  # noqa: E402
+from delf_es.eval.run import drop_indices  # noqa: E402
+from delf_es.sdk import DelfEs  # noqa: E402
+from delf_es.settings import Settings  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+K = 10
+
+
+def global_recall(engine: DelfEs, data: cached_features.CachedData, size: int) -> float:
+    """recall@10 of the backend's global kNN against exact search over the ``size`` images."""
+    images = [cached_features.replica(data.database, i) for i in range(size)]
+    vectors = np.stack([f.global_desc for f in images])
+    ids = [f.image_id for f in images]
+    recalls = []
+    for query in data.queries:
+        exact = {ids[i] for i in np.argsort(-(vectors @ query.global_desc), kind="stable")[:K]}
+        found = {hit.image_id for hit in engine.backend.global_knn(query.global_desc, K)}
+        recalls.append(len(exact & found) / K)
+    return round(statistics.fmean(recalls), 4)
+
+
+def es_heap(client: Any) -> dict:
+    stats = client.nodes.stats(metric="jvm")["nodes"]
+    used = [node["jvm"]["mem"]["heap_used_in_bytes"] for node in stats.values()]
+    limit = [node["jvm"]["mem"]["heap_max_in_bytes"] for node in stats.values()]
+    return {"heap_used_mb": [round(u / 2**20) for u in used], "heap_max_mb": [round(m / 2**20) for m in limit]}
+
+
+def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, save) -> list[dict]:
+    alias = f"bench-scale-{uuid.uuid4().hex[:8]}"
+    scratch = Path("/work/cache/scale") / alias
+    client = None
+    if kind == "elasticsearch":
+        from delf_es.index.es.transport import connect
+
+        settings = Settings(es_url=args.es_url, redis_url=args.redis_url, index_alias=alias)
+        cache: LocationCache = RedisLocationCache(settings.redis_url, prefix=f"bench:{alias}")
+        client = connect(settings, request_timeout=1800)
+    else:
+        settings = Settings(backend="embedded", data_dir=scratch.parent, index_alias=alias, keypoint_vectors=False,
+                            shortlist_mode="global", correspondences="matching")
+        cache = MemoryLocationCache()
+    engine = DelfEs(settings, cache=cache)
+    timer = StageTimer()
+    timer.wrap(engine.backend, "global_knn", "global_knn")
+    timer.wrap(cache, "read_many", "codes_and_locations_from_cache")
+    rows, indexed = [], 0
+    try:
+        for size in sorted(args.sizes):
+            load = [os.getloadavg()[0]]
+            started = time.perf_counter()
+            items = ((f, f.image_id, {"copy": i // len(data.database)})
+                     for i in range(indexed, size) for f in [cached_features.replica(data.database, i)])
+            report = engine.add_features_bulk(items, batch_size=64)
+            seconds = time.perf_counter() - started
+            load.append(os.getloadavg()[0])
+            if not report.ok or engine.count() != size:
+                raise RuntimeError(f"ingest failed: {report.failed[:3]}, {engine.count()} indexed")
+            added, indexed = size - indexed, size
+            row: dict[str, Any] = {"backend": kind, "nodes": args.nodes if client is not None else 1, "images": size,
+                                   "ingest_images_per_s": round(added / seconds, 2),
+                                   "ingest": {"images": added, "seconds": round(seconds, 1), "loadavg_1min": load}}
+            search = measure_search(engine, timer, data.queries)
+            row.update({"p50_ms": search["p50_ms"], "p95_ms": search["p95_ms"], "search": search,
+                        "plan": list(settings.search_plan(engine.backend.has_keypoint_vectors()))})
+            row["recall_at_10"] = global_recall(engine, data, size)
+            if client is not None:
+                row["bytes"] = es_bytes(client, alias, size)
+                row.update(es_heap(client))
+            else:
+                row["bytes"] = embedded_bytes(scratch, size)
+            row["bytes_per_image"] = row["bytes"]["store_bytes_per_image"]
+            row["disk_mb"] = round(row["bytes_per_image"] * size / 2**20, 1)
+            rows.append(row)
+            save(rows)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("bytes", "search")}), flush=True)
+    finally:
+        engine.close()
+        cache_flush(cache)
+        if client is not None:
+            drop_indices(client, f"{alias}*")
+            client.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
+    for kind in sorted({r["backend"] for r in result["rows"]}):
+        for nodes in sorted({r["nodes"] for r in result["rows"] if r["backend"] == kind}):
+            rows = [r for r in result["rows"] if r["backend"] == kind and r["nodes"] == nodes]
+            sizes = [r["images"] for r in rows]
+            label = f"{kind} ({nodes} node{'s' if nodes > 1 else ''})"
+            axes[0].plot(sizes, [r["p50_ms"] for r in rows], marker="o", label=f"{label} p50")
+            axes[0].plot(sizes, [r["p95_ms"] for r in rows], marker="x", linestyle="--", label=f"{label} p95")
+            axes[1].plot(sizes, [r["recall_at_10"] for r in rows], marker="o", label=label)
+            axes[2].plot(sizes, [r["bytes_per_image"] / 1000 for r in rows], marker="o", label=label)
+            axes[3].plot(sizes, [r["ingest_images_per_s"] for r in rows], marker="o", label=label)
+    for ax, ylabel, target in ((axes[0], "search ms (default plan)", 200), (axes[1], "global kNN recall@10", 0.98),
+                               (axes[2], "KB per image", 100), (axes[3], "ingest images/s (features given)", 20)):
+        ax.set_xscale("log")
+        ax.set_xlabel("images")
+        ax.set_ylabel(ylabel)
+        ax.axhline(target, color="k", linestyle=":", linewidth=1)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"scale.py: real features replicated with perturbations; load avg at start "
+                 f"{result['machine']['loadavg_at_start'][0]:.1f} on {result['machine']['cpu_count']} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 30000])
+    parser.add_argument("--backends", nargs="+", default=["elasticsearch", "embedded"], choices=["elasticsearch", "embedded"])
+    parser.add_argument("--nodes", type=int, default=1, help="Elasticsearch nodes behind --es-url (recorded)")
+    parser.add_argument("--es-url", default=os.environ.get("DELF_ES_ES_URL", "http://127.0.0.1:9200"))
+    parser.add_argument("--redis-url", default=os.environ.get("DELF_ES_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--features", type=Path, default=cached_features.DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
+    args = parser.parse_args()
+    data = cached_features.load(args.features)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    # rows of other runs (another node count or backend) are kept; this run's replace their own
+    kept = [r for r in previous.get("rows", [])
+            if not (r["backend"] in args.backends and r["nodes"] == (args.nodes if r["backend"] == "elasticsearch" else 1))]
+    result: dict[str, Any] = {
+        "benchmark": "scale.py",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model_id": data.model_id,
+        "data": {"photos": len(data.database), "queries": len(data.queries), "features": data.source,
+                 "replication": cached_features.REPLICATION},
+        "settings": json.loads(Settings().model_dump_json(include={"shortlist_size", "query_max_descriptors",
+                                                                   "es_knn_num_candidates", "verify_threads"})),
+        "machine": {"cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
+                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "rows": kept,
+    }
+
+    def save(rows: list[dict]) -> None:
+        result["rows"] = kept + rows
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    done: list[dict] = []
+    for kind in args.backends:
+        done += run(kind, data, args, lambda rows: save(done + rows))
+    save(done)
+    plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

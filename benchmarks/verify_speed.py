@@ -1,0 +1,263 @@
+"""Verification of the shortlist (issue 13 item 2): where the time goes and what makes it faster.
+
+    python benchmarks/verify_speed.py [--images 3110] [--out benchmarks/results/verify_speed.json]
+
+Data: real features (the default model's feature cache: paris250 photos + distractors, and the 38
+query crops), the database replicated with perturbations to ``--images`` (cached_features.py), in
+an embedded index without keypoint vectors; every search is the default Elasticsearch plan
+(global shortlist of 100 + mutual matching against the stored int8 codes + RANSAC), through the
+real :class:`~delf_es.search.Searcher`.  One run measures, interleaved query by query so the load
+of the shared machine hits every variant alike:
+
+* end-to-end search p50/p95 with ``verify_threads`` 1 (the old default), 2 and 0 (auto), and that
+  all three return the same hits in the same order with the same inliers;
+* per shortlisted image, thread CPU time of the matching product + reductions and of RANSAC;
+* the product batched over several shortlisted images at once (one BLAS call per block, into one
+  buffer) against one product per image: same pairs, thread CPU time of each;
+* the mutual-match counts of the shortlisted images against ``min_inliers`` (an early exit for
+  images that cannot reach it fires only below it);
+* whether pydegensac and numpy's product release the GIL: a pure-Python thread counts while the
+  other runs them (a held GIL stops the counter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pydegensac
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cached_features  # noqa: E402
+
+from delf_es.cache import MemoryLocationCache  # noqa: E402
+from delf_es.index.base import ImageRecord  # noqa: E402
+from delf_es.index.codes import decode_codes, int8_codes  # noqa: E402
+from delf_es.index.embedded import EmbeddedBackend  # noqa: E402
+from delf_es.search import Searcher, mutual_matches, verify_thread_count  # noqa: E402
+from delf_es.settings import Settings  # noqa: E402
+from delf_es.verify import estimate_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {"1 thread (old default)": 1, "2 threads": 2, "auto": 0}
+
+
+def batched_mutual(query: np.ndarray, codes: list[np.ndarray], t: float, block_images: int) -> list[tuple]:
+    """The batched alternative: decode ``block_images`` images' codes, one product into one reused
+    buffer, then each image's reductions on its columns (same pairs as ``mutual_matches``)."""
+    out: list[tuple] = []
+    buffer = np.empty((len(query), block_images * max(len(c) for c in codes)), np.float32)
+    for start in range(0, len(codes), block_images):
+        chunk = codes[start : start + block_images]
+        rows = decode_codes(np.concatenate(chunk))
+        similarity = buffer[:, : len(rows)]
+        np.matmul(query, rows.T, out=similarity)
+        column = 0
+        for image_codes in chunk:
+            s = similarity[:, column : column + len(image_codes)]
+            column += len(image_codes)
+            q = np.arange(len(query))
+            best_keypoint = s.argmax(axis=1)
+            best = s[q, best_keypoint]
+            keep = (best >= s.max(axis=0)[best_keypoint]) & (best >= t)
+            q, keypoint = q[keep], best_keypoint[keep]
+            _, first = np.unique(keypoint, return_index=True)
+            first.sort()
+            out.append((q[first], keypoint[first]))
+    return out
+
+
+def gil_released(work: Callable[[], None], seconds: float = 0.5) -> dict:
+    """Counts of a pure-Python loop in another thread, alone and while ``work`` runs (per second)."""
+    state = {"stop": False, "count": 0}
+
+    def spin() -> None:
+        while not state["stop"]:
+            state["count"] += 1
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    time.sleep(0.1)
+    start = state["count"]
+    time.sleep(seconds)
+    alone = (state["count"] - start) / seconds
+    start, started = state["count"], time.perf_counter()
+    work()
+    elapsed = time.perf_counter() - started
+    during = (state["count"] - start) / elapsed
+    state["stop"] = True
+    thread.join()
+    return {"spin_per_s_alone": round(alone), "spin_per_s_during": round(during), "work_s": round(elapsed, 3),
+            "released": bool(during > 0.25 * alone)}
+
+
+def hit_key(hits) -> list:
+    return [(h.image_id, h.inliers, h.votes, round(float(h.score), 6)) for h in hits]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=3110)
+    parser.add_argument("--features", type=Path, default=cached_features.DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=RESULTS / "verify_speed.json")
+    args = parser.parse_args()
+    data = cached_features.load(args.features)
+    base = Settings(shortlist_mode="global", correspondences="matching", keypoint_vectors=False)
+    result: dict[str, Any] = {
+        "benchmark": "verify_speed.py",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model_id": data.model_id,
+        "data": {"photos": len(data.database), "queries": len(data.queries), "images": args.images,
+                 "features": data.source, "replication": cached_features.REPLICATION},
+        "plan": {"shortlist_mode": "global", "correspondences": "matching", "shortlist_size": base.shortlist_size,
+                 "query_max_descriptors": base.query_max_descriptors, "min_inliers": base.min_inliers,
+                 "ransac_max_iters": base.ransac_max_iters, "query_expansion": base.query_expansion},
+        "machine": {"cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
+                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+    }
+    with tempfile.TemporaryDirectory(prefix="verify-speed-") as scratch:
+        backend = EmbeddedBackend(Path(scratch) / "index", keypoint_vectors=False)
+        batch = []
+        for i in range(args.images):
+            f = cached_features.replica(data.database, i)
+            batch.append(ImageRecord(f.image_id, f.image_id, {}, f, "2026-12-01T00:00:00Z"))
+            if len(batch) == 200:
+                backend.upsert(batch)
+                batch = []
+        if batch:
+            backend.upsert(batch)
+        cache = MemoryLocationCache()
+        searchers = {name: Searcher(backend, cache, base.model_copy(update={"verify_threads": threads}), data.model_id)
+                     for name, threads in VARIANTS.items()}
+        for query in data.queries[:3]:  # warm the cache (codes and locations) and the code paths
+            searchers["auto"].search(query)
+        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        auto_threads, same = [], True
+        load = [os.getloadavg()[0]]
+        for query in data.queries:
+            reference = None
+            for name, searcher in searchers.items():
+                if name == "auto":
+                    auto_threads.append(verify_thread_count(0))
+                started = time.perf_counter()
+                hits = searcher.search(query)
+                times[name].append(1000 * (time.perf_counter() - started))
+                key = hit_key(hits)
+                reference = reference or key
+                same &= key == reference
+        load.append(os.getloadavg()[0])
+        result["search"] = {
+            name: {"p50_ms": round(float(np.percentile(v, 50)), 1), "p95_ms": round(float(np.percentile(v, 95)), 1),
+                   "mean_ms": round(statistics.fmean(v), 1), "queries": len(v)}
+            for name, v in times.items()
+        }
+        result["search"]["auto"]["threads_chosen"] = dict(zip(*np.unique(auto_threads, return_counts=True)))
+        result["search"]["auto"]["threads_chosen"] = {str(k): int(v) for k, v in result["search"]["auto"]["threads_chosen"].items()}
+        result["search_same_hits_order_inliers"] = bool(same)
+        result["search_loadavg_1min"] = load
+        ratio = result["search"]["1 thread (old default)"]["p50_ms"] / result["search"]["2 threads"]["p50_ms"]
+        result["search_p50_speedup_2_threads"] = round(ratio, 2)
+
+        # per image: matching vs RANSAC (thread CPU time), batched products, match counts
+        match_ms, ransac_ms, counts = [], [], []
+        per_image_ms, batched_ms = [], []
+        same_pairs = True
+        with threadpool_limits(limits=1, user_api="blas"):
+            for query in data.queries:
+                shortlist = [i for i, _ in backend.global_knn(query.global_desc, base.shortlist_size)]
+                codes = backend.descriptor_codes(shortlist)
+                locations = backend.keypoints(shortlist)
+                q = query.descriptors[: base.query_max_descriptors]
+                started = time.thread_time()
+                pairs = [mutual_matches(q, codes[i], base.knn_min_similarity) for i in shortlist]
+                per_image_ms.append(1000 * (time.thread_time() - started))
+                started = time.thread_time()
+                batched = batched_mutual(q, [codes[i] for i in shortlist], base.knn_min_similarity, 4)
+                batched_ms.append(1000 * (time.thread_time() - started))
+                same_pairs &= all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(pairs, batched))
+                for image_id, (qi, di) in zip(shortlist, pairs):
+                    counts.append(len(qi))
+                    started = time.thread_time()
+                    estimate_model(query.keypoints[qi], locations[image_id][di], base.ransac_model, base.ransac_px,
+                                   base.ransac_confidence, base.ransac_max_iters, base.ransac_seed, base.min_inlier_spread)
+                    ransac_ms.append(1000 * (time.thread_time() - started))
+                match_ms.append(per_image_ms[-1] / len(shortlist))
+        result["per_image_cpu_ms"] = {"matching_median": round(statistics.median(match_ms), 2),
+                                      "ransac_median": round(statistics.median(ransac_ms), 2),
+                                      "ransac_mean": round(statistics.fmean(ransac_ms), 2)}
+        result["batched_product"] = {
+            "per_image_products_ms_per_query_median": round(statistics.median(per_image_ms), 1),
+            "batched_4_images_ms_per_query_median": round(statistics.median(batched_ms), 1),
+            "same_pairs": bool(same_pairs),
+            "batched_over_per_image": round(statistics.median(batched_ms) / statistics.median(per_image_ms), 2),
+        }
+        result["mutual_matches_per_shortlisted_image"] = {
+            "min": int(min(counts)), "p5": float(np.percentile(counts, 5)), "median": float(np.median(counts)),
+            "max": int(max(counts)), "images": len(counts),
+            "below_min_inliers": int(sum(c < base.min_inliers for c in counts)),
+            "histogram": np.histogram(counts, bins=20)[0].tolist(),
+            "histogram_edges": [round(float(e), 1) for e in np.histogram(counts, bins=20)[1]],
+        }
+        backend.close()
+
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1000, (300, 2))
+    b = a + rng.normal(0, 3, a.shape)
+    b[100:] = rng.uniform(0, 1000, (200, 2))
+    x = rng.standard_normal((1000, 40)).astype(np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):
+        result["gil"] = {
+            "pydegensac_findHomography": gil_released(
+                lambda: [pydegensac.findHomography(a, b, 12.0, 0.999, 2000, seed=0) for _ in range(40)]),
+            "numpy_matmul_1000x40x1000": gil_released(lambda: [x @ x.T for _ in range(100)]),
+        }
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
+    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps(result, indent=1, default=str))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    names = list(result["search"])
+    x = np.arange(len(names))
+    axes[0].bar(x - 0.2, [result["search"][n]["p50_ms"] for n in names], 0.4, label="p50")
+    axes[0].bar(x + 0.2, [result["search"][n]["p95_ms"] for n in names], 0.4, label="p95")
+    axes[0].set_xticks(x, names, fontsize=8)
+    axes[0].set_ylabel("search ms (global + matching, 100 verified)")
+    axes[0].set_title(f"load avg {result['search_loadavg_1min'][0]:.1f}-{result['search_loadavg_1min'][1]:.1f}, "
+                      f"{result['machine']['cpu_count']} cores", fontsize=9)
+    axes[0].legend()
+    b = result["batched_product"]
+    axes[1].bar(["one product per image", "batched, 4 images"],
+                [b["per_image_products_ms_per_query_median"], b["batched_4_images_ms_per_query_median"]], color="tab:orange")
+    axes[1].set_ylabel("matching CPU ms per query (100 images)")
+    m = result["mutual_matches_per_shortlisted_image"]
+    edges = m["histogram_edges"]
+    axes[2].bar(edges[:-1], m["histogram"], width=np.diff(edges), align="edge", color="tab:green")
+    axes[2].axvline(result["plan"]["min_inliers"], color="k", linestyle="--", label="min_inliers")
+    axes[2].set_xlabel("mutual matches per shortlisted image")
+    axes[2].legend()
+    fig.suptitle(f"verify_speed.py: {result['data']['images']} images (real features replicated), "
+                 f"{result['data']['queries']} real queries")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
