@@ -14,7 +14,7 @@ import json
 import math
 from collections import OrderedDict
 from datetime import timedelta
-from typing import Any
+from typing import Any, Mapping
 
 from celery import Celery
 from celery.schedules import crontab
@@ -50,7 +50,7 @@ def publish_retry_policy(total_s: float = PUBLISH_RETRY_S) -> dict[str, float]:
 
 class WorkerContext:
     """What tasks of one worker process share, built lazily after the pool forks: the Redis
-    store, the extractors (per model configuration), the Elasticsearch client and backends."""
+    store, the extractors (one per model a task names), the Elasticsearch client and backends."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -58,6 +58,7 @@ class WorkerContext:
         self._es = None
         self._cache = None
         self._extractors: OrderedDict[str, Any] = OrderedDict()
+        self._spec = None
         self._backends: dict[tuple[str, str], Any] = {}
 
     @property
@@ -72,18 +73,41 @@ class WorkerContext:
             self._store = Store(self.redis_url, self.settings.worker_namespace)
         return self._store
 
-    def model_settings(self, overrides: dict[str, Any] | None) -> Settings:
-        """The worker's settings with a task's model overrides (backbone, pca_path, scales...)."""
-        if not overrides:
-            return self.settings
-        return Settings(**{**self.settings.model_dump(), **overrides})
+    @property
+    def spec(self):
+        """The worker's own model (:class:`~delf_es.model.spec.ModelSpec` of its settings)."""
+        if self._spec is None:
+            from delf_es.model.spec import ModelSpec
 
-    def extractor(self, overrides: dict[str, Any] | None):
+            self._spec = ModelSpec.from_settings(self.settings)
+        return self._spec
+
+    def model_spec(self, model: Mapping[str, Any] | None):
+        """The model a task message names (its ``"model"``): None = the worker's own; the JSON
+        form of a ModelSpec (what submitters send); or, in a message queued by a release before
+        the spec existed, a dict of Settings overrides applied over the worker's settings (so a
+        rolling upgrade need not drain the queues).
+
+        Raises:
+            InvalidSetting, ModelMismatch, WeightsNotFound...: the image fails with that error.
+        """
+        from delf_es.model.spec import ModelSpec
+
+        if not model:
+            return self.spec
+        if isinstance(model, Mapping) and "format" in model:
+            return ModelSpec.from_json(model)
+        from delf_es.validation import load_settings  # legacy overrides, typed errors as on the command line
+
+        return ModelSpec.from_settings(load_settings({**self.settings.model_dump(), **dict(model)}))
+
+    def extractor(self, model: Mapping[str, Any] | None):
+        """The extractor of a message's model (see :meth:`model_spec`), kept loaded (LRU)."""
         from delf_es.features import Extractor
 
-        key = json.dumps(overrides or {}, sort_keys=True, default=str)
+        key = json.dumps(model or None, sort_keys=True, default=str)
         if key not in self._extractors:
-            self._extractors[key] = Extractor(self.model_settings(overrides))
+            self._extractors[key] = Extractor(self.settings, self.model_spec(model))
             while len(self._extractors) > MAX_EXTRACTORS:
                 self._extractors.popitem(last=False)
         self._extractors.move_to_end(key)
