@@ -21,6 +21,7 @@ import pytest
 from delf_es.errors import ImageNotFound, IndexUnavailable, ModelMismatch, UnsupportedFilter
 from delf_es.index.base import ImageRecord
 from delf_es.index.embedded import KEYPOINT_BITS, EmbeddedBackend, compile_filter
+from delf_es.index.embedded.keypoint_index import auto_nprobe
 from delf_es.index.embedded.keypoint_index import keypoint_ids as _keypoint_ids
 from delf_es.types import Features
 
@@ -376,9 +377,17 @@ def test_ivf_index_survives_reopen_from_its_snapshot(tmp_path):
         backend.upsert(records)
     with EmbeddedBackend(tmp_path, exact_limit=300) as backend:
         assert isinstance(backend._index, faiss.IndexIVF)
-        assert backend._index.nprobe == backend.nprobe
+        assert backend._index.nprobe == auto_nprobe(backend._index.nlist)  # nprobe unset: auto
         for record in records:
             _assert_finds_itself(backend, record)
+    with EmbeddedBackend(tmp_path, exact_limit=300, nprobe=3) as backend:  # set: used as is
+        assert backend._index.nprobe == 3
+
+
+def test_auto_nprobe_grows_with_the_square_root_of_the_lists():
+    assert auto_nprobe(1) == auto_nprobe(100) == 16  # never below 16
+    assert auto_nprobe(4000) == 38 and auto_nprobe(12649) == 68 and auto_nprobe(40000) == 120
+    assert all(auto_nprobe(n) <= n or n < 16 for n in (16, 100, 4000))
 
 
 def test_reopening_with_another_exact_limit_switches_the_structure(tmp_path):
