@@ -384,9 +384,10 @@ def test_ivf_index_survives_reopen_from_its_snapshot(tmp_path):
         assert backend._index.nprobe == 3
 
 
-def test_auto_nprobe_grows_with_the_square_root_of_the_lists():
+def test_auto_nprobe_grows_as_the_lists_to_the_power_0_7():
     assert auto_nprobe(1) == auto_nprobe(100) == 16  # never below 16
-    assert auto_nprobe(4000) == 38 and auto_nprobe(12649) == 68 and auto_nprobe(40000) == 120
+    # above the nprobe measured to reach recall@10 0.95: ~42 at 4000 lists (1000 images), ~62 at 6928 (3000)
+    assert auto_nprobe(4000) == 47 and auto_nprobe(6928) == 69 and auto_nprobe(12649) == 105
     assert all(auto_nprobe(n) <= n or n < 16 for n in (16, 100, 4000))
 
 
