@@ -59,14 +59,14 @@ ROWS = {
                            "(ransac_scale_tolerance from the pairs)"),
     "quality-qe-5-scale-rule": ("search", "verified alpha-QE + the scale rule"),
     "quality-keypoints-300": ("extraction", "300 keypoints per image, norm selection (database and query)"),
-    "quality-geometry-bce": ("extraction", "matchability attention trained from geometry (bce), scores from the map cache"),
-    "quality-geometry-rank": ("extraction", "matchability attention trained from geometry (rank), scores from the map cache"),
-    "quality-proj40": ("extraction", "learned 720->40 projection (InfoNCE + reconstruction) instead of PCA 40, from the map cache"),
     "quality-spread-relative": ("verification", "inlier spread rule relative to the image: 0.02 of the short side over 4 px "
                                 "(was 16 px; chosen on the pairs, benchmarks/results/chance_inliers.json)"),
     "quality-qe-5-min-15": ("search", "verified alpha-QE with qe_min_inliers 15 (above every cross-source false pair) instead of 20"),
     "quality-default-maps": ("default", "default (QE off, spread 16 px) from the backbone-map cache: the reference of the "
                              "map-cache rows below"),
+    "quality-geometry-rank": ("extraction", "matchability attention trained from geometry (rank), scores from the map cache"),
+    "quality-geometry-bce": ("extraction", "matchability attention trained from geometry (bce), scores from the map cache"),
+    "quality-proj40": ("extraction", "learned 720->40 projection (InfoNCE + reconstruction) instead of PCA 40, from the map cache"),
     "quality-geometry-rank-300": ("extraction", "geometry rank head, 300 keypoints per image, from the map cache"),
     "quality-qe-5-min-15-spread-relative-maps": ("search", "QE (5, >= 15 inliers) + relative spread rule, from the map cache: "
                                                  "the new defaults, reference of the combination"),

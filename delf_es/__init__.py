@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from delf_es.errors import DelfEsError, InvalidImage, InvalidRequest
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load lazily
+    from delf_es.model.spec import ModelSpec
     from delf_es.sdk import DelfEs
     from delf_es.settings import Settings
     from delf_es.types import Correspondences, Features, SearchHit
@@ -23,14 +24,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load laz
 #: public name -> module that defines it (imported on first access)
 _LAZY = {
     "DelfEs": "delf_es.sdk",
+    "ModelSpec": "delf_es.model.spec",
     "Settings": "delf_es.settings",
     "Correspondences": "delf_es.types",
     "Features": "delf_es.types",
     "SearchHit": "delf_es.types",
 }
 
-__all__ = ["Correspondences", "DelfEs", "DelfEsError", "Features", "InvalidImage", "InvalidRequest", "SearchHit",
-           "Settings"]
+__all__ = ["Correspondences", "DelfEs", "DelfEsError", "Features", "InvalidImage", "InvalidRequest", "ModelSpec",
+           "SearchHit", "Settings"]
 __version__ = "0.1.0"
 
 

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from delf_es.errors import FeatureShapeError, WeightsNotFound
+from delf_es.errors import FeatureShapeError
 from delf_es.model.delf import DelfModel, ModelMeta, build_model
 from delf_es.model.receptive_field import ReceptiveField, level_size
-from delf_es.model.runtime import (Calibration, LevelNetwork, RuntimeChoice, build_network, choose_runtime, model_id_suffix,
-                                   training_photos)
-from delf_es.model.weights import PROJECT_WEIGHTS_DIR
+from delf_es.model.runtime import Calibration, LevelNetwork, RuntimeChoice, build_network, choose_runtime
+from delf_es.model.spec import ModelSpec
+from delf_es.model.weights import default_pca_path  # noqa: F401 - re-exported (callers import it from here)
 from delf_es.pca import PcaArtifact, l2_normalise
 from delf_es.settings import Settings
 from delf_es.types import Features
@@ -59,10 +59,6 @@ class RawFeatures:
     image_size: tuple[int, int]
 
 
-def default_pca_path(backbone: str, local_layer: str, scoring: str, dims: int = 40) -> Path:
-    return PROJECT_WEIGHTS_DIR / f"pca-{backbone}-{local_layer}-{scoring}-{dims}.npz"
-
-
 def check_pixels(pixels: np.ndarray) -> None:
     if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
@@ -72,23 +68,26 @@ def check_pixels(pixels: np.ndarray) -> None:
 class Extractor:
     """Holds the network, its metadata and the PCA; ``extract`` turns pixels into Features."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, spec: ModelSpec | None = None) -> None:
+        """Args: settings (device, runtime, threads...); spec: the model, default
+        ``ModelSpec.from_settings(settings)`` (whose fields then override the settings')."""
+        self.spec: ModelSpec = spec or ModelSpec.from_settings(settings)
+        settings = self.spec.settings(settings)
         self.settings = settings
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.device = torch.device(settings.device)
-        model, meta = build_model(settings)
+        model, meta = build_model(self.spec)
         self.meta: ModelMeta = meta
-        self.pca: PcaArtifact | None = self._load_pca()
+        self.pca: PcaArtifact | None = self.spec.pca
         self._mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1)
         self.runtime: RuntimeChoice = choose_runtime(settings.runtime, settings.precision, self.device.type)
         log.info("network runtime %s: %s", self.runtime.name, self.runtime.reason)
-        # INT8's calibration set is named in the model id, so it is resolved (and checked) now;
-        # the network itself is built (converted, compiled) at first use, so a process that only
+        # INT8's calibration set is named in the model id (ModelSpec checked its photos); the
+        # network itself is built (converted, compiled) at first use, so a process that only
         # needs the model id (the writer of a multi-process bulk index) never loads it
         self._calibration_set = self._calibration() if self.runtime.precision == "int8" else None
-        self._id_suffix = model_id_suffix(self.runtime, self._calibration_set.digest() if self._calibration_set else "")
         self._network: LevelNetwork | None = None
         #: the PyTorch model (float32 unless the torch runtime casts it); ``network`` is what runs
         self.model: DelfModel = model
@@ -100,7 +99,7 @@ class Extractor:
             settings = self.settings
             self._network, _ = build_network(
                 self.runtime, self.model, self.device, cache_dir=Path(settings.model_cache_dir),
-                model_key=self._model_key(), threads=settings.torch_threads, channels_last=settings.channels_last,
+                model_key=self.spec.network_key, threads=settings.torch_threads, channels_last=settings.channels_last,
                 compile=settings.torch_compile, calibration=lambda: self._calibration_set,
             )
         return self._network
@@ -109,30 +108,9 @@ class Extractor:
     def network(self, network: LevelNetwork) -> None:
         self._network = network
 
-    def _load_pca(self) -> PcaArtifact | None:
-        if not self.settings.use_pca:
-            return None
-        meta = self.meta
-        path = self.settings.pca_path or default_pca_path(meta.backbone, meta.local_layer, meta.scoring)
-        if not Path(path).is_file() and self.settings.pca_path is None and meta.scoring == "attention":
-            path = default_pca_path(meta.backbone, meta.local_layer, "norm")
-        if not Path(path).is_file():
-            raise WeightsNotFound(
-                "no PCA for this backbone/layer: fit one with `delf-es fit-pca` or run with use_pca=False", str(path)
-            )
-        pca = PcaArtifact.load(path)
-        pca.check_compatible(meta.backbone, meta.local_layer, meta.local_dim)
-        return pca
-
-    def _model_key(self) -> str:
-        """Names the network's weights (not the PCA): the file stem of converted models."""
-        meta = self.meta
-        scoring = meta.scoring if not meta.attention_digest else f"attention-{meta.attention_digest}"
-        return f"{meta.backbone}.{meta.local_layer}-{scoring}@{meta.backbone_digest}"
-
     def _calibration(self) -> Calibration:
         """INT8 calibration: every pyramid level of the training photos, made as extraction makes them."""
-        photos = training_photos(self.settings.int8_calibration)
+        photos = self.spec.calibration_photos
         scales = tuple(sorted(set(self.settings.scales) | set(self.settings.global_scales)))
         return Calibration(photos=photos, levels=lambda: _CalibrationLevels(self, photos, scales),
                            count=len(photos) * len(scales))
@@ -147,16 +125,12 @@ class Extractor:
 
     @property
     def model_id(self) -> str:
-        """e.g. ``efficientnet-lite2.expand-norm-pca40-1a2b3c4d@9656183e``; INT8 adds
-        ``+int8-<calibration digest>`` (float runtimes differ by rounding only and keep it)."""
-        meta = self.meta
-        scoring = meta.scoring if not meta.attention_digest else f"attention-{meta.attention_digest}"
-        reduction = self.pca.id if self.pca is not None else f"raw{meta.local_dim}"
-        return f"{meta.backbone}.{meta.local_layer}-{scoring}-{reduction}@{meta.backbone_digest}{self._id_suffix}"
+        """The spec's id (:attr:`delf_es.model.spec.ModelSpec.model_id`, the one place it is built)."""
+        return self.spec.model_id
 
     @property
     def descriptor_dim(self) -> int:
-        return self.pca.dims if self.pca is not None else self.meta.local_dim
+        return self.spec.descriptor_dim
 
     def extract(self, pixels: np.ndarray, image_id: str) -> Features:
         """Args: pixels (H, W, 3) uint8 RGB, the original image after EXIF rotation."""

@@ -15,8 +15,6 @@ import hashlib
 import json
 import logging
 import os
-
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -28,11 +26,12 @@ from delf_es.ids import file_image_id, is_url
 from delf_es.imageio import LoadedImage, load_image, load_image_from_url
 from delf_es.index.base import Backend, BulkReport, ImageRecord, MetadataFilter, StoredImage
 from delf_es.index.writing import upsert_and_refresh_cache
-from delf_es.items import MAX_ID_BYTES, check_count, check_filter, parse_item
+from delf_es.items import MAX_ID_BYTES, check_count, check_filter
 from delf_es.items import check_id as _check_id  # the one id rule (SDK, CLI, workers, API)
 from delf_es.items import check_metadata as _check_metadata
 from delf_es.parallel import ExtractorPool, process_plan
-from delf_es.sdk_parts import QueryResult, crop, interrupts_deferred, orientations, result_dict, stored_dict
+from delf_es.sdk_parts import (QueryResult, crop, interrupts_deferred, item_fields, item_label, orientations, result_dict,
+                               stored_dict, utc_now)
 from delf_es.search import Searcher
 from delf_es.settings import Settings
 from delf_es.types import Features, SearchHit
@@ -75,6 +74,7 @@ class DelfEs:
     ) -> None:
         self.settings = settings or Settings()
         self._extractor = extractor
+        self._spec = None
         self._backend = backend
         self.cache = cache or open_cache(self.settings)
 
@@ -85,12 +85,27 @@ class DelfEs:
         if self._extractor is None:
             from delf_es.features import Extractor
 
-            self._extractor = Extractor(self.settings)
+            self._extractor = Extractor(self.settings, self._spec)
         return self._extractor
 
     @property
+    def model_spec(self):
+        """The model (:class:`~delf_es.model.spec.ModelSpec`): the extractor's, else the settings'."""
+        if self._extractor is not None and getattr(self._extractor, "spec", None) is not None:
+            return self._extractor.spec
+        if self._spec is None:
+            from delf_es.model.spec import ModelSpec
+
+            self._spec = ModelSpec.from_settings(self.settings)
+        return self._spec
+
+    @property
     def model_id(self) -> str:
-        return self.extractor.model_id
+        """The id every index and cache key of this model carries (commands that only read or
+        delete never load the network for it)."""
+        if self._extractor is not None:
+            return self._extractor.model_id
+        return self.model_spec.model_id
 
     @property
     def backend(self) -> Backend:
@@ -169,7 +184,7 @@ class DelfEs:
             path=path or features.image_id,
             metadata=_check_metadata(metadata),
             features=features,
-            created_at=_now(),
+            created_at=utc_now(),
             thumbnail=thumbnail,
         )
         report = upsert_and_refresh_cache(self.backend, self.cache, [record], refresh=refresh_after)
@@ -193,7 +208,7 @@ class DelfEs:
             batch.clear()
 
         for features, path, metadata in items:
-            batch.append(ImageRecord(_check_id(features.image_id), path, _check_metadata(metadata), features, _now()))
+            batch.append(ImageRecord(_check_id(features.image_id), path, _check_metadata(metadata), features, utc_now()))
             if len(batch) >= batch_size:
                 flush()
         if batch:
@@ -365,7 +380,7 @@ class DelfEs:
         succeeded: list[str] = []
         failed: list[ItemFailure] = []
         existing: set[str] = set()
-        ids = [self._default_id(_item_fields(i)) for i in items]
+        ids = [self._default_id(item_fields(i)) for i in items]
         if skip_existing:
             existing = self.backend.existing([n for n in ids if n is not None])
         batch: list[ImageRecord] = []
@@ -388,7 +403,7 @@ class DelfEs:
                                                failed, processes, threads, progress, batch_size, refresh_after)
         try:
             for item, known_id in zip(tqdm(items, disable=not progress, desc="indexing", unit="img"), ids):
-                fields = _item_fields(item)
+                fields = item_fields(item)
                 label = fields["path"] if isinstance(fields["path"], str) else "<bytes>"
                 if known_id is not None and (known_id in handled or (skip_existing and known_id in existing)):
                     continue
@@ -398,7 +413,7 @@ class DelfEs:
                     name, image = self.load(fields["path"], fields.get("img"), fields.get("bytestream", False))
                     features = self.extract(image.pixels, image_id=name)
                     log.info("extracted %s (%d keypoints)", name, features.num_keypoints)
-                    batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now(),
+                    batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, utc_now(),
                                              thumbnail=self._thumbnail(image)))
                     handled.add(name)
                 except DelfEsError as error:
@@ -431,7 +446,7 @@ class DelfEs:
                 continue
             if known_id is not None:
                 handled.add(known_id)
-            work.append(_item_fields(item))
+            work.append(item_fields(item))
         batch_started = time.monotonic()
         try:
             with ExtractorPool(self.settings, min(processes, max(1, len(work))), threads, engine=pool_engine) as pool:
@@ -445,10 +460,10 @@ class DelfEs:
                         continue
                     name, features, thumbnail = result
                     try:
-                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, _now(),
+                        batch.append(ImageRecord(name, name, _check_metadata(fields.get("metadata")), features, utc_now(),
                                                  thumbnail=thumbnail))
                     except DelfEsError as error:
-                        failed.append(ItemFailure(item_id=_label(fields), error=str(error)))
+                        failed.append(ItemFailure(item_id=item_label(fields), error=str(error)))
                     if batch and (len(batch) >= batch_size
                                   or time.monotonic() - batch_started >= self.settings.commit_seconds):
                         flush()
@@ -583,18 +598,3 @@ def pool_engine(settings: Settings) -> DelfEs:
     """The engine of one :class:`~delf_es.parallel.ExtractorPool` process: loads and extracts,
     with an in-process cache (it never searches)."""
     return DelfEs(settings, cache=MemoryLocationCache())
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _label(fields: Mapping[str, Any]) -> str:
-    return fields["path"] if isinstance(fields["path"], str) else "<bytes>"
-
-
-def _item_fields(item: Any) -> dict[str, Any]:
-    """The fields of one bulk-add item (the shared parser, delf_es/items.py), as ``load`` takes them."""
-    parsed = parse_item(item)
-    fields = {"path": parsed.path, "metadata": parsed.metadata, "img": parsed.img, "bytestream": parsed.bytestream}
-    return {**fields, "invalid": True} if parsed.invalid else fields

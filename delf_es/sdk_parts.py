@@ -1,16 +1,19 @@
 """The SDK's pieces that need no engine: the result records and dicts, query crops and
-orientations, and holding signals back while a batch is written (split from sdk.py)."""
+orientations, bulk item fields, timestamps, and holding signals back while a batch is written
+(split from sdk.py)."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from datetime import datetime, timezone
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from delf_es.errors import InvalidRequest
 from delf_es.index.base import StoredImage
+from delf_es.items import parse_item
 from delf_es.types import SearchHit
 
 
@@ -106,3 +109,20 @@ def result_dict(hit: SearchHit, query_keypoints: int, stored: StoredImage) -> di
         "votes": int(hit.votes),
         "global_similarity": None if np.isnan(hit.global_similarity) else float(hit.global_similarity),
     }
+
+
+def utc_now() -> str:
+    """The time stored as an image's ``created_at``: ISO 8601 UTC, microseconds."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def item_label(fields: Mapping[str, Any]) -> str:
+    """How a bulk item is named in a failure report: its path, or ``<bytes>``."""
+    return fields["path"] if isinstance(fields["path"], str) else "<bytes>"
+
+
+def item_fields(item: Any) -> dict[str, Any]:
+    """The fields of one bulk-add item (the shared parser, delf_es/items.py), as ``DelfEs.load`` takes them."""
+    parsed = parse_item(item)
+    fields = {"path": parsed.path, "metadata": parsed.metadata, "img": parsed.img, "bytestream": parsed.bytestream}
+    return {**fields, "invalid": True} if parsed.invalid else fields

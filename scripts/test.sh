@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q -e ".[test]"
 # The page's browser test drives Debian's chromium (tests/integration/test_page_browser.py).
 bash scripts/install_browser.sh
+# The README's curl examples run in tests/integration/test_readme_api.py (the bash services script
+# used to install curl as a side effect; delf-es services checks health without it).
+command -v curl >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; }
 # Settings read DELF_ES_* variables: a user's own server settings must not leak into tests.
 # Kept: where the test services live and run (services home, ports, heap, JDK, user, start
 # timeout); DELF_ES_ES_NODES is dropped with the rest (the suite's services are one node).

@@ -68,8 +68,7 @@ def stop(
                                        "--nodes cluster"),
     kill: bool = typer.Option(False, "--kill", help="with --node: SIGKILL it (a crash) instead of SIGTERM"),
 ) -> None:
-    """Stop what delf-es started (never another process); without --nodes every Elasticsearch
-    node under the services home."""
+    """Stop what delf-es started (never another process); without --nodes, every Elasticsearch node under the services home."""
     from delf_es.errors import ServiceFailed
     from delf_es.services import stop as stop_services
 

@@ -109,24 +109,27 @@ def reindex(
 ) -> None:
     """Rebuild the index for a new model/PCA through the workers, check counts, swap the alias
     atomically (zero downtime).  Resumable: rerun after an interruption."""
-    from delf_es.features import Extractor
+    from delf_es.model.spec import ModelSpec
     from delf_es.workers.app import make_submitter
     from delf_es.workers.reindex import Reindexer
 
-    model = {k: v for k, v in cli_context(ctx).overrides.items() if k in ("backbone", "backbone_weights", "pca_path", "use_pca")}
+    # the new model: this run's settings (environment + global options) with the options above;
+    # the workers receive it whole, so they extract exactly the model named here
+    target: dict = {}
     if backbone:
-        model["backbone"] = backbone
+        target["backbone"] = backbone
     if pca:
-        model["pca_path"] = str(pca.resolve())
+        target["pca_path"] = pca
     if no_pca:
-        model["use_pca"] = False
+        target.update(use_pca=False, pca_path=None)
     if attention_weights:
-        model["attention_weights"] = str(attention_weights.resolve())
+        target["attention_weights"] = attention_weights
     try:
         settings = checked_of(ctx, model=False)
-        model_id = Extractor(checked_of(ctx, model=False, **model)).model_id
+        spec = ModelSpec.from_settings(checked_of(ctx, model=False, **target))
+        model_id = spec.model_id
         with make_submitter(settings) as submitter:
-            reindexer = Reindexer(settings, submitter, model, model_id)
+            reindexer = Reindexer(settings, submitter, spec)
             console.print(f"reindexing {settings.index_alias} for model {model_id}")
             with progress() as bar:
                 task = bar.add_task("re-extracted", total=None)

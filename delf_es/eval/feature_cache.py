@@ -15,20 +15,24 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from delf_es.settings import Settings
 from delf_es.types import Features
 
+if TYPE_CHECKING:  # pragma: no cover
+    from delf_es.model.spec import ModelSpec
+
 #: extraction settings that change features but not the model id
 EXTRACTION_FIELDS = ("scales", "global_scales", "max_image_size", "score_threshold", "precision")
 
 
-def cache_name(model_id: str, settings: Settings, max_feature_num: int | None = None) -> str:
+def cache_name(model_id: str, settings: Settings | ModelSpec, max_feature_num: int | None = None) -> str:
     """Cache folder name: the model id, plus a digest of the extraction settings and the
-    keypoint count when they differ from the defaults (so existing default caches stay valid)."""
+    keypoint count when they differ from the defaults (so existing default caches stay valid).
+    ``settings``: Settings or the extractor's ModelSpec (same field names, same values)."""
     defaults = Settings.model_fields
     changed = {f: getattr(settings, f) for f in EXTRACTION_FIELDS if getattr(settings, f) != defaults[f].get_default(call_default_factory=True)}
     name = model_id.replace("/", "_")
@@ -50,9 +54,9 @@ def content_hash(path: Path) -> str:
 
 class FeatureCache:
     """``FeatureCache(root, model_id)`` for the default extraction settings, or
-    ``FeatureCache(root, model_id, settings)`` for any (scales, keypoint count, ...)."""
+    ``FeatureCache(root, model_id, spec)`` (a ModelSpec, or Settings) for any (scales, keypoint count, ...)."""
 
-    def __init__(self, root: Path, model_id: str, settings: Settings | None = None) -> None:
+    def __init__(self, root: Path, model_id: str, settings: Settings | ModelSpec | None = None) -> None:
         self.directory = Path(root) / (cache_name(model_id, settings) if settings else model_id.replace("/", "_"))
         default_k = Settings.model_fields["max_feature_num"].default
         self.keep = settings.max_feature_num if settings else default_k

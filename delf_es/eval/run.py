@@ -77,7 +77,7 @@ def evaluate(
     """Run the benchmark; returns (and writes to ``out_dir/<label>.json``) the result."""
     gt = load_ground_truth(gt_path)
     extractor = extractor or Extractor(settings)
-    timed = TimedExtractor(extractor, FeatureCache(cache_dir, extractor.model_id, settings), settings)
+    timed = TimedExtractor(extractor, FeatureCache(cache_dir, extractor.model_id, extractor.spec), settings)
     items = database_items(gt, distractors)
     loadavg_start = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="delf-es-eval-") as scratch:

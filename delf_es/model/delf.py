@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from delf_es.errors import WeightsNotFound
+from delf_es.errors import ModelMismatch, WeightsNotFound
 from delf_es.model.attention import AttentionHead
 from delf_es.model.backbone import Backbone
 from delf_es.model.pooling import gem, l2n
 from delf_es.model.receptive_field import ReceptiveField
-from delf_es.model.registry import get_preset
-from delf_es.model.weights import PROJECT_WEIGHTS_DIR, file_digest, load_state
+from delf_es.model.spec import ModelSpec, resolve_network
+from delf_es.model.weights import default_attention_path, file_digest, load_state  # noqa: F401 - default_attention_path re-exported
 from delf_es.settings import Settings
 
 
@@ -66,10 +66,6 @@ class LevelOutput:
     global_: torch.Tensor | None
 
 
-def default_attention_path(backbone: str, local_layer: str) -> Path:
-    return PROJECT_WEIGHTS_DIR / f"attention-{backbone}-{local_layer}.pt"
-
-
 class DelfModel(nn.Module):
     """Backbone with an attention head on the local map and GeM on the deeper map."""
 
@@ -115,18 +111,18 @@ def head_provenance(meta: dict, path: Path) -> str:
             f"command: {meta.get('command', '?')}")
 
 
-def build_model(settings: Settings) -> tuple[DelfModel, ModelMeta]:
-    """Build the network and its metadata from settings (weights from installed packages or files)."""
-    preset = get_preset(settings.backbone)
-    local_layer = settings.local_layer or preset.local_layer
-    weights = preset.weights_path(settings.backbone_weights)
-    backbone = preset.build(weights, local_layer)
+def build_model(source: Settings | ModelSpec) -> tuple[DelfModel, ModelMeta]:
+    """Build the network and its metadata from settings or a spec (weights from installed
+    packages or files; which files: :func:`delf_es.model.spec.resolve_network`)."""
+    files = resolve_network(source)
+    preset, local_layer = files.preset, files.local_layer
+    backbone = preset.build(files.weights, local_layer)
+    if backbone.local_channels != preset.local_dims[local_layer]:  # the registry's table names model ids
+        raise ModelMismatch(f"{preset.name}/{local_layer} has {backbone.local_channels}-d local features, the "
+                            f"registry says {preset.local_dims[local_layer]}")
     attention, attention_digest, attention_provenance = None, "", ""
-    attention_path = settings.attention_weights or default_attention_path(preset.name, local_layer)
-    want_attention = settings.scoring == "attention" or (settings.scoring == "auto" and Path(attention_path).is_file())
-    if want_attention:
-        if not Path(attention_path).is_file():
-            raise WeightsNotFound("scoring='attention' but no attention head is available", str(attention_path))
+    attention_path = files.attention
+    if attention_path is not None:
         checkpoint = load_state(attention_path, "attention head")
         try:
             state = checkpoint.get("state_dict", checkpoint)
@@ -142,7 +138,7 @@ def build_model(settings: Settings) -> tuple[DelfModel, ModelMeta]:
     meta = ModelMeta(
         backbone=preset.name,
         local_layer=local_layer,
-        backbone_digest=file_digest(Path(weights)),
+        backbone_digest=file_digest(Path(files.weights)),
         scoring=model.scoring,
         attention_digest=attention_digest,
         local_dim=backbone.local_channels,

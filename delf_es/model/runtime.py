@@ -22,7 +22,6 @@ choice: benchmarks/extract_speed.py, docs/extraction.md.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from delf_es.errors import RuntimeUnavailable
+from delf_es.model.calibration import calibration_digest, training_photos  # noqa: F401 - training_photos re-exported
 from delf_es.model.delf import DelfModel, LevelOutput
 from delf_es.model.pooling import gem, l2n
 
@@ -408,13 +408,7 @@ class Calibration:
 
     def digest(self) -> str:
         """Content hash of the photos (and the quantiser's version): part of the INT8 model id."""
-        import nncf
-
-        digest = hashlib.sha256(f"nncf {nncf.__version__} performance fbc".encode())
-        for path in sorted(self.photos, key=lambda p: p.name):
-            digest.update(path.name.encode())
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-        return digest.hexdigest()[:8]
+        return calibration_digest(self.photos)
 
 
 def model_id_suffix(choice: RuntimeChoice, calibration_digest: str = "") -> str:
@@ -463,22 +457,3 @@ def build_network(
 
         folder = _atomic_dir(cache_dir / f"{model_key}-openvino-int8-{digest}-g{GRAPH_VERSION}-ov{version}", quantize)
     return OpenVinoLevels(ov.Core().read_model(folder / "levels.xml"), choice, threads), suffix
-
-
-def training_photos(listing: Path | None = None) -> tuple[Path, ...]:
-    """The photos INT8 is calibrated on: the files named in ``listing`` (one path per line,
-    the output of scripts/training_images.sh) or the image files of a folder."""
-    if listing is None:
-        raise RuntimeUnavailable("int8 needs calibration photos: set int8_calibration to the list written by "
-                                 "scripts/training_images.sh", "openvino/int8")
-    listing = Path(listing)
-    if listing.is_dir():
-        photos = sorted(p for p in listing.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".ppm", ".pgm"})
-    elif listing.is_file():
-        photos = [Path(line.strip()) for line in listing.read_text().splitlines() if line.strip()]
-    else:
-        raise RuntimeUnavailable(f"calibration list {listing} does not exist", "openvino/int8")
-    absent = [str(p) for p in photos if not p.is_file()]
-    if absent or not photos:
-        raise RuntimeUnavailable(f"calibration photos missing: {absent[:3] or [str(listing)]}", "openvino/int8")
-    return tuple(photos)

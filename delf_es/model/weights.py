@@ -13,6 +13,16 @@ from delf_es.errors import WeightsNotFound
 PROJECT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
+def default_attention_path(backbone: str, local_layer: str) -> Path:
+    """The shipped attention head of a backbone/layer (used by scoring 'auto' when present)."""
+    return PROJECT_WEIGHTS_DIR / f"attention-{backbone}-{local_layer}.pt"
+
+
+def default_pca_path(backbone: str, local_layer: str, scoring: str, dims: int = 40) -> Path:
+    """The shipped PCA of a backbone/layer, fitted on descriptors selected by ``scoring``."""
+    return PROJECT_WEIGHTS_DIR / f"pca-{backbone}-{local_layer}-{scoring}-{dims}.npz"
+
+
 def package_file(package: str, relative: str) -> Path:
     """A data file shipped inside an installed package, found without importing it."""
     spec = importlib.util.find_spec(package)

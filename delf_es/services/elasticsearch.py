@@ -86,10 +86,14 @@ def node_state(config: ServicesConfig, node: NodeSpec) -> NodeState:
     return NodeState(node, _pid_of(config, node.state), system.read_pid(node.portfile))
 
 
+#: Straight to the node: an ``http_proxy`` of the environment must not see (or break) loopback calls.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def health(url: str) -> dict | None:
     """``GET url/_cluster/health`` as a dict, None if nothing answers."""
     try:
-        with urllib.request.urlopen(f"{url}/_cluster/health", timeout=HEALTH_TIMEOUT_S) as answer:
+        with _DIRECT.open(f"{url}/_cluster/health", timeout=HEALTH_TIMEOUT_S) as answer:
             return json.loads(answer.read())
     except (urllib.error.URLError, OSError, ValueError):
         return None

@@ -11,9 +11,10 @@ of a worker that dies is redelivered: immediately if only its pool process died
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from datetime import timedelta
-from typing import Any
+from typing import Any, Mapping
 
 from celery import Celery
 from celery.schedules import crontab
@@ -29,11 +30,27 @@ __all__ = ["EXTRACT_QUEUE", "INDEX_QUEUE", "WorkerContext", "broker_url", "make_
            "reindex_schedule"]
 #: Models kept loaded per worker process (a reindex briefly needs the old and the new one).
 MAX_EXTRACTORS = 2
+#: How long a publish (a task's retry, the flush it triggers, a submission) keeps trying through
+#: a broker outage, s.  Celery's default gives up after about 0.6 s, and a task whose retry cannot
+#: be published is rejected *without requeue* (``Task.retry`` raises ``Reject(exc,
+#: requeue=False)``): a Redis restart of a few seconds lost images (the fault test,
+#: tests/integration/test_workers_broker_restart.py).  Past this the message is still lost: a
+#: broker down for minutes needs the jobs resubmitted (ids make that harmless).
+PUBLISH_RETRY_S = 120.0
+PUBLISH_RETRY_STEP_S, PUBLISH_RETRY_MAX_INTERVAL_S = 0.5, 2.0
+
+
+def publish_retry_policy(total_s: float = PUBLISH_RETRY_S) -> dict[str, float]:
+    """kombu's retry policy for publishing: waits of 0, 0.5, 1, 1.5, then 2 s each, ``total_s`` in all."""
+    ramp = [min(i * PUBLISH_RETRY_STEP_S, PUBLISH_RETRY_MAX_INTERVAL_S) for i in range(4)]
+    retries = len(ramp) + max(0, math.ceil((total_s - sum(ramp)) / PUBLISH_RETRY_MAX_INTERVAL_S))
+    return {"max_retries": retries, "interval_start": 0, "interval_step": PUBLISH_RETRY_STEP_S,
+            "interval_max": PUBLISH_RETRY_MAX_INTERVAL_S}
 
 
 class WorkerContext:
     """What tasks of one worker process share, built lazily after the pool forks: the Redis
-    store, the extractors (per model configuration), the Elasticsearch client and backends."""
+    store, the extractors (one per model a task names), the Elasticsearch client and backends."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -41,6 +58,7 @@ class WorkerContext:
         self._es = None
         self._cache = None
         self._extractors: OrderedDict[str, Any] = OrderedDict()
+        self._spec = None
         self._backends: dict[tuple[str, str], Any] = {}
 
     @property
@@ -55,18 +73,41 @@ class WorkerContext:
             self._store = Store(self.redis_url, self.settings.worker_namespace)
         return self._store
 
-    def model_settings(self, overrides: dict[str, Any] | None) -> Settings:
-        """The worker's settings with a task's model overrides (backbone, pca_path, scales...)."""
-        if not overrides:
-            return self.settings
-        return Settings(**{**self.settings.model_dump(), **overrides})
+    @property
+    def spec(self):
+        """The worker's own model (:class:`~delf_es.model.spec.ModelSpec` of its settings)."""
+        if self._spec is None:
+            from delf_es.model.spec import ModelSpec
 
-    def extractor(self, overrides: dict[str, Any] | None):
+            self._spec = ModelSpec.from_settings(self.settings)
+        return self._spec
+
+    def model_spec(self, model: Mapping[str, Any] | None):
+        """The model a task message names (its ``"model"``): None = the worker's own; the JSON
+        form of a ModelSpec (what submitters send); or, in a message queued by a release before
+        the spec existed, a dict of Settings overrides applied over the worker's settings (so a
+        rolling upgrade need not drain the queues).
+
+        Raises:
+            InvalidSetting, ModelMismatch, WeightsNotFound...: the image fails with that error.
+        """
+        from delf_es.model.spec import ModelSpec
+
+        if not model:
+            return self.spec
+        if isinstance(model, Mapping) and "format" in model:
+            return ModelSpec.from_json(model)
+        from delf_es.validation import load_settings  # legacy overrides, typed errors as on the command line
+
+        return ModelSpec.from_settings(load_settings({**self.settings.model_dump(), **dict(model)}))
+
+    def extractor(self, model: Mapping[str, Any] | None):
+        """The extractor of a message's model (see :meth:`model_spec`), kept loaded (LRU)."""
         from delf_es.features import Extractor
 
-        key = json.dumps(overrides or {}, sort_keys=True, default=str)
+        key = json.dumps(model or None, sort_keys=True, default=str)
         if key not in self._extractors:
-            self._extractors[key] = Extractor(self.model_settings(overrides))
+            self._extractors[key] = Extractor(self.settings, self.model_spec(model))
             while len(self._extractors) > MAX_EXTRACTORS:
                 self._extractors.popitem(last=False)
         self._extractors.move_to_end(key)
@@ -145,6 +186,8 @@ def make_app(settings: Settings) -> Celery:
         accept_content=["json"],
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
+        task_publish_retry=True,
+        task_publish_retry_policy=publish_retry_policy(),
         broker_transport_options={
             "global_keyprefix": prefix,
             "visibility_timeout": visibility,

@@ -26,9 +26,9 @@ import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from delf_es.errors import ConfigurationError, ReindexError
+from delf_es.errors import ConfigurationError, InvalidRequest, ReindexError
 from delf_es.index.es import KEYPOINTS_SUFFIX, ElasticsearchBackend
 from delf_es.index.es.templates import is_keypoints_index
 from delf_es.index.es.transport import Transport
@@ -36,6 +36,9 @@ from delf_es.index.es.failures import failures_index
 from delf_es.settings import Settings
 from delf_es.workers.submit import Submitter
 from delf_es.workers.store import JobProgress
+
+if TYPE_CHECKING:  # pragma: no cover - at run time imported where used: the model code loads torch
+    from delf_es.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +74,21 @@ class ReindexResult:
 
 
 class Reindexer:
-    """Rebuild ``settings.index_alias`` for ``model`` (Settings overrides: backbone, pca_path,
-    use_pca, attention_weights...) whose extractor has id ``model_id``."""
+    """Rebuild ``settings.index_alias`` for the model ``spec`` (sent to the workers with every
+    image, so they extract exactly the model whose id the build is checked against)."""
 
-    def __init__(self, settings: Settings, submitter: Submitter, model: Mapping[str, Any] | None, model_id: str) -> None:
+    def __init__(self, settings: Settings, submitter: Submitter, spec: ModelSpec) -> None:
         if not settings.es_url:
             raise ConfigurationError("reindexing needs Elasticsearch: set DELF_ES_ES_URL")
+        from delf_es.model.spec import ModelSpec
+
+        if not isinstance(spec, ModelSpec):
+            raise InvalidRequest(f"the reindex target must be a ModelSpec, not {type(spec).__name__}")
         self.settings = settings
         self.alias = settings.index_alias
         self.submitter = submitter
-        self.model = {k: (str(v) if v is not None and not isinstance(v, (int, float, bool, list)) else v)
-                      for k, v in (model or {}).items()}
-        self.model_id = model_id
+        self.spec = spec
+        self.model_id = spec.model_id
         # scans and alias swaps on a loaded node take longer than a search: at least 60 s per request
         self.transport = Transport(settings, request_timeout=max(60.0, settings.es_timeout))
         self.es = self.transport.client
@@ -154,7 +160,7 @@ class Reindexer:
 
     def submit(self, build: str, source: Mapping[str, dict[str, Any]], ids: list[str]) -> str:
         items = [{"image_id": i, "path": source[i]["path"], "metadata": source[i]["metadata"]} for i in ids]
-        return self.submitter.submit(items, alias=build, failures=failures_index(self.alias), model=self.model)
+        return self.submitter.submit(items, alias=build, failures=failures_index(self.alias), model=self.spec)
 
     # ------------------------------------------------------------------ swap
 
@@ -268,7 +274,7 @@ def tick(app) -> ReindexResult:
     """The beat task's body: reindex the live alias to the model this worker is configured with."""
     ctx = app.delf
     submitter = Submitter(app)
-    reindexer = Reindexer(ctx.settings, submitter, None, ctx.extractor(None).model_id)
+    reindexer = Reindexer(ctx.settings, submitter, ctx.spec)
     try:
         return reindexer.tick()
     finally:

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from delf_es.errors import InvalidRequest, JobTimeout
 from delf_es.items import check_id, check_metadata, parse_item
 from delf_es.workers.routes import EXTRACT, EXTRACT_BATCH, EXTRACT_QUEUE
 from delf_es.workers.store import JobProgress, Store
+
+if TYPE_CHECKING:  # pragma: no cover
+    from delf_es.model.spec import ModelSpec
 
 
 class Submitter:
@@ -42,12 +45,19 @@ class Submitter:
         job_id: str | None = None,
         alias: str | None = None,
         failures: str | None = None,
-        model: Mapping[str, Any] | None = None,
+        model: ModelSpec | None = None,
     ) -> str:
         """Queue one extract task per image (id = its path/URL); returns the job id.
 
-        ``alias`` / ``model`` redirect the work to another index / model configuration
-        (reindexing uses them); None = the workers' own settings."""
+        ``alias`` / ``model`` redirect the work to another index / model (reindexing uses them;
+        the spec travels as its JSON form); None = the workers' own settings."""
+        model_json = None
+        if model is not None:
+            from delf_es.model.spec import ModelSpec  # only here: submitting alone never loads the model code
+
+            if not isinstance(model, ModelSpec):
+                raise InvalidRequest(f"model must be a ModelSpec (delf_es.model.spec), not {type(model).__name__}")
+            model_json = model.to_json()
         entries: dict[str, tuple[str, dict[str, Any]]] = {}  # one task per id (the last wins)
         refused: dict[str, str] = {}
         for entry in items:
@@ -63,7 +73,7 @@ class Submitter:
         for image_id, error in refused.items():  # counted in the job, so it finishes and reports them
             self.store.fail(job_id, image_id, error)
         messages = [{"source": path, "image_id": image_id, "metadata": metadata, "job": job_id,
-                     "alias": alias, "failures": failures, "model": dict(model) if model else None}
+                     "alias": alias, "failures": failures, "model": model_json}
                     for image_id, (path, metadata) in entries.items()]
         size = self.settings.worker_extract_batch
         with self.app.producer_or_acquire() as producer:

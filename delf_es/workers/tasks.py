@@ -5,7 +5,14 @@ An extract task message is a dict (JSON)::
 
     {"source": "photos/a.jpg" or "https://...", "image_id": "photos/a.jpg", "metadata": {...},
      "job": "<job id>", "alias": null or "<index alias>", "failures": null or "<failures index>",
-     "model": null or {"backbone": ..., "pca_path": ..., ...}}   # Settings overrides of the model
+     "model": null or {"format": "delf-es-model/1", "backbone": ..., ..., "model_id": ...}}
+
+``model`` is null (the worker's own model) or a :class:`~delf_es.model.spec.ModelSpec`'s JSON form
+(``to_json``): the worker builds that model and fails the image (ModelMismatch) if it computes
+another model id than the sender's, i.e. its weight or PCA files differ.  Messages queued by a
+release before the spec carried a dict of Settings overrides there; workers still accept it
+(:meth:`WorkerContext.model_spec`), so upgrading the workers first needs no queue drain.  An old
+worker cannot read a new message: upgrade the workers before the submitters (or drain the queues).
 
 Idempotency: the work is keyed by alias + model id (backbone, head, PCA) + image id
 (:func:`delf_es.workers.store.staging_key`).  A redelivered or duplicated message re-stages the same

@@ -19,6 +19,7 @@ from delf_es.cache import MemoryLocationCache
 from delf_es.features import Extractor
 from delf_es.imageio import load_image
 from delf_es.index.es import ElasticsearchBackend
+from delf_es.model.spec import ModelSpec
 from delf_es.search import Searcher
 from test_workers import photos
 from delf_es.workers.app import make_submitter
@@ -55,7 +56,7 @@ def test_reindex_to_a_new_model_swaps_the_alias_with_zero_failed_searches_and_eq
         old_indices = sorted(fleet.es.indices.get_alias(name=fleet.alias))
 
         # An interrupted earlier run: 3 images already in the build.
-        reindexer = Reindexer(fleet.settings, submitter, NEW, new_extractor.model_id)
+        reindexer = Reindexer(fleet.settings, submitter, new_extractor.spec)
         build = reindexer.build_alias()
         source = reindexer.source_images()
         submitter.wait(reindexer.submit(build, source, paths[:3]), timeout=300)
@@ -126,7 +127,8 @@ def test_reindex_to_a_new_model_swaps_the_alias_with_zero_failed_searches_and_eq
     # The beat schedule's path: the workers are configured for Lite0, the live index is now
     # MobileNetV2, so a tick starts a rebuild; once its job is done the next tick swaps back.
     with make_submitter(fleet.settings) as submitter:
-        back = Reindexer(fleet.settings, submitter, None, old_extractor.model_id)
+        back = Reindexer(fleet.settings, submitter, ModelSpec.from_settings(fleet.settings))
+        assert back.model_id == old_extractor.model_id  # the workers' own model
         first = back.tick(delete_old=True)
         assert first.state == "building" and first.source_count == N
         state = json.loads(submitter.store.redis.get(back._state_key))

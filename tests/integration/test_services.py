@@ -141,3 +141,31 @@ def test_int8_hnsw_knn_returns_nearest_first(es: Elasticsearch) -> None:
         es.indices.delete(index=index, ignore_unavailable=True)
     assert not es.indices.exists(index=index)
 
+
+
+@pytest.mark.integration
+def test_an_append_only_redis_keeps_its_data_across_a_restart(services, tmp_path) -> None:
+    """What the fault test needs (issue 13): Redis restarted mid-ingest loses no queue entry.  On
+    a Redis of its own (free port, own services home), so the shared one is never restarted."""
+    import socket
+
+    from delf_es.services import services_config, start_redis, stop_redis
+    from delf_es.settings import Settings
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = services_config(Settings(services_home=tmp_path, redis_port=port, redis_appendonly=True))
+    try:
+        assert start_redis(config) is True
+        client = redis.Redis.from_url(config.redis_url)
+        client.rpush("queue", b"a", b"b", b"c")  # no TTL, no save: only the append-only file keeps it
+        client.close()
+        assert stop_redis(config) is not None
+        assert start_redis(config) is True
+        client = redis.Redis.from_url(config.redis_url)
+        assert client.lrange("queue", 0, -1) == [b"a", b"b", b"c"]
+        client.close()
+        assert (tmp_path / "redis" / f"appendonlydir-{port}").is_dir()
+    finally:
+        stop_redis(config)

@@ -46,3 +46,14 @@ def test_other_scales_never_read_the_default_cache(tmp_path):
     FeatureCache(tmp_path, "m", Settings()).get_or_extract("key", "img", lambda: _features(10))
     other = FeatureCache(tmp_path, "m", Settings(scales=(1.0,))).get_or_extract("key", "img", lambda: _features(3))
     assert other.num_keypoints == 3
+
+
+def test_cache_name_from_the_model_spec_is_the_name_settings_gave():
+    """Names computed on main from Settings (before the ModelSpec): existing caches stay valid."""
+    from delf_es.model.spec import ModelSpec
+
+    spec = ModelSpec(scales=(0.7071, 1.0, 1.4142))
+    assert cache_name("m", spec) == cache_name("m", Settings(scales=(0.7071, 1.0, 1.4142))) == "m+x4c6594ec"
+    other = {"precision": "bfloat16", "max_image_size": 512, "max_feature_num": 300}
+    assert cache_name("m", ModelSpec(**other)) == cache_name("m", Settings(**other)) == "m+x21f5b931+k300"
+    assert cache_name("m", ModelSpec()) == "m"

@@ -68,3 +68,15 @@ def test_an_installed_wheel_finds_its_mappings_inside_the_package(wheel, tmp_pat
     assert Path(found["failures"]) == package / "mappings" / "failures-v1.json"
     assert Path(found["kibana"]) == package / "mappings" / "kibana" / "delf-es.ndjson"
     assert found["kibana_objects"] > 0 and found["model_id"] == "m@1"
+
+
+def test_test_modules_have_unique_basenames():
+    # tests/ has no __init__.py files (rootdir-relative "rootdir" import mode): two modules with the
+    # same basename in different folders abort the whole collection ("import file mismatch"), which
+    # happened twice (test_api.py, test_services.py) when work from two branches met on main.
+    from collections import Counter
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parents[1]
+    names = Counter(path.name for path in tests.rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []

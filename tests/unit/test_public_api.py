@@ -26,7 +26,7 @@ def test_the_readme_import_line_works():
     assert DelfEs is defined
 
 
-@pytest.mark.parametrize("name", ["DelfEs", "Settings", "Features", "SearchHit", "Correspondences", "DelfEsError",
+@pytest.mark.parametrize("name", ["DelfEs", "Settings", "ModelSpec", "Features", "SearchHit", "Correspondences", "DelfEsError",
                                   "InvalidImage", "InvalidRequest"])
 def test_every_public_name_resolves(name):
     import delf_es

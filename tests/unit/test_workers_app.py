@@ -8,7 +8,7 @@ import pytest
 
 from delf_es.settings import Settings
 from delf_es.types import Features
-from delf_es.workers.app import EXTRACT_QUEUE, INDEX_QUEUE, make_app
+from delf_es.workers.app import EXTRACT_QUEUE, INDEX_QUEUE, PUBLISH_RETRY_S, make_app
 from delf_es.workers.store import JobProgress, Staged, staging_key
 from delf_es.workers.tasks import RETRYABLE
 
@@ -116,3 +116,17 @@ def test_the_beat_schedule_comes_from_the_settings():
     for bad in ("0 3 * *", "-1", "0"):
         with pytest.raises(ValidationError, match="worker_reindex_schedule"):
             Settings(worker_reindex_schedule=bad)
+
+
+def test_a_publish_keeps_retrying_through_a_broker_outage_of_two_minutes(app):
+    """A retry that cannot be published drops the task (Reject, requeue=False): the waits of
+    kombu's policy (its own interval generator) must add up to PUBLISH_RETRY_S."""
+    import itertools
+
+    from kombu.utils.functional import fxrange
+
+    policy = app.conf.task_publish_retry_policy
+    waits = fxrange(policy["interval_start"], policy["interval_max"] + policy["interval_start"],
+                    policy["interval_step"], repeatlast=True)
+    assert app.conf.task_publish_retry is True
+    assert sum(itertools.islice(waits, policy["max_retries"])) >= PUBLISH_RETRY_S >= 60

@@ -439,3 +439,44 @@ def test_wait_exit_sees_a_zombie_as_exited(sleeper):
     sleeper.kill()
     time.sleep(0.5)  # not reaped yet: a zombie
     assert system.exited(sleeper.pid) and system.wait_exit(sleeper.pid, timeout=1)
+
+
+def test_the_services_package_depends_only_on_settings_and_errors():
+    import ast
+
+    package = Path(cfg.__file__).parent
+    imported = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("delf_es"):
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names if a.name.startswith("delf_es"))
+    assert {m for m in imported if not m.startswith("delf_es.services")} == {"delf_es.settings", "delf_es.errors"}
+
+
+def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_ES_")}
+    env.update(DELF_ES_SERVICES_HOME=str(home), DELF_ES_ES_PORT=str(free_port()), DELF_ES_REDIS_PORT=str(free_port()),
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    return subprocess.run([sys.executable, "-m", "delf_es.cli", "services", *args], env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+
+
+def test_the_status_command_exits_1_and_says_stopped_when_nothing_runs(tmp_path):
+    proc = run_cli("status", "all", "--nodes", "2", home=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["es node-0", "es node-1", "es", "redis"]
+    assert lines[2].startswith("es: stopped url=http://127.0.0.1:") and "," in lines[2]
+
+
+def test_the_commands_refuse_bad_arguments_in_one_line(tmp_path):
+    for args, message in ((("stop", "es", "--kill"), "--kill needs --node K"),
+                          (("start", "kibana"), "unknown service 'kibana'"),
+                          (("stop", "es", "--node", "2"), "no node 2")):
+        proc = run_cli(*args, home=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
