@@ -71,6 +71,13 @@ ROWS = {
     "quality-qe-5-min-15-spread-relative-maps": ("search", "QE (5, >= 15 inliers) + relative spread rule, from the map cache: "
                                                  "the new defaults, reference of the combination"),
     "quality-best-combination": ("extraction", "best geometry head + QE (5, >= 15 inliers) + relative spread rule, from the map cache"),
+    "quality-new-defaults": ("default", "the default since session 5: verified QE (5 hits, >= 15 inliers) + inlier spread 0.02 "
+                             "of the short side over 4 px (torch float32 feature cache)"),
+    "torch-float32-cc1e4b6": ("extraction", "PyTorch float32 features (cache), code cc1e4b6 (QE off, spread 16 px): reference "
+                              "of the OpenVINO row below"),
+    "speed-openvino-float32-fresh": ("extraction", "OpenVINO FP32 (the CPU runtime default), fresh extraction, code cc1e4b6: "
+                                     "features equal PyTorch's to cosine 0.9999997; the mAP gap is RANSAC sampling noise "
+                                     "(benchmarks/results/checks/openvino-vs-torch.json)"),
     "anchor-global-gem": ("anchor", "anchor: global GeM of the same forward pass, cosine, no verification"),
     "anchor-delf-demo-kdtree": ("anchor", "anchor: classic DELF demo (one cKDTree over all database descriptors, RANSAC on every candidate)"),
     "anchor-sift-magsac": ("anchor", "anchor: RootSIFT (2000 kp) + ratio test + OpenCV USAC_MAGSAC, brute force"),

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -241,13 +242,15 @@ def _check_appendonly(port: int) -> None:
         client.close()
 
 
+#: Straight to the nodes: an ``http_proxy`` in the environment must not see loopback calls.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _master(config) -> int | None:
     """Index of the elected master node (by ``_cat/master`` from any node answering)."""
-    import urllib.request
-
     for node in config.node_specs():
         try:
-            with urllib.request.urlopen(f"{node.url}/_cat/master?h=node", timeout=5) as answer:
+            with _DIRECT.open(f"{node.url}/_cat/master?h=node", timeout=5) as answer:
                 name = answer.read().decode().strip()
             return next(i for i, spec in enumerate(config.node_specs()) if spec.name == name)
         except (OSError, StopIteration):
@@ -256,13 +259,11 @@ def _master(config) -> int | None:
 
 
 def _wait_green(url: str, timeout: float) -> str | None:
-    import urllib.request
-
     deadline = time.monotonic() + timeout
     status = None
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/_cluster/health?wait_for_status=green&timeout=10s", timeout=20) as a:
+            with _DIRECT.open(f"{url}/_cluster/health?wait_for_status=green&timeout=10s", timeout=20) as a:
                 status = json.loads(a.read())["status"]
         except OSError:
             status = None

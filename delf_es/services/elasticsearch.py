@@ -286,7 +286,10 @@ def stop_es(config: ServicesConfig, node: int | None = None, every_layout: bool 
         system.terminate(pid, label, STOP_TIMEOUT_S)
         (folder / "es.pid").unlink(missing_ok=True)
         stopped.append(pid)
-    logger.info("Elasticsearch stopped (%d node(s))" if stopped else "Elasticsearch was not running", len(stopped))
+    if stopped:
+        logger.info("Elasticsearch stopped (%d node(s))", len(stopped))
+    else:  # no %d here: a format argument without a placeholder is a logging TypeError
+        logger.info("Elasticsearch was not running")
     return stopped
 
 

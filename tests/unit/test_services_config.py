@@ -480,3 +480,11 @@ def test_the_commands_refuse_bad_arguments_in_one_line(tmp_path):
         proc = run_cli(*args, home=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_stopping_elasticsearch_that_is_not_running_logs_one_clean_line(tmp_path, caplog):
+    # the message once carried a format argument without a placeholder: logging printed a
+    # TypeError traceback instead of the line
+    caplog.set_level("INFO", logger=es.logger.name)
+    assert es.stop_es(make(tmp_path)) == []
+    assert [r.getMessage() for r in caplog.records if r.name == es.logger.name][-1] == "Elasticsearch was not running"

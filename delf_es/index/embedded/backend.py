@@ -53,7 +53,8 @@ class EmbeddedBackend(Storage, KeypointIndex):
             :class:`~delf_es.errors.ModelMismatch`.
         exact_limit: most keypoint vectors searched exactly (flat index); above it an
             IVF index is trained.  None = always exact; 0 = always IVF.
-        nprobe: IVF lists visited per query (recall vs latency).
+        nprobe: IVF lists visited per query (recall vs latency); None = auto, growing with the
+            number of lists (:func:`~delf_es.index.embedded.keypoint_index.auto_nprobe`).
         keypoint_vectors: mirror every keypoint descriptor in the faiss index (the keypoint kNN);
             False saves its memory and upsert time when searches use only the global shortlist and
             matching.  Recorded in the directory when it is created; an existing directory keeps
@@ -70,12 +71,12 @@ class EmbeddedBackend(Storage, KeypointIndex):
         model_id: str | None = None,
         *,
         exact_limit: int | None = 200_000,
-        nprobe: int = 16,
+        nprobe: int | None = None,
         keypoint_vectors: bool = True,
     ) -> None:
         if exact_limit is not None and exact_limit < 0:
             raise ConfigurationError(f"exact_limit must be >= 0 or None, got {exact_limit}")
-        if nprobe < 1:
+        if nprobe is not None and nprobe < 1:
             raise ConfigurationError(f"nprobe must be >= 1, got {nprobe}")
         self.directory = Path(directory)
         self.exact_limit = exact_limit
