@@ -76,8 +76,8 @@ ROWS = {
     "torch-float32-cc1e4b6": ("extraction", "PyTorch float32 features (cache), code cc1e4b6 (QE off, spread 16 px): reference "
                               "of the OpenVINO row below"),
     "speed-openvino-float32-fresh": ("extraction", "OpenVINO FP32 (the CPU runtime default), fresh extraction, code cc1e4b6: "
-                                     "features equal PyTorch's to cosine 0.9999997; the mAP gap is RANSAC sampling noise "
-                                     "(benchmarks/results/checks/openvino-vs-torch.json)"),
+                                     "features equal PyTorch's to cosine 0.9999997; the gap follows the order of near-tied keypoints, "
+                                     "not their values (benchmarks/results/checks/openvino-vs-torch.json)"),
     "anchor-global-gem": ("anchor", "anchor: global GeM of the same forward pass, cosine, no verification"),
     "anchor-delf-demo-kdtree": ("anchor", "anchor: classic DELF demo (one cKDTree over all database descriptors, RANSAC on every candidate)"),
     "anchor-sift-magsac": ("anchor", "anchor: RootSIFT (2000 kp) + ratio test + OpenCV USAC_MAGSAC, brute force"),
