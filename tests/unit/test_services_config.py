@@ -31,6 +31,16 @@ from delf_es.settings import Settings
 from delf_es.validation import load_settings, unknown_variables
 
 
+@pytest.fixture(autouse=True)
+def _no_service_environment(monkeypatch):
+    # scripts/test.sh keeps a caller's DELF_ES_*_PORT / SERVICES_HOME (the integration tests use them);
+    # these unit tests check the defaults and the layout, so the caller's values must not reach Settings
+    import os
+
+    for name in [n for n in os.environ if n.startswith("DELF_ES_")]:
+        monkeypatch.delenv(name)
+
+
 def make(tmp_path: Path, **fields) -> ServicesConfig:
     """A configuration under ``tmp_path``.  Its JDK does not exist, so a start that got past the
     refusals under test would fail at once instead of starting a real node."""
