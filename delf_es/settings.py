@@ -274,7 +274,8 @@ class Settings(BaseSettings):
         "load (refresh off, no replicas, es_bulk_writers writers; settings restored at the end, also on "
         "error: delf_es/index/es/bulk_load.py); 0 = never",
     )
-    es_bulk_writers: int = Field(default=2, ge=1, le=16, description="concurrent write rounds during a bulk load")
+    es_bulk_writers: int = Field(default=4, ge=1, le=16, description="concurrent write rounds during a bulk load "
+                                 "(4: the fastest of 1, 2, 4 in benchmarks/results/bulk_load.json)")
 
     # --- local services (delf-es services, delf_es/services/) ---------------------------
     services_home: Path = Field(

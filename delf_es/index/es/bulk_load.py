@@ -4,7 +4,7 @@ the target indices do not refresh (``refresh_interval: -1``) and keep no replica
 copy), and several writers send the write rounds at once; afterwards both settings are put back as
 they were, the indices refreshed, and the replicas rebuilt by copying the primaries' segments.
 
-    with BulkLoad(transport, aliases, writer, writers=2):
+    with BulkLoad(transport, aliases, writer, writers=4):
         writer.upsert(records)   # ... many times
     # settings restored here, also after an exception or a KeyboardInterrupt
 
@@ -41,7 +41,7 @@ class BulkLoad:
     Nothing is changed when the aliases point at no index yet (they are created by the first
     write: enter after it) or when a load is already open on the same writer (nested loads)."""
 
-    def __init__(self, transport: Transport, aliases: Aliases, writer: Writer, writers: int = 2) -> None:
+    def __init__(self, transport: Transport, aliases: Aliases, writer: Writer, writers: int = 4) -> None:
         self.transport = transport
         self.aliases = aliases
         self.writer = writer
