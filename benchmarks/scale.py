@@ -119,6 +119,16 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
             row.update({"p50_ms": search["p50_ms"], "p95_ms": search["p95_ms"], "search": search,
                         "plan": list(settings.search_plan(engine.backend.has_keypoint_vectors()))})
             row["recall_at_10"] = global_recall(engine, data, np.stack(stored_globals), stored_ids)
+            if client is not None and args.candidates:
+                # the recall knob: the same queries at other num_candidates (the backend's kNN
+                # reads it from its Queries part; put back after)
+                default = engine.backend._queries.num_candidates
+                row["recall_at_10_by_num_candidates"] = {}
+                for candidates in args.candidates:
+                    engine.backend._queries.num_candidates = candidates
+                    row["recall_at_10_by_num_candidates"][str(candidates)] = global_recall(
+                        engine, data, np.stack(stored_globals), stored_ids)
+                engine.backend._queries.num_candidates = default
             if client is not None:
                 row["bytes"] = es_bytes(client, alias, size)
                 row.update(es_heap(client))
@@ -179,6 +189,8 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1, help="Elasticsearch nodes behind --es-url (recorded)")
     parser.add_argument("--shards", type=int, default=1, help="primary shards of the Elasticsearch indices")
     parser.add_argument("--replicas", type=int, default=0, help="replicas of the Elasticsearch indices")
+    parser.add_argument("--candidates", type=int, nargs="*", default=[],
+                        help="also measure the global recall@10 at these num_candidates (Elasticsearch)")
     parser.add_argument("--note", default="", help="a note on this run's rows (e.g. where it stopped and why)")
     parser.add_argument("--es-url", default=os.environ.get("DELF_ES_ES_URL", "http://127.0.0.1:9200"))
     parser.add_argument("--redis-url", default=os.environ.get("DELF_ES_REDIS_URL", "redis://127.0.0.1:6379/0"))
