@@ -42,6 +42,7 @@ import numpy as np
 
 from delf_es.degenerate import CELL_PX, drop_flat_keypoints, inlier_spread, spread_threshold
 from delf_es.eval.chance_pairs import PairImage, different_scene_pairs, distribution, smallest_count_above, source_of
+from delf_es.eval.feature_cache import cache_name
 from delf_es.features import Extractor
 from delf_es.imageio import load_image
 from delf_es.settings import Settings
@@ -65,7 +66,8 @@ class CachedExtractor:
     def __init__(self, extractor: Extractor, folder: Path, settings: Settings) -> None:
         self.extractor = extractor
         self.settings = settings
-        self.folder = folder / extractor.model_id
+        # the model id does not name the keypoint count or the pyramid: cache_name adds them
+        self.folder = folder / cache_name(extractor.model_id, settings)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.extracted = 0
 

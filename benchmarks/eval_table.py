@@ -71,8 +71,12 @@ ROWS = {
     "quality-qe-5-min-15-spread-relative-maps": ("search", "QE (5, >= 15 inliers) + relative spread rule, from the map cache: "
                                                  "the new defaults, reference of the combination"),
     "quality-best-combination": ("extraction", "best geometry head + QE (5, >= 15 inliers) + relative spread rule, from the map cache"),
-    "quality-new-defaults": ("default", "the default since session 5: verified QE (5 hits, >= 15 inliers) + inlier spread 0.02 "
+    "quality-new-defaults": ("default", "the default of session 5 (before the canonical RANSAC order and the pairs-check thresholds): verified QE (5 hits, >= 15 inliers) + inlier spread 0.02 "
                              "of the short side over 4 px (torch float32 feature cache)"),
+    "defaults-openvino": ("default", "**the default now** (OpenVINO FP32 fresh-extraction cache, the CPU runtime): QE 5 hits "
+                          ">= 22 inliers, rank weight 150 (both from the pairs check), spread 0.02 / 4 px, canonical RANSAC order; "
+                          "seed 0 (seeds 0-3: 90.01 +- 0.16, benchmarks/results/checks/openvino-vs-torch-ordered.json)"),
+    "defaults-torch": ("default", "the default now from the PyTorch float32 feature cache, seed 0 (seeds 0-3: 89.58 +- 0.28)"),
     "torch-float32-cc1e4b6": ("extraction", "PyTorch float32 features (cache), code cc1e4b6 (QE off, spread 16 px): reference "
                               "of the OpenVINO row below"),
     "speed-openvino-float32-fresh": ("extraction", "OpenVINO FP32 (the CPU runtime default), fresh extraction, code cc1e4b6: "

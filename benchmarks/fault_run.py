@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -45,7 +44,8 @@ from typing import Any
 import redis
 
 from delf_es.errors import DelfEsError
-from delf_es.services import es_status, kill_node, restart_node, services_config, start, start_redis, stop_es, stop_redis
+from delf_es.services import kill_node, restart_node, services_config, start, start_redis, stop_es, stop_redis
+from delf_es.services.system import kill_group, start_group, stop_group
 from delf_es.settings import Settings
 
 log = logging.getLogger("delf_es.faults")
@@ -107,30 +107,18 @@ class Fleet:
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> subprocess.Popen:
-        n = len(self.procs)
-        with open(self.logs / f"worker-{n}.log", "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "delf_es.cli", "worker", "--concurrency", "1"],
-                                    cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = start_group([sys.executable, "-m", "delf_es.cli", "worker", "--concurrency", "1"],
+                           self.logs / f"worker-{len(self.procs)}.log", self.env, cwd=ROOT)
         self.procs.append(proc)
         return proc
 
     def kill(self, proc: subprocess.Popen) -> None:
         """SIGKILL the worker's process group: a crash, tasks in flight unacknowledged."""
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        kill_group(proc)
 
     def close(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=30)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    self.kill(proc)
+            stop_group(proc)
 
 
 class Searcher(threading.Thread):

@@ -441,11 +441,11 @@ class DelfEs:
                               or time.monotonic() - batch_started >= self.settings.commit_seconds):
                     flush()
             flush()
+            if refresh_after:  # inside: a Ctrl-C after the last commit is still reported as one
+                self.backend.refresh()
         except KeyboardInterrupt:
             flush()  # what is extracted is saved; a second Ctrl-C here aborts one atomic write
             raise Interrupted(BulkReport(succeeded=succeeded, failed=failed)) from None
-        if refresh_after:
-            self.backend.refresh()
         return BulkReport(succeeded=succeeded, failed=failed)
 
     def _bulk_add_in_processes(self, items, ids, existing, skip_existing, flush, batch, handled, succeeded, failed,
@@ -487,11 +487,11 @@ class DelfEs:
                                   or time.monotonic() - batch_started >= self.settings.commit_seconds):
                         flush()
             flush()
+            if refresh_after:
+                self.backend.refresh()
         except KeyboardInterrupt:
             flush()
             raise Interrupted(BulkReport(succeeded=succeeded, failed=failed)) from None
-        if refresh_after:
-            self.backend.refresh()
         return BulkReport(succeeded=succeeded, failed=failed)
 
     def count(self) -> int:

@@ -213,7 +213,8 @@ def estimate_model(
     ``cv2.findHomography(method=cv2.USAC_MAGSAC)`` (MAGSAC++, ``px_threshold`` as its
     maximum sigma; deterministic); ``"affine"`` uses
     ``cv2.estimateAffine2D(method=cv2.RANSAC)`` (reprojection error) with its default
-    Levenberg-Marquardt refinement.  Rows with non-finite coordinates are never inliers.
+    Levenberg-Marquardt refinement.  Rows with non-finite coordinates are never inliers; the
+    result does not depend on the order of the rows (they are fitted in coordinate order).
 
     Args:
         points_a: (K, 2) px (x, y) in image A.
@@ -253,9 +254,15 @@ def estimate_model(
     if int(finite.sum()) < MIN_CORRESPONDENCES[kind]:
         return None, inliers
 
+    # RANSAC's samples are drawn by row index, so the same correspondences in another order give
+    # other inliers: fit them in one canonical order (by coordinates) so that equal keypoint sets
+    # give equal results whatever order extraction stored them in (near-tied scores swap places
+    # between runtimes; benchmarks/results/checks/openvino-vs-torch.json).
+    rows = np.flatnonzero(finite)
+    rows = rows[np.lexsort((pb[rows, 1], pb[rows, 0], pa[rows, 1], pa[rows, 0]))]
     try:
         model, mask = _fit(
-            kind, pa[finite], pb[finite], float(px_threshold), float(confidence), int(max_iters), int(seed)
+            kind, pa[rows], pb[rows], float(px_threshold), float(confidence), int(max_iters), int(seed)
         )
     except (cv2.error, np.linalg.LinAlgError, ValueError) as exc:  # degenerate sample sets
         logger.debug("%s estimation failed on %d points: %s", kind, k, exc)
@@ -270,7 +277,7 @@ def estimate_model(
         model = model / np.linalg.norm(model)
     elif abs(model[2, 2]) > 1e-12:
         model = model / model[2, 2]
-    inliers[np.flatnonzero(finite)] = mask
+    inliers[rows] = mask
     if degenerate_inliers(pa[inliers], pb[inliers], min_spread_px, min_spread_fraction, image_sizes):
         logger.debug("%s model on %d inliers rejected: inliers on a line or in a spot", kind, int(inliers.sum()))
         return None, np.zeros(k, dtype=bool)

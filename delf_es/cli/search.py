@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import numpy as np
 import typer
@@ -43,20 +43,25 @@ def index(
     # SIGTERM (a service manager, `kill`) gets the same orderly stop as Ctrl-C
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with engine(ctx) as sdk:
+        def interrupted(saved: int) -> NoReturn:
+            console.print(f"[red]interrupted:[/red] {saved} image(s) saved in this run, "
+                          f"{sdk.count()} in the index; run the same command again to continue")
+            raise typer.Exit(code=130)
+
         try:
             report = sdk.bulk_add([(p, extra) if extra else p for p in paths], skip_existing=not reindex)
         except Interrupted as stop:  # before DelfEsError: it is one too
-            saved = len(stop.report.succeeded)
-            console.print(f"[red]interrupted:[/red] {saved} image(s) saved in this run, "
-                          f"{sdk.count()} in the index; run the same command again to continue")
-            raise typer.Exit(code=130) from None
+            interrupted(len(stop.report.succeeded))
         except DelfEsError as error:
             fail(error)
-        for failure in report.failed:
-            console.print(f"[yellow]failed[/yellow] {escape(failure.item_id)}: {escape(failure.error)}")
-        skipped = len(paths) - len(report.succeeded) - len(report.failed)
-        console.print(f"{len(report.succeeded)} indexed, {skipped} already there, {len(report.failed)} failed; "
-                      f"{sdk.count()} images in the index")
+        try:  # a Ctrl-C after the last commit: everything is saved, and the user is told so
+            for failure in report.failed:
+                console.print(f"[yellow]failed[/yellow] {escape(failure.item_id)}: {escape(failure.error)}")
+            skipped = len(paths) - len(report.succeeded) - len(report.failed)
+            console.print(f"{len(report.succeeded)} indexed, {skipped} already there, {len(report.failed)} failed; "
+                          f"{sdk.count()} images in the index")
+        except KeyboardInterrupt:
+            interrupted(len(report.succeeded))
     if report.failed:
         raise typer.Exit(code=1)
 

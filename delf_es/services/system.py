@@ -113,6 +113,37 @@ def kill(pid: int, timeout: float = 30.0) -> None:
     wait_exit(pid, timeout)
 
 
+def start_group(command: Sequence[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``command`` in its own session (its own process group), stdout and stderr to ``log``
+    and stdin closed, so that :func:`kill_group` reaches the children it forks too (a Celery
+    worker's pool processes)."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(list(command), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGKILL ``proc``'s process group (a crash: nothing gets to clean up) and reap ``proc``."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM ``proc``'s process group (an orderly stop) and wait; SIGKILL after ``timeout`` s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc, timeout)
+
+
 @contextlib.contextmanager
 def locked(lockfile: Path, timeout: float) -> Iterator[None]:
     """Hold an exclusive lock on ``lockfile`` (two test runs, two shells: without it both could

@@ -9,7 +9,6 @@ SIGKILL, to simulate a crash).  Teardown deletes the fleet's indices and Redis k
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import redis
 from elasticsearch import Elasticsearch
 
 from delf_es.eval.run import drop_indices
+from delf_es.services.system import kill_group, start_group, stop_group
 from delf_es.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -67,34 +67,24 @@ class Fleet:
 
     def start_worker(self, concurrency: int = 2, queues: str = "extract,index", env: dict[str, str] | None = None) -> subprocess.Popen:
         n = len(self.workers)
-        log = open(self.log_dir / f"worker-{n}.log", "wb")
-        proc = subprocess.Popen(
+        proc = start_group(
             [sys.executable, "-m", "celery", "-A", "delf_es.workers.main", "worker", "-Q", queues, "-c", str(concurrency),
              "--loglevel", "info", "-n", f"{self.id}-{n}@%h", "--without-gossip", "--without-mingle"],
-            cwd=REPO_ROOT, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            self.log_dir / f"worker-{n}.log", {**self.env, **(env or {})}, cwd=REPO_ROOT,
         )
         self.workers.append(proc)
         return proc
 
     def kill(self, proc: subprocess.Popen) -> None:
         """SIGKILL the worker and its pool processes (its own process group): a crash."""
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        kill_group(proc)
 
     def log(self, n: int) -> str:
         return (self.log_dir / f"worker-{n}.log").read_text(errors="replace")
 
     def close(self) -> None:
         for proc in self.workers:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=20)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    self.kill(proc)
+            stop_group(proc, timeout=20)
         drop_indices(self.es, f"{self.alias}*")
         self.es.close()
         client = redis.Redis.from_url(self.broker)

@@ -72,3 +72,23 @@ def test_an_interrupted_index_saves_what_it_extracted_and_says_so(tmp_path, stop
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"{6 - saved} indexed, {saved} already there" in done.stderr and _count(tmp_path) == 6
+
+
+def test_a_ctrl_c_after_the_last_commit_is_reported_with_everything_saved(tmp_path, monkeypatch):
+    # In process, with the real model and embedded index; the Ctrl-C is simulated by the final
+    # refresh raising KeyboardInterrupt (the moment a signal once slipped past the report).
+    from delf_es.errors import Interrupted
+    from delf_es.sdk import DelfEs
+    from delf_es.settings import Settings
+
+    folder = _photos(tmp_path / "photos", count=1, side=128)
+    settings = Settings(data_dir=tmp_path / "index", backend="embedded", es_url=None, redis_url=None,
+                        extract_processes=1, torch_threads=1)
+    with DelfEs(settings) as sdk:
+        def ctrl_c() -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(sdk.backend, "refresh", ctrl_c)
+        with pytest.raises(Interrupted) as stop:
+            sdk.bulk_add([str(folder / "00.png")], progress=False)
+        assert len(stop.value.report.succeeded) == 1 and sdk.count() == 1
