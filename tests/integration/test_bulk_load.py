@@ -13,6 +13,7 @@ from elasticsearch import Elasticsearch
 
 from delf_es.cache import MemoryLocationCache
 from delf_es.index.es import ElasticsearchBackend
+from delf_es.index.es.transport import node_urls
 from delf_es.sdk import DelfEs
 from delf_es.settings import Settings
 from delf_es.types import Features
@@ -39,7 +40,7 @@ def features(image_id: str, seed: int, n: int = 30) -> Features:
 def alias(services) -> Iterator[str]:
     name = f"delf-test-bulk-{uuid.uuid4().hex[:10]}"
     yield name
-    client = Elasticsearch(services.es_url, request_timeout=30)
+    client = Elasticsearch(node_urls(services.es_url), request_timeout=30)
     found = client.options(ignore_status=404).indices.get_alias(name=f"{name},{name}-keypoints")
     if found.meta.status == 200:
         client.indices.delete(index=",".join(found.body))
@@ -60,7 +61,7 @@ def index_settings(client: Elasticsearch, alias: str) -> dict[str, dict]:
 def test_bulk_load_sets_bulk_settings_and_restores_them_after_an_error_mid_load(services, alias):
     """Replicas 1 and a 5 s refresh (not the defaults) before; -1 / 0 during the load; the same
     values again after the items iterator raised half-way; what was written before is kept."""
-    client = Elasticsearch(services.es_url, request_timeout=30)
+    client = Elasticsearch(node_urls(services.es_url), request_timeout=30)
     sdk = engine(services, alias, es_bulk_load_images=20, es_number_of_replicas=1)
     sdk.add_features_bulk([(features("first", 0), "first.jpg", None)])
     for name in index_settings(client, alias):
@@ -90,7 +91,7 @@ def test_bulk_load_sets_bulk_settings_and_restores_them_after_an_error_mid_load(
 def test_bulk_load_restores_defaults_after_an_interrupt(services, alias):
     """An index with the template's settings (no refresh_interval set) gets its default back
     after a KeyboardInterrupt in the middle of the load."""
-    client = Elasticsearch(services.es_url, request_timeout=30)
+    client = Elasticsearch(node_urls(services.es_url), request_timeout=30)
     sdk = engine(services, alias, es_bulk_load_images=10)
     sdk.add_features_bulk([(features("first", 0), "first.jpg", None)])
     before = index_settings(client, alias)
@@ -113,7 +114,7 @@ def test_bulk_load_restores_defaults_after_an_interrupt(services, alias):
 def test_bulk_load_with_several_writers_writes_every_image_once(services, alias):
     """300 images through a bulk load with 3 writers: every id indexed once, with its own
     features and metadata; an id given twice keeps its last record."""
-    client = Elasticsearch(services.es_url, request_timeout=30)
+    client = Elasticsearch(node_urls(services.es_url), request_timeout=30)
     sdk = engine(services, alias, es_bulk_load_images=50, es_bulk_writers=3)
     items = [(features(f"img-{i}", i), f"img-{i}.jpg", {"i": i}) for i in range(300)]
     items.append((features("img-7", 1007), "img-7-again.jpg", {"i": 1007}))
