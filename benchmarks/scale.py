@@ -11,8 +11,10 @@ At each size: search p50/p95 over the real queries with the default Elasticsearc
 shortlist of 100 + matching + RANSAC, the location/code cache warm in Redis or in memory),
 global kNN recall@10 against exact search over every stored global descriptor, bytes per image
 (Elasticsearch ``_stats`` + ``_disk_usage`` by field; embedded: files), the ingest rate of the
-increment, and Elasticsearch's heap.  ``--nodes`` is recorded as given: the cluster behind
-``--es-url`` (several URLs, comma-separated, once the multi-node client lands).
+increment (a bulk load past ``es_bulk_load_images``: refresh off, no replicas, then the replicas
+rebuilt: the wait for green is timed apart), and Elasticsearch's heap.  ``--nodes`` is recorded as
+given: the cluster behind ``--es-url`` (several node URLs, comma-separated), with ``--shards`` /
+``--replicas``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cached_features  # noqa: E402
+from results_io import RESULTS, kept_rows, machine, write_json  # noqa: E402
 from search_speed import StageTimer, cache_flush, embedded_bytes, es_bytes, measure_search  # noqa: E402
 
 from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache  # noqa: E402
@@ -39,15 +42,13 @@ from delf_es.eval.run import drop_indices  # noqa: E402
 from delf_es.sdk import DelfEs  # noqa: E402
 from delf_es.settings import Settings  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 K = 10
 
 
-def global_recall(engine: DelfEs, data: cached_features.CachedData, size: int) -> float:
-    """recall@10 of the backend's global kNN against exact search over the ``size`` images."""
-    images = [cached_features.replica(data.database, i) for i in range(size)]
-    vectors = np.stack([f.global_desc for f in images])
-    ids = [f.image_id for f in images]
+def global_recall(engine: DelfEs, data: cached_features.CachedData, vectors: np.ndarray, ids: list[str]) -> float:
+    """recall@10 of the backend's global kNN against exact search over the stored global
+    descriptors ``vectors`` (images x G float32, kept from the ingest: the images' whole features
+    would not fit in memory at 100k) of images ``ids``."""
     recalls = []
     for query in data.queries:
         exact = {ids[i] for i in np.argsort(-(vectors @ query.global_desc), kind="stable")[:K]}
@@ -70,7 +71,8 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
     if kind == "elasticsearch":
         from delf_es.index.es.transport import connect
 
-        settings = Settings(es_url=args.es_url, redis_url=args.redis_url, index_alias=alias)
+        settings = Settings(es_url=args.es_url, redis_url=args.redis_url, index_alias=alias,
+                            es_number_of_shards=args.shards, es_number_of_replicas=args.replicas)
         cache: LocationCache = RedisLocationCache(settings.redis_url, prefix=f"bench:{alias}")
         client = connect(settings, request_timeout=1800)
     else:
@@ -82,28 +84,57 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
     timer.wrap(engine.backend, "global_knn", "global_knn")
     timer.wrap(cache, "read_many", "codes_and_locations_from_cache")
     rows, indexed = [], 0
+    stored_globals: list[np.ndarray] = []
+    stored_ids: list[str] = []
+
+    def kept(features):  # the global descriptor of each ingested image, for the exact recall
+        stored_globals.append(features.global_desc)
+        stored_ids.append(features.image_id)
+        return features
+
     try:
         for size in sorted(args.sizes):
             load = [os.getloadavg()[0]]
             started = time.perf_counter()
             items = ((f, f.image_id, {"copy": i // len(data.database)})
-                     for i in range(indexed, size) for f in [cached_features.replica(data.database, i)])
+                     for i in range(indexed, size) for f in [kept(cached_features.replica(data.database, i))])
             report = engine.add_features_bulk(items, batch_size=64)
             seconds = time.perf_counter() - started
             load.append(os.getloadavg()[0])
             if not report.ok or engine.count() != size:
                 raise RuntimeError(f"ingest failed: {report.failed[:3]}, {engine.count()} indexed")
             added, indexed = size - indexed, size
+            green_s = 0.0
+            if client is not None and args.replicas:  # a bulk load leaves the replicas to rebuild after it
+                waited = time.perf_counter()
+                client.cluster.health(index=f"{alias}*", wait_for_status="green", timeout="1800s")
+                green_s = time.perf_counter() - waited
             row: dict[str, Any] = {"backend": kind, "nodes": args.nodes if client is not None else 1, "images": size,
+                                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                    "ingest_images_per_s": round(added / seconds, 2),
-                                   "ingest": {"images": added, "seconds": round(seconds, 1), "loadavg_1min": load}}
+                                   "ingest": {"images": added, "seconds": round(seconds, 1), "loadavg_1min": load,
+                                              "replicas_green_after_s": round(green_s, 1),
+                                              "images_per_s_until_green": round(added / (seconds + green_s), 2)}}
             search = measure_search(engine, timer, data.queries)
             row.update({"p50_ms": search["p50_ms"], "p95_ms": search["p95_ms"], "search": search,
                         "plan": list(settings.search_plan(engine.backend.has_keypoint_vectors()))})
-            row["recall_at_10"] = global_recall(engine, data, size)
+            row["recall_at_10"] = global_recall(engine, data, np.stack(stored_globals), stored_ids)
+            if client is not None and args.candidates:
+                # the recall knob: the same queries at other num_candidates (the backend's kNN
+                # reads it from its Queries part; put back after)
+                default = engine.backend._queries.num_candidates
+                row["recall_at_10_by_num_candidates"] = {}
+                for candidates in args.candidates:
+                    engine.backend._queries.num_candidates = candidates
+                    row["recall_at_10_by_num_candidates"][str(candidates)] = global_recall(
+                        engine, data, np.stack(stored_globals), stored_ids)
+                engine.backend._queries.num_candidates = default
             if client is not None:
                 row["bytes"] = es_bytes(client, alias, size)
                 row.update(es_heap(client))
+                row["shards"], row["replicas"] = args.shards, args.replicas
+                total = client.indices.stats(index=f"{alias}*", metric="store")["_all"]["total"]["store"]["size_in_bytes"]
+                row["disk_mb_all_copies"] = round(total / 2**20, 1)
             else:
                 row["bytes"] = embedded_bytes(scratch, size)
             row["bytes_per_image"] = row["bytes"]["store_bytes_per_image"]
@@ -156,16 +187,20 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 30000])
     parser.add_argument("--backends", nargs="+", default=["elasticsearch", "embedded"], choices=["elasticsearch", "embedded"])
     parser.add_argument("--nodes", type=int, default=1, help="Elasticsearch nodes behind --es-url (recorded)")
+    parser.add_argument("--shards", type=int, default=1, help="primary shards of the Elasticsearch indices")
+    parser.add_argument("--replicas", type=int, default=0, help="replicas of the Elasticsearch indices")
+    parser.add_argument("--candidates", type=int, nargs="*", default=[],
+                        help="also measure the global recall@10 at these num_candidates (Elasticsearch)")
+    parser.add_argument("--note", default="", help="a note on this run's rows (e.g. where it stopped and why)")
     parser.add_argument("--es-url", default=os.environ.get("DELF_ES_ES_URL", "http://127.0.0.1:9200"))
     parser.add_argument("--redis-url", default=os.environ.get("DELF_ES_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--features", type=Path, default=cached_features.DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args()
     data = cached_features.load(args.features)
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     # rows of other runs (another node count or backend) are kept; this run's replace their own
-    kept = [r for r in previous.get("rows", [])
-            if not (r["backend"] in args.backends and r["nodes"] == (args.nodes if r["backend"] == "elasticsearch" else 1))]
+    kept = kept_rows(args.out, lambda r: not (
+        r["backend"] in args.backends and r["nodes"] == (args.nodes if r["backend"] == "elasticsearch" else 1)))
     result: dict[str, Any] = {
         "benchmark": "scale.py",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -173,15 +208,22 @@ def main() -> None:
         "data": {"photos": len(data.database), "queries": len(data.queries), "features": data.source,
                  "replication": cached_features.REPLICATION},
         "settings": json.loads(Settings().model_dump_json(include={"shortlist_size", "query_max_descriptors",
-                                                                   "es_knn_num_candidates", "verify_threads"})),
-        "machine": {"cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
-                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+                                                                   "es_knn_num_candidates", "verify_threads",
+                                                                   "es_bulk_load_images", "es_bulk_writers"})),
+        "machine": machine(),
         "rows": kept,
     }
+    notes = json.loads(args.out.read_text()).get("notes", {}) if args.out.exists() else {}
+    for kind in args.backends:
+        run_key = f"{kind}, {args.nodes if kind == 'elasticsearch' else 1} node(s)"
+        notes.pop(run_key, None)
+        if args.note:
+            notes[run_key] = args.note
+    result["notes"] = notes
 
     def save(rows: list[dict]) -> None:
         result["rows"] = kept + rows
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
 
     done: list[dict] = []
     for kind in args.backends:

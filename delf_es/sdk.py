@@ -11,6 +11,7 @@ Elasticsearch (and cache keypoint locations in Redis).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -196,23 +197,41 @@ class DelfEs:
         self, items: Iterable[tuple[Features, str, Mapping[str, Any] | None]], batch_size: int = 32,
         refresh_after: bool = True,
     ) -> BulkReport:
-        """Index precomputed ``(features, path, metadata)`` triples in batches."""
+        """Index precomputed ``(features, path, metadata)`` triples in batches.
+
+        Once ``settings.es_bulk_load_images`` images (0 = never) have been written, the rest of the
+        load runs as an Elasticsearch bulk load (refresh off, no replicas, several writers), the
+        index settings restored when it ends, also on error (``ElasticsearchBackend.bulk_load``;
+        the embedded backend has no such mode)."""
         succeeded: list[str] = []
         failed: list[ItemFailure] = []
         batch: list[ImageRecord] = []
+        seen = 0
+        entered = False
+        threshold = self.settings.es_bulk_load_images
+        bulk_load = getattr(self.backend, "bulk_load", None)
 
-        def flush() -> None:
-            report = upsert_and_refresh_cache(self.backend, self.cache, batch)
-            succeeded.extend(report.succeeded)
-            failed.extend(report.failed)
-            batch.clear()
+        with contextlib.ExitStack() as loading:
 
-        for features, path, metadata in items:
-            batch.append(ImageRecord(_check_id(features.image_id), path, _check_metadata(metadata), features, utc_now()))
-            if len(batch) >= batch_size:
+            def flush() -> None:
+                nonlocal entered
+                report = upsert_and_refresh_cache(self.backend, self.cache, batch)
+                succeeded.extend(report.succeeded)
+                failed.extend(report.failed)
+                batch.clear()
+                # entered after a write, so the index exists; left (settings restored) by the stack
+                if bulk_load is not None and threshold and seen >= threshold and not entered:
+                    loading.enter_context(bulk_load())
+                    entered = True
+
+            for features, path, metadata in items:
+                batch.append(ImageRecord(_check_id(features.image_id), path, _check_metadata(metadata), features,
+                                         utc_now()))
+                seen += 1
+                if len(batch) >= batch_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
         if refresh_after:
             self.backend.refresh()
         return BulkReport(succeeded=succeeded, failed=failed)

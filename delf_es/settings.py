@@ -271,6 +271,13 @@ class Settings(BaseSettings):
         "indices); 0 on one node (a replica there is never assigned: health stays yellow), 1 on 3 nodes so "
         "losing one node loses nothing",
     )
+    es_bulk_load_images: int = Field(
+        default=1000, ge=0, description="an add_features_bulk load that passes this many images runs as a bulk "
+        "load (refresh off, no replicas, es_bulk_writers writers; settings restored at the end, also on "
+        "error: delf_es/index/es/bulk_load.py); 0 = never",
+    )
+    es_bulk_writers: int = Field(default=4, ge=1, le=16, description="concurrent write rounds during a bulk load "
+                                 "(4: the fastest of 1, 2, 4 in benchmarks/results/bulk_load.json)")
 
     # --- local services (delf-es services, delf_es/services/) ---------------------------
     services_home: Path = Field(

@@ -35,6 +35,7 @@ from elasticsearch import Elasticsearch, NotFoundError
 
 from delf_es.errors import ImageNotFound
 from delf_es.index.base import BulkReport, GlobalHit, ImageRecord, MetadataFilter, Neighbours, StoredImage
+from delf_es.index.es.bulk_load import BulkLoad
 from delf_es.index.es.codec import BULKY_FIELDS, decode_float_vector, document_id, unpack, unpack_codes
 from delf_es.index.es.queries import Queries
 from delf_es.index.es.templates import Aliases
@@ -84,6 +85,13 @@ class ElasticsearchBackend:
         if refresh and (report.succeeded or report.failed):
             self.refresh()
         return report
+
+    def bulk_load(self) -> BulkLoad:
+        """A context manager for a large load: refresh off, no replicas and
+        ``settings.es_bulk_writers`` concurrent writers until it exits, then the indices' settings
+        restored (also on error) and refreshed (:mod:`delf_es.index.es.bulk_load`).  Enter it
+        after the first write: it changes nothing while the index does not exist."""
+        return BulkLoad(self.transport, self.aliases, self._writer, self.settings.es_bulk_writers)
 
     def delete(self, image_ids: Iterable[str], refresh: bool = False) -> BulkReport:
         """Remove images (keypoints first, then the image document); an unknown id is a failed item."""

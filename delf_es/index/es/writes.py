@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -73,7 +74,10 @@ class _Write:
 class Writer:
     """Upserts and deletes on the indices behind ``aliases`` (records of another ``model_id``
     than the backend's are refused; None = the index's, or the first record's).  Indices it
-    creates index keypoint vectors when ``keypoint_vectors`` is True; existing ones keep theirs."""
+    creates index keypoint vectors when ``keypoint_vectors`` is True; existing ones keep theirs.
+
+    ``writers`` rounds of one upsert run at once (threads; 1 = one after the other): rounds hold
+    distinct images, so their commits are independent.  A bulk load (``bulk_load.BulkLoad``) raises it."""
 
     def __init__(self, transport: Transport, aliases: Aliases, model_id: str | None,
                  keypoint_vectors: bool = True) -> None:
@@ -81,6 +85,8 @@ class Writer:
         self.aliases = aliases
         self.model_id = model_id
         self.keypoint_vectors = keypoint_vectors
+        self.writers = 1
+        self.bulk_loading = False
 
     # ------------------------------------------------------------------ upsert
 
@@ -126,10 +132,20 @@ class Writer:
             else:
                 last[record.image_id] = position
         chosen = sorted(last.values())
-        for start in range(0, len(chosen), IMAGES_PER_ROUND):
-            for write in self._write_round([(p, records[p]) for p in chosen[start : start + IMAGES_PER_ROUND]],
-                                           indices.keypoint_vectors):
-                outcome[write.position] = write.error
+        rounds = [[(p, records[p]) for p in chosen[start : start + IMAGES_PER_ROUND]]
+                  for start in range(0, len(chosen), IMAGES_PER_ROUND)]
+
+        def write(items: list[tuple[int, ImageRecord]]) -> list[_Write]:
+            return self._write_round(items, indices.keypoint_vectors)
+
+        if self.writers > 1 and len(rounds) > 1:
+            with ThreadPoolExecutor(min(self.writers, len(rounds)), thread_name_prefix="delf-es-writer") as pool:
+                done = list(pool.map(write, rounds))  # the first round's error is raised, after all ran
+        else:
+            done = [write(items) for items in rounds]
+        for writes in done:
+            for one in writes:
+                outcome[one.position] = one.error
         for position, record in enumerate(records):  # earlier copies of an id share the last one's fate
             if position not in outcome:
                 outcome[position] = outcome[last[record.image_id]]
