@@ -312,10 +312,11 @@ class InvalidSetting(DelfEsError, ValueError):
     """A setting, command-line option or ``DELF_ES_*`` value is invalid.  ``source`` says where
     it came from (``--max-features -5`` or ``DELF_ES_MAX_FEATURE_NUM=-1``)."""
 
-    def __init__(self, message: str, source: str = "") -> None:
-        super().__init__(message, source)
+    def __init__(self, message: str, source: str = "", field: str = "") -> None:
+        super().__init__(message, source, field)
         self.message = message
         self.source = source
+        self.field = field  # the Settings field, when the value is one
 
     def __str__(self) -> str:
         return f"{self.source}: {self.message}" if self.source else self.message

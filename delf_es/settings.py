@@ -4,12 +4,19 @@ environment variable ``DELF_ES_<FIELD>`` (e.g. ``DELF_ES_ES_URL``)."""
 
 from __future__ import annotations
 
+import difflib
+import os
+import shlex
 from pathlib import Path
+from typing import Any, Mapping
 
-from pydantic import Field, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from delf_es.errors import InvalidSetting
 
 DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
+ENV_PREFIX = "DELF_ES_"
 
 
 def default_data_dir() -> Path:
@@ -30,13 +37,57 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def shown(value: Any) -> str:
+    """A setting's value as a user would type it (lists comma-joined, shell-quoted)."""
+    if isinstance(value, (tuple, list)):
+        value = ",".join(str(v) for v in value)
+    return shlex.quote(str(value))
+
+
+def setting_source(field: str, overrides: Mapping[str, Any], options: Mapping[str, str] | None = None) -> str:
+    """Where ``field``'s value came from: ``--option VALUE`` (``options`` maps fields to the
+    command line's names), ``field=VALUE`` (given in code), ``DELF_ES_FIELD=VALUE`` (the
+    environment) or just the field."""
+    if field in overrides:
+        option = (options or {}).get(field)
+        return f"{option} {shown(overrides[field])}" if option else f"{field}={shown(overrides[field])}"
+    variable = ENV_PREFIX + field.upper()
+    if variable in os.environ:
+        return f"{variable}={shown(os.environ[variable])}"
+    return field
+
+
+def invalid_setting(error: ValidationError | SettingsError, overrides: Mapping[str, Any]) -> InvalidSetting:
+    """pydantic's report (many lines, every error) as one line about the first bad value."""
+    if isinstance(error, SettingsError):  # a complex field (tuple, list) whose variable is not JSON
+        text = str(error)
+        field = text.split('"')[1] if text.count('"') >= 2 else ""
+        return InvalidSetting("cannot parse the value: give a JSON list, e.g. [0.5, 1.0]",
+                              setting_source(field, overrides), field)
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first.get("loc") else ""
+    message = first.get("msg", str(error)).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        suggestion = difflib.get_close_matches(field, list(Settings.model_fields), n=1)
+        message = f"not a setting{f' (did you mean {suggestion[0]}?)' if suggestion else ''}"
+    return InvalidSetting(message, setting_source(field, overrides), field)
+
+
 class Settings(BaseSettings):
     """Configuration of extraction, verification, index and services.
 
-    Units: sizes in px, times in s, byte caps in bytes.
+    Units: sizes in px, times in s, byte caps in bytes.  ``Settings(**values)`` (the
+    environment fills the rest) raises :class:`~delf_es.errors.InvalidSetting`, one line naming
+    the first invalid value and where it came from, never pydantic's multi-line report.
     """
 
-    model_config = SettingsConfigDict(env_prefix="DELF_ES_", frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except (ValidationError, SettingsError) as error:
+            raise invalid_setting(error, values) from None
 
     # --- model and extraction -------------------------------------------------
     backbone: str = "efficientnet-lite2"

@@ -25,16 +25,12 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
-
 from delf_es.errors import InvalidSetting  # re-exported: callers import it from here too
-from delf_es.settings import Settings
+from delf_es.settings import ENV_PREFIX, Settings, setting_source
 
 __all__ = ["InvalidSetting", "SERVICE_VARIABLES", "load_settings", "parse_json_object", "preflight",
            "unknown_variables"]
 
-ENV_PREFIX = "DELF_ES_"
 #: ``DELF_ES_*`` variables that are not :class:`Settings` fields: what ``delf-es services start``
 #: prints (``*_STARTED``), the test fixture's switch and docker-compose's.  (The services' own
 #: ports, heap, home... are settings.)
@@ -43,22 +39,8 @@ SERVICE_VARIABLES = frozenset({
 })
 
 
-def _shown(value: Any) -> str:
-    import shlex
-
-    if isinstance(value, (tuple, list)):
-        value = ",".join(str(v) for v in value)
-    return shlex.quote(str(value))
-
-
 def _source(field: str, options: Mapping[str, str], overrides: Mapping[str, Any]) -> str:
-    if field in overrides:
-        option = options.get(field)
-        return f"{option} {_shown(overrides[field])}" if option else f"{field}={_shown(overrides[field])}"
-    variable = ENV_PREFIX + field.upper()
-    if variable in os.environ:
-        return f"{variable}={_shown(os.environ[variable])}"
-    return field
+    return setting_source(field, overrides, options)
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None, options: Mapping[str, str] | None = None) -> Settings:
@@ -75,19 +57,10 @@ def load_settings(overrides: Mapping[str, Any] | None = None, options: Mapping[s
     options = dict(options or {})
     try:
         return Settings(**overrides)
-    except ValidationError as error:
-        first = error.errors()[0]
-        field = str(first["loc"][0]) if first.get("loc") else ""
-        message = first.get("msg", str(error)).removeprefix("Value error, ")
-        if first.get("type") == "extra_forbidden":
-            suggestion = difflib.get_close_matches(field, list(Settings.model_fields), n=1)
-            message = f"not a setting{f' (did you mean {suggestion[0]}?)' if suggestion else ''}"
-        raise InvalidSetting(message, _source(field, options, overrides)) from None
-    except SettingsError as error:  # a complex field (tuple, list) whose variable is not JSON
-        text = str(error)
-        field = text.split('"')[1] if text.count('"') >= 2 else ""
-        raise InvalidSetting("cannot parse the value: give a JSON list, e.g. [0.5, 1.0]",
-                             _source(field, options, overrides)) from None
+    except InvalidSetting as error:  # named by the command line's option where there is one
+        if error.field in options and error.field in overrides:
+            raise InvalidSetting(error.message, _source(error.field, options, overrides), error.field) from None
+        raise
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -6,6 +6,7 @@ Metadata keeps one type per field across images, as an Elasticsearch mapping req
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -467,3 +468,36 @@ def test_exceptions_raised_by_the_backend_survive_pickling(backend, synth):
         assert str(copy) == str(exc)
         assert copy.args == exc.args
     assert pickle.loads(pickle.dumps(raised[-1])).failures == report.failed
+
+
+# ---- search on top of the backend -----------------------------------------------------------
+
+
+def test_verified_query_expansion_reaches_an_image_the_first_shortlist_missed(backend, synth):
+    # The query's global descriptor is e1; 'target' (cos 0.9) and its 'twin' (cos 0.3, the same
+    # keypoints and descriptors) show the query's object, four distractors sit at cos 0.5.  A
+    # global shortlist of two holds the target and a distractor; only the query expanded with the
+    # verified target (global vector read back from this backend) reaches the twin.
+    from delf_es.cache import MemoryLocationCache
+    from delf_es.search import Searcher
+    from delf_es.settings import Settings
+
+    e1, e2, e3 = np.eye(synth.GLOBAL_DIM, dtype=np.float32)[:3]
+    unit = lambda v: (v / np.linalg.norm(v)).astype(np.float32)  # noqa: E731
+    vectors = {"target": unit(0.9 * e1 + 0.436 * e2), "twin": unit(0.3 * e1 + 0.954 * e2)}
+    vectors.update({name: unit(0.5 * e1 + 0.866 * e3) for name in "abcd"})
+    records = [synth.record(name, 200, seed=7 if name in ("target", "twin") else 20 + i, global_desc=vector)
+               for i, (name, vector) in enumerate(vectors.items())]
+    backend.upsert(records, refresh=True)
+    same = synth.features("<query>", 200, seed=7, global_desc=e1)
+    query = dataclasses.replace(same, keypoints=same.keypoints + 5.0)
+    plan = dict(shortlist_mode="global", correspondences="matching", shortlist_size=2, ransac_px=4.0,
+                qe_alpha=0.0, qe_min_inliers=20)
+
+    def search(expansion: int) -> dict:
+        settings = Settings(**plan, query_expansion=expansion)
+        return {h.image_id: h for h in Searcher(backend, MemoryLocationCache(), settings, synth.MODEL_ID).search(query)}
+
+    assert "target" in search(0) and "twin" not in search(0)
+    expanded = search(1)
+    assert expanded["target"].inliers >= 150 and expanded["twin"].inliers >= 150

@@ -4,7 +4,7 @@ are reachable from Settings (and so from DELF_ES_* variables)."""
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
+from delf_es.errors import InvalidSetting
 
 from delf_es.errors import ConfigurationError
 from delf_es.index.embedded import EmbeddedBackend
@@ -24,7 +24,7 @@ def test_the_search_plan_follows_the_chosen_backend():
 
 
 def test_an_unknown_backend_is_refused():
-    with pytest.raises(ValidationError, match="backend must be"):
+    with pytest.raises(InvalidSetting, match="backend=sqlite: backend must be"):
         Settings(backend="sqlite")
 
 
@@ -50,3 +50,16 @@ def test_an_embedded_backend_is_used_even_with_a_url_when_asked(tmp_path):
         assert isinstance(backend, EmbeddedBackend)
     finally:
         backend.close()
+
+
+def test_settings_built_in_code_refuse_a_bad_value_with_one_typed_line(monkeypatch):
+    # the SDK's users build Settings themselves: they get what the command line gets
+    with pytest.raises(InvalidSetting) as bad:
+        Settings(max_feature_num=-1)
+    assert str(bad.value) == "max_feature_num=-1: Input should be greater than or equal to 1"
+    assert bad.value.field == "max_feature_num" and isinstance(bad.value, ValueError)
+    with pytest.raises(InvalidSetting, match=r"max_features=3: not a setting \(did you mean max_feature_num\?\)"):
+        Settings(max_features=3)
+    monkeypatch.setenv("DELF_ES_SCALES", "not json")
+    with pytest.raises(InvalidSetting, match="DELF_ES_SCALES='not json': cannot parse the value"):
+        Settings()

@@ -99,7 +99,7 @@ def test_each_app_registers_its_own_tasks_with_its_own_retry_policy():
 def test_the_beat_schedule_comes_from_the_settings():
     from datetime import timedelta
 
-    from pydantic import ValidationError
+    from delf_es.errors import InvalidSetting
 
     def schedule(**fields):
         app = make_app(Settings(redis_url="redis://127.0.0.1:1/3", **fields))
@@ -114,7 +114,7 @@ def test_the_beat_schedule_comes_from_the_settings():
     fast = schedule(worker_reindex_schedule="2.5", worker_flush_interval=7)
     assert fast == {"flush-stragglers": timedelta(seconds=7), "reindex-if-model-changed": timedelta(seconds=2.5)}
     for bad in ("0 3 * *", "-1", "0"):
-        with pytest.raises(ValidationError, match="worker_reindex_schedule"):
+        with pytest.raises(InvalidSetting, match="worker_reindex_schedule"):
             Settings(worker_reindex_schedule=bad)
 
 
