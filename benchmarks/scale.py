@@ -167,7 +167,11 @@ def plot(result: dict, path: Path) -> None:
             axes[0].plot(sizes, [r["p50_ms"] for r in rows], marker="o", label=f"{label} p50")
             axes[0].plot(sizes, [r["p95_ms"] for r in rows], marker="x", linestyle="--", label=f"{label} p95")
             axes[1].plot(sizes, [r["recall_at_10"] for r in rows], marker="o", label=label)
-            axes[2].plot(sizes, [r["bytes_per_image"] / 1000 for r in rows], marker="o", label=label)
+            axes[2].plot(sizes, [r["bytes_per_image"] / 1000 for r in rows], marker="o", label=f"{label} store")
+            if kind == "elasticsearch":  # the fields' sum does not move with the merges the store waits for
+                fields = [sum(sum(v.values()) for part in ("images", "keypoints")
+                              for v in r["bytes"][part]["disk_usage_by_field_per_image"].values()) for r in rows]
+                axes[2].plot(sizes, [b / 1000 for b in fields], marker=".", linestyle="--", label=f"{label} fields")
             axes[3].plot(sizes, [r["ingest_images_per_s"] for r in rows], marker="o", label=label)
     for ax, ylabel, target in ((axes[0], "search ms (default plan)", 200), (axes[1], "global kNN recall@10", 0.98),
                                (axes[2], "KB per image", 100), (axes[3], "ingest images/s (features given)", 20)):
