@@ -16,10 +16,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_speed import GLOBAL_NOISE_NORM, JITTER_PX, NOISE_SIGMA, replica  # noqa: E402,F401
 
+from delf_es.index.base import ImageRecord  # noqa: E402
 from delf_es.types import Features  # noqa: E402
 
 #: The default model's paris250 cache (read-only): ~310 database photos and the query crops.
@@ -53,3 +55,11 @@ def load(directory: Path = DEFAULT_CACHE) -> CachedData:
     if len(models) != 1:
         raise SystemExit(f"{directory} mixes models {sorted(models)}")
     return CachedData(database, queries, models.pop(), str(directory))
+
+
+def record_batches(data: CachedData, start: int, stop: int, size: int) -> Iterator[list[ImageRecord]]:
+    """Images ``start`` .. ``stop - 1`` of the replicated database as index records (id = path =
+    the replica's id, no metadata), ``size`` at a time (the last batch may be shorter)."""
+    for first in range(start, stop, size):
+        yield [ImageRecord(f.image_id, f.image_id, {}, f, "2026-12-01T00:00:00Z")
+               for f in (replica(data.database, i) for i in range(first, min(first + size, stop)))]

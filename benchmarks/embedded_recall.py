@@ -34,7 +34,6 @@ import cached_features  # noqa: E402
 from search_speed import exact_top_k  # noqa: E402
 
 from delf_es.cache import MemoryLocationCache  # noqa: E402
-from delf_es.index.base import ImageRecord  # noqa: E402
 from delf_es.index.embedded import EmbeddedBackend  # noqa: E402
 from delf_es.search import Searcher  # noqa: E402
 from delf_es.settings import Settings  # noqa: E402
@@ -129,14 +128,7 @@ def main() -> None:
     for size in sorted(args.sizes):
         started = time.perf_counter()
         with EmbeddedBackend(args.directory, exact_limit=None) as writer:  # flat while writing: cheap adds
-            batch: list[ImageRecord] = []
-            for i in range(indexed, size):
-                f = cached_features.replica(data.database, i)
-                batch.append(ImageRecord(f.image_id, f.image_id, {}, f, "2026-12-01T00:00:00Z"))
-                if len(batch) == 250:
-                    writer.upsert(batch)
-                    batch = []
-            if batch:
+            for batch in cached_features.record_batches(data, indexed, size, 250):
                 writer.upsert(batch)
             indexed = writer.count()
             # drop the flat snapshot: the next open builds the IVF from SQLite

@@ -41,8 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cached_features  # noqa: E402
 
 from delf_es.cache import MemoryLocationCache  # noqa: E402
-from delf_es.index.base import ImageRecord  # noqa: E402
-from delf_es.index.codes import decode_codes, int8_codes  # noqa: E402
+from delf_es.index.codes import decode_codes  # noqa: E402
 from delf_es.index.embedded import EmbeddedBackend  # noqa: E402
 from delf_es.search import Searcher, mutual_matches, verify_thread_count  # noqa: E402
 from delf_es.settings import Settings  # noqa: E402
@@ -127,14 +126,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="verify-speed-") as scratch:
         backend = EmbeddedBackend(Path(scratch) / "index", keypoint_vectors=False)
-        batch = []
-        for i in range(args.images):
-            f = cached_features.replica(data.database, i)
-            batch.append(ImageRecord(f.image_id, f.image_id, {}, f, "2026-12-01T00:00:00Z"))
-            if len(batch) == 200:
-                backend.upsert(batch)
-                batch = []
-        if batch:
+        for batch in cached_features.record_batches(data, 0, args.images, 200):
             backend.upsert(batch)
         cache = MemoryLocationCache()
         searchers = {name: Searcher(backend, cache, base.model_copy(update={"verify_threads": threads}), data.model_id)
