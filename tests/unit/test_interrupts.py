@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+PHOTOS = 12
 
 
 def _photos(folder, count=6, side=256):
@@ -35,8 +36,11 @@ def _index(folder, env):
 
 
 def _env(tmp_path):
+    # a commit after every image: the first "committed" line comes while most photos are still to
+    # do, so the signal always finds work in progress (with 1 s batches, six small photos could all
+    # land in one commit and the command finish before the signal arrived)
     env = {**os.environ, "DELF_ES_DATA_DIR": str(tmp_path / "index"), "DELF_ES_TORCH_THREADS": "1",
-           "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+           "OMP_NUM_THREADS": "1", "COLUMNS": "200", "DELF_ES_COMMIT_SECONDS": "0"}
     env.pop("DELF_ES_ES_URL", None)
     env.pop("DELF_ES_REDIS_URL", None)
     return env
@@ -51,7 +55,7 @@ def _count(tmp_path) -> int:
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_index_saves_what_it_extracted_and_says_so(tmp_path, stop):
-    folder = _photos(tmp_path / "photos")
+    folder = _photos(tmp_path / "photos", count=PHOTOS)
     env = _env(tmp_path)
     process = _index(folder, env)
     committed: list[str] = []
@@ -65,13 +69,13 @@ def test_an_interrupted_index_saves_what_it_extracted_and_says_so(tmp_path, stop
     match = re.search(r"interrupted: (\d+) image\(s\) saved in this run, (\d+) in the index", err)
     assert match, err
     saved = int(match.group(1))
-    assert saved >= 1 and int(match.group(2)) == saved == _count(tmp_path)
+    assert 1 <= saved < PHOTOS and int(match.group(2)) == saved == _count(tmp_path)
     assert "Traceback" not in err
     # the rerun resumes: the rest is indexed, nothing twice
     done = subprocess.run([sys.executable, "-m", "delf_es.cli", "index", str(folder)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert f"{6 - saved} indexed, {saved} already there" in done.stderr and _count(tmp_path) == 6
+    assert f"{PHOTOS - saved} indexed, {saved} already there" in done.stderr and _count(tmp_path) == PHOTOS
 
 
 def test_a_ctrl_c_after_the_last_commit_is_reported_with_everything_saved(tmp_path, monkeypatch):
