@@ -30,9 +30,16 @@ def _photos(folder, count=6, side=256):
     return folder
 
 
+def _sigint_as_at_a_terminal() -> None:
+    # A job a non-interactive shell starts in the background (`cmd &`, some CI runners) inherits
+    # SIGINT ignored, and Python then keeps it ignored: the command would never see this Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _index(folder, env):
     return subprocess.Popen([sys.executable, "-m", "delf_es.cli", "-v", "index", str(folder)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
 
 
 def _env(tmp_path):
