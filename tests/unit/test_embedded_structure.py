@@ -201,3 +201,18 @@ def test_hnsw_sq8_recall_against_exact_search_reaches_0_9_at_auto_nprobe_and_dro
         assert _recall(backend, queries, stored) >= 0.9
         backend._index.nprobe = 1
         assert _recall(backend, queries, stored) < 0.8  # the measure tells an index that misses apart
+
+
+def test_hnsw_quantizer_searches_as_many_lists_as_nprobe_asks(tmp_path):
+    """faiss's HNSW quantizer would search with efSearch 16 whatever nprobe says: with every list
+    probed, an HNSW-quantized float IVF must equal exact search."""
+    records = _records(40)  # 4000 vectors, 64 lists
+    stored = {r.image_id: r.features.descriptors for r in records}
+    queries = _descriptors(77, 100)
+    with EmbeddedBackend(tmp_path, exact_limit=500, sq8_from=None, hnsw_from=2) as backend:
+        backend.upsert(records)
+        index = backend._index
+        assert structure_of(index) == KeypointStructure(ivf_nlist(4000), True, False)
+        assert faiss.downcast_index(index.quantizer).hnsw.efSearch == 16  # adds keep the cheap default
+        index.nprobe = index.nlist
+        assert _recall(backend, queries, stored) == 1.0

@@ -23,7 +23,7 @@ import numpy as np
 from delf_es.index.base import Neighbours
 from delf_es.index.embedded.storage import SQL_CHUNK, unblob
 from delf_es.index.embedded.structure import (TRAIN_POINTS_PER_LIST, KeypointStructure, choose_structure,
-                                              new_index, training_picks)
+                                              new_index, search_parameters, training_picks)
 
 logger = logging.getLogger(__name__)
 
@@ -206,11 +206,11 @@ class KeypointIndex:
     def _search_all(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = self._index
         k = min(k, index.ntotal)
-        similarity, labels = index.search(queries, k)
+        similarity, labels = index.search(queries, k, params=search_parameters(index))
         if isinstance(index, faiss.IndexIVF):  # a query whose probed lists were short: scan every list
             short = np.flatnonzero((labels < 0).any(axis=1))
             if len(short):
-                params = faiss.SearchParametersIVF(nprobe=index.nlist)
+                params = search_parameters(index, index.nlist)
                 similarity[short], labels[short] = index.search(queries[short], k, params=params)
         return similarity, labels
 
@@ -228,7 +228,7 @@ class KeypointIndex:
         selected = int(counts.sum())
         k = min(k, selected)
         fetch = min(index.ntotal, math.ceil(2 * k * index.ntotal / selected))
-        found_similarity, found_labels = index.search(queries, fetch)
+        found_similarity, found_labels = index.search(queries, fetch, params=search_parameters(index))
         allowed = np.zeros(int(rows.max()) + 1, bool)
         allowed[rows] = True
         found_rows = found_labels >> KEYPOINT_BITS

@@ -25,12 +25,21 @@ import numpy as np
 #: IVF lists from which the coarse quantizer is an HNSW graph (M = HNSW_M) instead of a flat scan.
 HNSW_QUANTIZER_FROM = 8192
 HNSW_M = 32
+#: HNSW quantizer's candidate list at search: QUANTIZER_EF_PER_PROBE x nprobe.  faiss's IndexHNSW
+#: searches with efSearch (16) even for k = nprobe = 256 lists, and found 74% of the 256 nearest
+#: centroids so (recall@10 capped at 0.981 at 1M vectors); 2 x nprobe found all of them.  Adds keep
+#: efSearch 16 (the nearest centroid right for 99.2% of vectors; 64: 99.99%, 3x slower adds).
+QUANTIZER_EF_PER_PROBE = 2
 #: vectors from which IVF stores 8-bit scalar codes instead of float32 (4x less memory).
 SQ8_FROM = 4_000_000
 #: k-means training points per IVF list (faiss warns below 39).
 TRAIN_POINTS_PER_LIST = 40
 #: k-means iterations (faiss's IVF default is 10).
 TRAIN_ITERATIONS = 10
+#: SQ8 range per dimension: mean +- SQ8_RANGE_STD std of the training residuals (faiss RS_meanstd), not
+#: their min-max (faiss's default, stretched by outliers): recall@10 ceiling 0.977 vs 0.969 at 1M
+#: vectors, nprobe 512 (RS_quantiles 0.001: 0.977, RS_optim: 0.977; embedded_structure.json notes)
+SQ8_RANGE_STD = 3.0
 #: most training points taken from one image, so the sample spans many images.
 TRAIN_POINTS_PER_IMAGE = 64
 
@@ -83,15 +92,32 @@ def new_index(structure: KeypointStructure, dim: int) -> Any:
     """An empty faiss index of ``structure`` for ``dim``-d unit vectors, inner product (cosine).
 
     IVF k-means is spherical (centroids kept unit, so the inner-product quantizer ranks lists by
-    cosine); with an HNSW quantizer the k-means assignment runs on an HNSW graph too (faiss's
+    cosine); SQ8 ranges are mean +- 3 std per dimension; with an HNSW quantizer the k-means assignment runs on an HNSW graph too (faiss's
     ``clustering_index``), which makes training at 10^4-10^5 lists minutes instead of hours."""
     index = faiss.index_factory(dim, structure.factory, faiss.METRIC_INNER_PRODUCT)
     if structure.nlist:
         index.cp.spherical = True
         index.cp.niter = TRAIN_ITERATIONS
+        if structure.sq8:
+            index.sq.rangestat = faiss.ScalarQuantizer.RS_meanstd
+            index.sq.rangestat_arg = SQ8_RANGE_STD
         if structure.hnsw_quantizer:
             index.clustering_index = faiss.IndexHNSWFlat(dim, HNSW_M)  # L2 = cosine on unit centroids
     return index
+
+
+def search_parameters(index: Any, nprobe: int | None = None) -> Any:
+    """faiss search parameters for ``index`` at ``nprobe`` lists (None = the index's own): the
+    HNSW quantizer's efSearch follows nprobe (``QUANTIZER_EF_PER_PROBE``); None for a flat index."""
+    if not isinstance(index, faiss.IndexIVF):
+        return None
+    nprobe = int(index.nprobe if nprobe is None else nprobe)
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    if isinstance(faiss.downcast_index(index.quantizer), faiss.IndexHNSW):
+        quantizer = faiss.SearchParametersHNSW(efSearch=max(16, QUANTIZER_EF_PER_PROBE * nprobe))
+        params.quantizer_params = quantizer
+        params.referenced_objects = [quantizer]  # faiss keeps a raw pointer: keep it alive with params
+    return params
 
 
 def training_picks(counts: np.ndarray, wanted: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
