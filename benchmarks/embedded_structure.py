@@ -1,7 +1,8 @@
 """Choosing the embedded keypoint index's structure (issue 13 item 6): recall@10 against exact
 search, kNN time, train/add time and bytes per vector, by faiss layout and nprobe.
 
-    python benchmarks/embedded_structure.py --sizes 1000 10000 [--factories IVF,Flat IVF_HNSW32,SQ8 ...]
+    python benchmarks/embedded_structure.py --sizes 1000 10000 [--layouts IVF,Flat IVF_HNSW,SQ8 ...]
+        [--sq8-range minmax] [--faiss-quantizer-ef]     # the variants production does not use
 
 Data: real features (the default model's cache, 1000 keypoints per photo), replicated with
 perturbations beyond the real photos (cached_features.py); the index is built in faiss directly
@@ -44,11 +45,14 @@ def database(data: cached_features.CachedData, size: int) -> tuple[np.ndarray, n
 
 
 def measure(layout: str, vectors: np.ndarray, counts: np.ndarray, queries: np.ndarray, exact: np.ndarray,
-            nprobes: list[int], nlist_factor: float) -> dict[str, Any]:
+            args: argparse.Namespace) -> dict[str, Any]:
     hnsw, sq8 = LAYOUTS[layout]
-    nlist = max(1, int(ivf_nlist(len(vectors)) * nlist_factor))
+    nlist = max(1, int(ivf_nlist(len(vectors)) * args.nlist_factor))
     structure = KeypointStructure(nlist, hnsw, sq8)
     index = new_index(structure, vectors.shape[1])
+    if sq8 and args.sq8_range != "meanstd":  # the production default is RS_meanstd (structure.py)
+        index.sq.rangestat = getattr(faiss.ScalarQuantizer, f"RS_{args.sq8_range}")
+        index.sq.rangestat_arg = 0.001 if args.sq8_range == "quantiles" else 0.0
     images, picks = training_picks(counts, TRAIN_POINTS_PER_LIST * nlist)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     sample = vectors[np.concatenate([starts[i] + p for i, p in zip(images, picks)])]
@@ -60,16 +64,18 @@ def measure(layout: str, vectors: np.ndarray, counts: np.ndarray, queries: np.nd
         chunk = vectors[first:first + 1_000_000]
         index.add_with_ids(chunk, np.arange(first, first + len(chunk), dtype=np.int64))
     add_s = time.perf_counter() - started
-    row: dict[str, Any] = {"layout": layout, "factory": structure.factory, "vectors": len(vectors), "nlist": nlist,
+    row: dict[str, Any] = {"layout": layout, "variant": variant(args, hnsw, sq8), "factory": structure.factory, "vectors": len(vectors), "nlist": nlist,
                            "train_points": len(sample), "train_s": round(train_s, 1), "add_s": round(add_s, 1),
                            "add_vectors_per_s": round(len(vectors) / add_s),
                            "bytes_per_vector": index.code_size + 8, "sweep": []}
-    for nprobe in nprobes:
+    for nprobe in args.nprobes:
         if nprobe > nlist:
             continue
         index.nprobe = nprobe
+        # --faiss-quantizer-ef: the HNSW quantizer left at faiss's own efSearch (16) at search
+        params = faiss.SearchParametersIVF(nprobe=nprobe) if args.faiss_quantizer_ef else search_parameters(index)
         started = time.perf_counter()
-        _, labels = index.search(queries, K, params=search_parameters(index))
+        _, labels = index.search(queries, K, params=params)
         seconds = time.perf_counter() - started
         hits = [len(set(labels[q]) & set(exact[q])) / K for q in range(len(queries))]
         row["sweep"].append({"nprobe": nprobe, "recall_at_10": round(float(np.mean(hits)), 4),
@@ -79,12 +85,23 @@ def measure(layout: str, vectors: np.ndarray, counts: np.ndarray, queries: np.nd
     return row
 
 
+def variant(args: argparse.Namespace, hnsw: bool, sq8: bool) -> str:
+    """What differs from the production helpers in this row ("production" when nothing)."""
+    parts = ([f"sq8 range {args.sq8_range}"] if sq8 and args.sq8_range != "meanstd" else []) + \
+        (["quantizer efSearch 16 at search"] if hnsw and args.faiss_quantizer_ef else [])
+    return ", ".join(parts) or "production"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--nlist-factor", type=float, default=1.0, help="nlist = factor x 4 sqrt(n)")
     parser.add_argument("--nprobes", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
+    parser.add_argument("--sq8-range", default="meanstd", choices=["meanstd", "minmax", "quantiles", "optim"],
+                        help="SQ8 per-dimension range (faiss rangestat; production: meanstd, 3 std)")
+    parser.add_argument("--faiss-quantizer-ef", action="store_true",
+                        help="search the HNSW quantizer with faiss's own efSearch 16, not 2 x nprobe")
     parser.add_argument("--features", type=Path, default=cached_features.DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS / "embedded_structure.json")
     args = parser.parse_args()
@@ -92,7 +109,8 @@ def main() -> None:
     data = cached_features.load(args.features)
     queries = np.ascontiguousarray(np.concatenate([q.descriptors[:DESCRIPTORS] for q in data.queries[:QUERIES]]))
     keep = kept_rows(args.out, lambda r: not (r["images"] in args.sizes and r["layout"] in args.layouts
-                                              and r.get("nlist_factor", 1.0) == args.nlist_factor))
+                                              and r.get("nlist_factor", 1.0) == args.nlist_factor
+                                              and r.get("variant") == variant(args, *LAYOUTS[r["layout"]])))
     result = {"benchmark": "embedded_structure.py", "model_id": data.model_id, "machine": machine(),
               "data": {"photos": len(data.database), "features": data.source,
                        "replication": cached_features.REPLICATION, "query_descriptors": len(queries)},
@@ -104,7 +122,7 @@ def main() -> None:
         exact_s = time.perf_counter() - started
         for layout in args.layouts:
             row = {"images": size, "nlist_factor": args.nlist_factor, "exact_knn_s": round(exact_s, 1),
-                   **measure(layout, vectors, counts, queries, exact, args.nprobes, args.nlist_factor)}
+                   **measure(layout, vectors, counts, queries, exact, args)}
             result["rows"].append(row)
             write_json(args.out, result)
         del vectors
