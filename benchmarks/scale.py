@@ -254,7 +254,10 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
         if client is not None:
             drop_indices(client, f"{alias}*")
             client.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+        if args.keep:
+            print(f"kept {scratch}", flush=True)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
     return rows
 
 
@@ -315,10 +318,11 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=0, help="replicas of the Elasticsearch indices")
     parser.add_argument("--candidates", type=int, nargs="*", default=[],
                         help="also measure the global recall@10 at these num_candidates (Elasticsearch)")
-    parser.add_argument("--nprobes", type=int, nargs="*", default=[64, 128, 256, 512],
+    parser.add_argument("--nprobes", type=int, nargs="*", default=[32, 64, 128, 256, 512],
                         help="embedded: also measure the keypoint recall@10 at these nprobe")
     parser.add_argument("--scratch", type=Path, default=Path("/work/cache/scale"),
                         help="where the benchmark's indexes live while it runs (deleted after)")
+    parser.add_argument("--keep", action="store_true", help="keep the embedded index directory after the run")
     parser.add_argument("--note", default="", help="a note on this run's rows (e.g. where it stopped and why)")
     parser.add_argument("--es-url", default=os.environ.get("DELF_ES_ES_URL", "http://127.0.0.1:9200"))
     parser.add_argument("--redis-url", default=os.environ.get("DELF_ES_REDIS_URL", "redis://127.0.0.1:6379/0"))
