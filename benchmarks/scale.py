@@ -57,6 +57,23 @@ def global_recall(engine: DelfEs, data: cached_features.CachedData, vectors: np.
     return round(statistics.fmean(recalls), 4)
 
 
+def knn_at_shortlist(engine: DelfEs, data: cached_features.CachedData, vectors: np.ndarray, ids: list[str]) -> dict:
+    """The global kNN as the search calls it (k = shortlist_size): its median latency, and the
+    recall@10 of its top 10 against exact search (k sets how many int8 candidates are re-scored
+    with the float vectors, so this is the recall the shortlist sees; ``global_recall`` asks for
+    k = 10)."""
+    k = engine.settings.shortlist_size
+    recalls, latencies = [], []
+    for query in data.queries:
+        exact = {ids[i] for i in np.argsort(-(vectors @ query.global_desc), kind="stable")[:K]}
+        started = time.perf_counter()
+        found = [hit.image_id for hit in engine.backend.global_knn(query.global_desc, k)]
+        latencies.append(1000 * (time.perf_counter() - started))
+        recalls.append(len(exact & set(found[:K])) / K)
+    return {"k": k, "recall_at_10": round(statistics.fmean(recalls), 4),
+            "p50_ms": round(statistics.median(latencies), 1)}
+
+
 def es_heap(client: Any) -> dict:
     stats = client.nodes.stats(metric="jvm")["nodes"]
     used = [node["jvm"]["mem"]["heap_used_in_bytes"] for node in stats.values()]
@@ -124,11 +141,23 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
                 # reads it from its Queries part; put back after)
                 default = engine.backend._queries.num_candidates
                 row["recall_at_10_by_num_candidates"] = {}
+                row["global_knn_by_num_candidates"] = {}
                 for candidates in args.candidates:
                     engine.backend._queries.num_candidates = candidates
                     row["recall_at_10_by_num_candidates"][str(candidates)] = global_recall(
                         engine, data, np.stack(stored_globals), stored_ids)
+                    row["global_knn_by_num_candidates"][str(candidates)] = knn_at_shortlist(
+                        engine, data, np.stack(stored_globals), stored_ids)
                 engine.backend._queries.num_candidates = default
+            if args.shortlists:
+                # the latency knob: the same index and queries verifying fewer images (the
+                # default stays settings.shortlist_size; this only measures what a smaller one buys)
+                default_settings = engine.settings
+                row["search_by_shortlist_size"] = {}
+                for shortlist in args.shortlists:
+                    engine.settings = default_settings.model_copy(update={"shortlist_size": shortlist})
+                    row["search_by_shortlist_size"][str(shortlist)] = measure_search(engine, timer, data.queries)
+                engine.settings = default_settings
             if client is not None:
                 row["bytes"] = es_bytes(client, alias, size)
                 row.update(es_heap(client))
@@ -195,6 +224,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=0, help="replicas of the Elasticsearch indices")
     parser.add_argument("--candidates", type=int, nargs="*", default=[],
                         help="also measure the global recall@10 at these num_candidates (Elasticsearch)")
+    parser.add_argument("--shortlists", type=int, nargs="*", default=[],
+                        help="also measure search p50/p95 verifying this many images (shortlist_size)")
     parser.add_argument("--note", default="", help="a note on this run's rows (e.g. where it stopped and why)")
     parser.add_argument("--es-url", default=os.environ.get("DELF_ES_ES_URL", "http://127.0.0.1:9200"))
     parser.add_argument("--redis-url", default=os.environ.get("DELF_ES_REDIS_URL", "redis://127.0.0.1:6379/0"))
