@@ -239,12 +239,14 @@ class Searcher:
 def verify_thread_count(setting: int, cpu_count: int | None = None, load: float | None = None) -> int:
     """Threads to verify with: ``setting`` when > 0; 0 = auto, the cores the 1-minute load average
     leaves free, counting this process's own (it is running, so it is part of the load), at least 1
-    and at most ``cpu_count``.  A busy machine gets 1 thread: there, threads only fight for cores."""
+    and at most ``cpu_count``, rounded to the nearest whole core (a load of 1.1-1.2 on 2 cores is
+    this search plus a little: 2 threads were 1.32x faster there, benchmarks/results/verify_speed.json;
+    rounding down had given 1).  A busy machine gets 1 thread: there, threads only fight for cores."""
     if setting > 0:
         return setting
     cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
     busy = load if load is not None else os.getloadavg()[0]
-    return max(1, min(cores, int(cores - busy + 1)))
+    return max(1, min(cores, int(cores - busy + 1 + 0.5)))
 
 
 def alpha_query_expansion(query: np.ndarray, hits: list[np.ndarray], alpha: float) -> np.ndarray:

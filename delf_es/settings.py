@@ -205,7 +205,8 @@ class Settings(BaseSettings):
         "average leaves free (at least 1, see search.verify_thread_count).  numpy's products and pydegensac both "
         "release the GIL (benchmarks/verify_speed.py measures it), so threads scale on idle cores; on busy shared "
         "cores 1 was measured faster (p50 252-280 ms vs 326-365 ms with 2 at 10k images, "
-        "benchmarks/results/search_speed_es_10k*.json), which auto picks there",
+        "benchmarks/results/search_speed_es_10k*.json), which auto picks there; at load 1.1-1.8 (niced jobs beside) 2 were "
+        "1.32x faster (p50 651 vs 862 ms, benchmarks/results/verify_speed.json)",
     )
     rank_by: str = Field(
         default="inliers+global",

@@ -96,6 +96,7 @@ def test_auto_threads_are_the_cores_the_load_leaves_free():
     assert verify_thread_count(3) == 3  # set: used as is
     assert verify_thread_count(0, cpu_count=2, load=0.2) == 2  # idle: every core
     assert verify_thread_count(0, cpu_count=2, load=1.0) == 2  # only this search running
+    assert verify_thread_count(0, cpu_count=2, load=1.2) == 2  # this search and a little more: 1.8 cores free
     assert verify_thread_count(0, cpu_count=2, load=1.6) == 1
     assert verify_thread_count(0, cpu_count=2, load=7.0) == 1  # busy: never fewer than one
     assert verify_thread_count(0, cpu_count=8, load=3.0) == 6
