@@ -74,6 +74,24 @@ def knn_at_shortlist(engine: DelfEs, data: cached_features.CachedData, vectors: 
             "p50_ms": round(statistics.median(latencies), 1)}
 
 
+def settle(client: Any, alias: str, timeout_s: float = 300.0) -> dict:
+    """Wait until the index is at rest before its searches are timed: Elasticsearch's merges after a
+    load (they ran for minutes beside the first measured searches of session 6 and 7's first run)
+    finished, and the 1-minute load average under 1.5 (this process is idle meanwhile), up to
+    ``timeout_s``; returns what was waited for, to be recorded with the row."""
+    started = time.perf_counter()
+    merges = None
+    while time.perf_counter() - started < timeout_s:
+        if client is not None:
+            stats = client.indices.stats(index=f"{alias}*", metric="merge")["_all"]["total"]["merges"]
+            merges = stats["current"]
+        if not merges and os.getloadavg()[0] < 1.5:
+            break
+        time.sleep(5)
+    return {"waited_s": round(time.perf_counter() - started, 1), "merges_running": merges,
+            "loadavg_1min": round(os.getloadavg()[0], 2)}
+
+
 def es_heap(client: Any) -> dict:
     stats = client.nodes.stats(metric="jvm")["nodes"]
     used = [node["jvm"]["mem"]["heap_used_in_bytes"] for node in stats.values()]
@@ -132,6 +150,7 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
                                    "ingest": {"images": added, "seconds": round(seconds, 1), "loadavg_1min": load,
                                               "replicas_green_after_s": round(green_s, 1),
                                               "images_per_s_until_green": round(added / (seconds + green_s), 2)}}
+            row["settle"] = settle(client, alias)
             search = measure_search(engine, timer, data.queries)
             row.update({"p50_ms": search["p50_ms"], "p95_ms": search["p95_ms"], "search": search,
                         "plan": list(settings.search_plan(engine.backend.has_keypoint_vectors()))})
