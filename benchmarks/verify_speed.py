@@ -9,8 +9,12 @@ an embedded index without keypoint vectors; every search is the default Elastics
 real :class:`~delf_es.search.Searcher`.  One run measures, interleaved query by query so the load
 of the shared machine hits every variant alike:
 
-* end-to-end search p50/p95 with ``verify_threads`` 1 (the old default), 2 and 0 (auto), and that
-  all three return the same hits in the same order with the same inliers;
+* end-to-end search p50/p95 with ``verify_threads`` 1 (the old default), 2 and 0 (auto), and with
+  2 threads matching on the whole (Q, N) product as before session 7 (the Searcher's
+  ``mutual_matches`` swapped for ``whole_product_mutual``), and that all four return the same hits
+  in the same order with the same inliers;
+* the blocked product (``search.MATCH_BLOCK_ROWS`` query rows at a time) against the whole one per
+  shortlisted image: same pairs, thread CPU time of each;
 * per shortlisted image, thread CPU time of the matching product + reductions and of RANSAC;
 * the product batched over several shortlisted images at once (one BLAS call per block, into one
   buffer) against one product per image: same pairs, thread CPU time of each;
@@ -43,12 +47,31 @@ import cached_features  # noqa: E402
 from delf_es.cache import MemoryLocationCache  # noqa: E402
 from delf_es.index.codes import decode_codes  # noqa: E402
 from delf_es.index.embedded import EmbeddedBackend  # noqa: E402
-from delf_es.search import Searcher, mutual_matches, verify_thread_count  # noqa: E402
+import delf_es.search as search_module  # noqa: E402
+from delf_es.search import MATCH_BLOCK_ROWS, Searcher, mutual_matches, verify_thread_count  # noqa: E402
 from delf_es.settings import Settings  # noqa: E402
 from delf_es.verify import estimate_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {"1 thread (old default)": 1, "2 threads": 2, "auto": 0}
+VARIANTS = {"1 thread (old default)": 1, "2 threads": 2, "auto": 0, "2 threads, whole product (session 6)": 2}
+#: variants that match with the whole (Q, N) product at once instead of search.MATCH_BLOCK_ROWS blocks
+WHOLE_PRODUCT = {"2 threads, whole product (session 6)"}
+
+
+def whole_product_mutual(query: np.ndarray, codes: np.ndarray | None, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual matching as before session 7: the whole (Q, N) product at once (4 MB for 1000 x 1000),
+    then its row argmax and column max (the blocked ``mutual_matches`` reads each block from cache)."""
+    if codes is None or not len(codes) or not len(query):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    similarity = query @ decode_codes(codes).T
+    q = np.arange(len(query))
+    best_keypoint = similarity.argmax(axis=1)
+    best = similarity[q, best_keypoint]
+    keep = (best >= similarity.max(axis=0)[best_keypoint]) & (best >= t)
+    q, keypoint = q[keep], best_keypoint[keep]
+    _, first = np.unique(keypoint, return_index=True)
+    first.sort()
+    return q[first], keypoint[first]
 
 
 def batched_mutual(query: np.ndarray, codes: list[np.ndarray], t: float, block_images: int) -> list[tuple]:
@@ -141,9 +164,14 @@ def main() -> None:
             for name, searcher in searchers.items():
                 if name == "auto":
                     auto_threads.append(verify_thread_count(0))
-                started = time.perf_counter()
-                hits = searcher.search(query)
-                times[name].append(1000 * (time.perf_counter() - started))
+                if name in WHOLE_PRODUCT:
+                    search_module.mutual_matches = whole_product_mutual
+                try:
+                    started = time.perf_counter()
+                    hits = searcher.search(query)
+                    times[name].append(1000 * (time.perf_counter() - started))
+                finally:
+                    search_module.mutual_matches = mutual_matches
                 key = hit_key(hits)
                 reference = reference or key
                 same &= key == reference
@@ -159,11 +187,13 @@ def main() -> None:
         result["search_loadavg_1min"] = load
         ratio = result["search"]["1 thread (old default)"]["p50_ms"] / result["search"]["2 threads"]["p50_ms"]
         result["search_p50_speedup_2_threads"] = round(ratio, 2)
+        ratio = result["search"]["2 threads, whole product (session 6)"]["p50_ms"] / result["search"]["2 threads"]["p50_ms"]
+        result["search_p50_speedup_blocked_product"] = round(ratio, 2)
 
         # per image: matching vs RANSAC (thread CPU time), batched products, match counts
         match_ms, ransac_ms, counts = [], [], []
-        per_image_ms, batched_ms = [], []
-        same_pairs = True
+        per_image_ms, batched_ms, whole_ms = [], [], []
+        same_pairs = same_as_whole = True
         with threadpool_limits(limits=1, user_api="blas"):
             for query in data.queries:
                 shortlist = [i for i, _ in backend.global_knn(query.global_desc, base.shortlist_size)]
@@ -173,6 +203,10 @@ def main() -> None:
                 started = time.thread_time()
                 pairs = [mutual_matches(q, codes[i], base.knn_min_similarity) for i in shortlist]
                 per_image_ms.append(1000 * (time.thread_time() - started))
+                started = time.thread_time()
+                whole = [whole_product_mutual(q, codes[i], base.knn_min_similarity) for i in shortlist]
+                whole_ms.append(1000 * (time.thread_time() - started))
+                same_as_whole &= all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(pairs, whole))
                 started = time.thread_time()
                 batched = batched_mutual(q, [codes[i] for i in shortlist], base.knn_min_similarity, 4)
                 batched_ms.append(1000 * (time.thread_time() - started))
@@ -192,6 +226,13 @@ def main() -> None:
             "batched_4_images_ms_per_query_median": round(statistics.median(batched_ms), 1),
             "same_pairs": bool(same_pairs),
             "batched_over_per_image": round(statistics.median(batched_ms) / statistics.median(per_image_ms), 2),
+        }
+        result["blocked_product"] = {
+            "block_rows": MATCH_BLOCK_ROWS,
+            "blocked_ms_per_query_median": round(statistics.median(per_image_ms), 1),
+            "whole_product_ms_per_query_median": round(statistics.median(whole_ms), 1),
+            "blocked_over_whole": round(statistics.median(per_image_ms) / statistics.median(whole_ms), 2),
+            "same_pairs": bool(same_as_whole),
         }
         result["mutual_matches_per_shortlisted_image"] = {
             "min": int(min(counts)), "p5": float(np.percentile(counts, 5)), "median": float(np.median(counts)),
@@ -230,14 +271,16 @@ def plot(result: dict, path: Path) -> None:
     x = np.arange(len(names))
     axes[0].bar(x - 0.2, [result["search"][n]["p50_ms"] for n in names], 0.4, label="p50")
     axes[0].bar(x + 0.2, [result["search"][n]["p95_ms"] for n in names], 0.4, label="p95")
-    axes[0].set_xticks(x, names, fontsize=8)
+    axes[0].set_xticks(x, [n.replace(", ", ",\n") for n in names], fontsize=7)
     axes[0].set_ylabel("search ms (global + matching, 100 verified)")
     axes[0].set_title(f"load avg {result['search_loadavg_1min'][0]:.1f}-{result['search_loadavg_1min'][1]:.1f}, "
                       f"{result['machine']['cpu_count']} cores", fontsize=9)
     axes[0].legend()
     b = result["batched_product"]
-    axes[1].bar(["one product per image", "batched, 4 images"],
-                [b["per_image_products_ms_per_query_median"], b["batched_4_images_ms_per_query_median"]], color="tab:orange")
+    w = result["blocked_product"]
+    axes[1].bar(["whole product\nper image", f"blocks of {w['block_rows']}\nrows (default)", "batched,\n4 images"],
+                [w["whole_product_ms_per_query_median"], w["blocked_ms_per_query_median"],
+                 b["batched_4_images_ms_per_query_median"]], color="tab:orange")
     axes[1].set_ylabel("matching CPU ms per query (100 images)")
     m = result["mutual_matches_per_shortlisted_image"]
     edges = m["histogram_edges"]
