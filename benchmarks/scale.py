@@ -158,16 +158,16 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
             if client is not None and args.candidates:
                 # the recall knob: the same queries at other num_candidates (the backend's kNN
                 # reads it from its Queries part; put back after)
-                default = engine.backend._queries.num_candidates
+                default = engine.backend._queries.global_num_candidates
                 row["recall_at_10_by_num_candidates"] = {}
                 row["global_knn_by_num_candidates"] = {}
                 for candidates in args.candidates:
-                    engine.backend._queries.num_candidates = candidates
+                    engine.backend._queries.global_num_candidates = candidates
                     row["recall_at_10_by_num_candidates"][str(candidates)] = global_recall(
                         engine, data, np.stack(stored_globals), stored_ids)
                     row["global_knn_by_num_candidates"][str(candidates)] = knn_at_shortlist(
                         engine, data, np.stack(stored_globals), stored_ids)
-                engine.backend._queries.num_candidates = default
+                engine.backend._queries.global_num_candidates = default
             if args.shortlists:
                 # the latency knob: the same index and queries verifying fewer images (the
                 # default stays settings.shortlist_size; this only measures what a smaller one buys)
@@ -262,7 +262,7 @@ def main() -> None:
         "data": {"photos": len(data.database), "queries": len(data.queries), "features": data.source,
                  "replication": cached_features.REPLICATION},
         "settings": json.loads(Settings().model_dump_json(include={"shortlist_size", "query_max_descriptors",
-                                                                   "es_knn_num_candidates", "verify_threads",
+                                                                   "es_knn_num_candidates", "es_global_knn_num_candidates", "verify_threads",
                                                                    "es_bulk_load_images", "es_bulk_writers"})),
         "machine": machine(),
         "rows": kept,
