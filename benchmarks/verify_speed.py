@@ -20,6 +20,8 @@ of the shared machine hits every variant alike:
   buffer) against one product per image: same pairs, thread CPU time of each;
 * the mutual-match counts of the shortlisted images against ``min_inliers`` (an early exit for
   images that cannot reach it fires only below it);
+* cheaper estimators (pydegensac with fewer iterations, OpenCV's USAC) on the same correspondences:
+  CPU per image and the inliers they keep on true matches;
 * whether pydegensac and numpy's product release the GIL: a pure-Python thread counts while the
   other runs them (a held GIL stops the counter).
 """
@@ -72,6 +74,47 @@ def whole_product_mutual(query: np.ndarray, codes: np.ndarray | None, t: float) 
     _, first = np.unique(keypoint, return_index=True)
     first.sort()
     return q[first], keypoint[first]
+
+
+def ransac_alternatives(correspondences: list[tuple[np.ndarray, np.ndarray]], base: Settings) -> dict:
+    """Cheaper estimators on the shortlist's real correspondences, against the default (pydegensac,
+    ``ransac_max_iters``): thread CPU per image, and the inliers they find on the images the default
+    gives >= ``qe_min_inliers`` (true matches, nearly all) and on the rest (chance matches)."""
+    import cv2
+
+    def degensac(iters: int) -> Callable:
+        return lambda a, b: estimate_model(a, b, "homography", base.ransac_px, base.ransac_confidence, iters,
+                                           base.ransac_seed)[1]
+
+    def usac(method: int) -> Callable:
+        def fit(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            if len(a) < 4:
+                return np.zeros(len(a), bool)
+            _, mask = cv2.findHomography(np.float64(a), np.float64(b), method, base.ransac_px,
+                                         maxIters=base.ransac_max_iters, confidence=base.ransac_confidence)
+            return np.zeros(len(a), bool) if mask is None else mask.ravel().astype(bool)
+        return fit
+
+    variants = {f"pydegensac {base.ransac_max_iters} iterations (default)": degensac(base.ransac_max_iters),
+                "pydegensac 1000 iterations": degensac(1000), "pydegensac 500 iterations": degensac(500),
+                "OpenCV USAC_DEFAULT": usac(cv2.USAC_DEFAULT), "OpenCV USAC_FAST": usac(cv2.USAC_FAST),
+                "OpenCV USAC_ACCURATE": usac(cv2.USAC_ACCURATE)}
+    cv2.setNumThreads(1)
+    out: dict[str, Any] = {}
+    default = None
+    for name, fit in variants.items():
+        started = time.thread_time()
+        inliers = np.array([int(np.asarray(fit(a, b)).sum()) for a, b in correspondences])
+        ms = 1000 * (time.thread_time() - started) / max(1, len(correspondences))
+        default = inliers if default is None else default
+        true = default >= base.qe_min_inliers
+        ratio = inliers[true] / default[true]
+        out[name] = {"cpu_ms_per_image": round(ms, 2), "images": len(inliers),
+                     "true_matches": int(true.sum()),
+                     "inlier_ratio_to_default_on_true_median": round(float(np.median(ratio)), 3) if true.any() else None,
+                     "inlier_ratio_to_default_on_true_min": round(float(ratio.min()), 3) if true.any() else None,
+                     "inliers_on_the_rest_max": int(inliers[~true].max()) if (~true).any() else None}
+    return out
 
 
 def batched_mutual(query: np.ndarray, codes: list[np.ndarray], t: float, block_images: int) -> list[tuple]:
@@ -194,6 +237,7 @@ def main() -> None:
         match_ms, ransac_ms, counts = [], [], []
         per_image_ms, batched_ms, whole_ms = [], [], []
         same_pairs = same_as_whole = True
+        correspondences: list[tuple[np.ndarray, np.ndarray]] = []
         with threadpool_limits(limits=1, user_api="blas"):
             for query in data.queries:
                 shortlist = [i for i, _ in backend.global_knn(query.global_desc, base.shortlist_size)]
@@ -213,6 +257,7 @@ def main() -> None:
                 same_pairs &= all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(pairs, batched))
                 for image_id, (qi, di) in zip(shortlist, pairs):
                     counts.append(len(qi))
+                    correspondences.append((query.keypoints[qi], locations[image_id][di]))
                     started = time.thread_time()
                     estimate_model(query.keypoints[qi], locations[image_id][di], base.ransac_model, base.ransac_px,
                                    base.ransac_confidence, base.ransac_max_iters, base.ransac_seed, base.min_inlier_spread)
@@ -241,6 +286,7 @@ def main() -> None:
             "histogram": np.histogram(counts, bins=20)[0].tolist(),
             "histogram_edges": [round(float(e), 1) for e in np.histogram(counts, bins=20)[1]],
         }
+        result["ransac_alternatives"] = ransac_alternatives(correspondences, base)
         backend.close()
 
     rng = np.random.default_rng(0)
