@@ -5,14 +5,19 @@
 Data: real features (the default model's cache: paris250 photos + distractors and the 38 query
 crops), the database replicated with perturbations beyond the real photos (cached_features.py).
 One index per backend grows through the sizes with the shipped defaults (Elasticsearch: no keypoint
-vectors, int8_hnsw global vectors; embedded: created without keypoint vectors too, as the default
-plan measured here does not use them), added with ``DelfEs.add_features_bulk`` (features given).
-At each size: search p50/p95 over the real queries with the default Elasticsearch plan (global
-shortlist of 100 + matching + RANSAC, the location/code cache warm in Redis or in memory),
+vectors, int8_hnsw global vectors; embedded: keypoint vectors in faiss, whose structure follows the
+size, delf_es/index/embedded/structure.py), added with ``DelfEs.add_features_bulk`` (features given;
+the embedded ingest includes the keypoint index's adds and its retrains as it grows).
+At each size: search p50/p95 over the real queries with each backend's default plan (Elasticsearch:
+global shortlist of 100 + matching + RANSAC; embedded: hybrid shortlist (keypoint kNN votes + global
+kNN) + kNN correspondences; the location/code cache warm in Redis or in memory),
 global kNN recall@10 against exact search over every stored global descriptor, bytes per image
 (Elasticsearch ``_stats`` + ``_disk_usage`` by field; embedded: files), the ingest rate of the
 increment (a bulk load past ``es_bulk_load_images``: refresh off, no replicas, then the replicas
-rebuilt: the wait for green is timed apart), and Elasticsearch's heap.  ``--nodes`` is recorded as
+rebuilt: the wait for green is timed apart), and Elasticsearch's heap.  Embedded rows also carry the
+keypoint kNN recall@10 against exact inner-product search over every stored descriptor (read back
+from SQLite in chunks, faiss.knn; 8 real query crops x 100 descriptors), at the shipped nprobe and a
+sweep of others, the faiss structure, the snapshot write, and the process RSS.  ``--nodes`` is recorded as
 given: the cluster behind ``--es-url`` (several node URLs, comma-separated), with ``--shards`` /
 ``--replicas``.
 """
@@ -22,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import sqlite3
 import statistics
 import sys
 import time
@@ -30,6 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,10 +47,15 @@ from search_speed import StageTimer, cache_flush, embedded_bytes, es_bytes, meas
 
 from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache  # noqa: E402
 from delf_es.eval.run import drop_indices  # noqa: E402
+from delf_es.index.embedded.keypoint_index import KEYPOINT_BITS, MAX_KEYPOINTS, keypoint_ids  # noqa: E402
+from delf_es.index.embedded.storage import DATABASE_NAME, unblob  # noqa: E402
+from delf_es.index.embedded.structure import structure_of  # noqa: E402
 from delf_es.sdk import DelfEs  # noqa: E402
 from delf_es.settings import Settings  # noqa: E402
 
 K = 10
+RECALL_QUERIES, RECALL_DESCRIPTORS = 8, 100  # as benchmarks/embedded_recall.py: 800 query descriptors
+EXACT_CHUNK = 2_000_000  # stored vectors per exact-search chunk (320 MB of float32)
 
 
 def global_recall(engine: DelfEs, data: cached_features.CachedData, vectors: np.ndarray, ids: list[str]) -> float:
@@ -92,6 +105,88 @@ def settle(client: Any, alias: str, timeout_s: float = 300.0) -> dict:
             "loadavg_1min": round(os.getloadavg()[0], 2)}
 
 
+def exact_keypoints(directory: Path, queries: np.ndarray) -> tuple[np.ndarray, list[str], float]:
+    """The exact ``K`` nearest stored keypoints of each query (Q, D) by inner product, over every
+    descriptor in the embedded index's SQLite file, read in chunks: faiss ids (Q, K), the image id
+    of each SQLite row (a list indexed by row) and the seconds it took."""
+    started = time.perf_counter()
+    db = sqlite3.connect(f"file:{directory / DATABASE_NAME}?mode=ro", uri=True)
+    best_sims = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 0), np.int64)
+    names: dict[int, str] = {}
+    blocks, rows, counts = [], [], []
+
+    def flush() -> None:
+        nonlocal best_sims, best_ids
+        vectors = np.ascontiguousarray(np.concatenate(blocks))
+        sims, positions = faiss.knn(queries, vectors, min(K, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+        sims = np.concatenate([best_sims, sims], axis=1)
+        ids = np.concatenate([best_ids, keypoint_ids(np.array(rows), np.array(counts))[positions]], axis=1)
+        keep = np.argsort(-sims, axis=1, kind="stable")[:, :K]
+        best_sims, best_ids = np.take_along_axis(sims, keep, axis=1), np.take_along_axis(ids, keep, axis=1)
+        blocks.clear(), rows.clear(), counts.clear()
+
+    buffered = 0
+    dim = queries.shape[1]
+    for row, image_id, count, data in db.execute(
+            "SELECT row, image_id, num_keypoints, descriptors FROM images WHERE num_keypoints > 0 ORDER BY row"):
+        names[row] = image_id
+        blocks.append(unblob(data, dim))
+        rows.append(row)
+        counts.append(count)
+        buffered += count
+        if buffered >= EXACT_CHUNK:
+            flush()
+            buffered = 0
+    if blocks:
+        flush()
+    db.close()
+    return best_ids, names, time.perf_counter() - started
+
+
+def keypoint_recall(backend: Any, data: cached_features.CachedData, nprobes: list[int]) -> dict:
+    """recall@10 of the embedded ``backend.knn`` against exact search (:func:`exact_keypoints`), at
+    the backend's own nprobe and at each of ``nprobes`` (IVF only), with the kNN time of the 800
+    query descriptors."""
+    queries = np.ascontiguousarray(np.concatenate(
+        [q.descriptors[:RECALL_DESCRIPTORS] for q in data.queries[:RECALL_QUERIES]]), np.float32)
+    exact, names, exact_s = exact_keypoints(backend.directory, queries)
+    truth = [{(names[int(i) >> KEYPOINT_BITS], int(i) & (MAX_KEYPOINTS - 1)) for i in exact[q]}
+             for q in range(len(queries))]
+
+    def measure() -> dict:
+        started = time.perf_counter()
+        found = backend.knn(queries, K)
+        seconds = time.perf_counter() - started
+        got: dict[int, set] = {}
+        for q, image_id, kp in zip(found.query_index, found.image_ids, found.keypoint_index):
+            got.setdefault(int(q), set()).add((str(image_id), int(kp)))
+        recall = statistics.fmean(len(truth[q] & got.get(q, set())) / K for q in range(len(queries)))
+        return {"recall_at_10": round(recall, 4), "knn_ms_per_1000_descriptors": round(1e6 * seconds / len(queries), 1)}
+
+    index = backend._index  # the benchmark sets nprobe on the live index (put back after)
+    structure = structure_of(index)
+    out: dict[str, Any] = {"faiss_factory": structure.factory, "nlist": structure.nlist,
+                           "nprobe": int(getattr(index, "nprobe", 0)), "vectors": int(index.ntotal),
+                           "query_descriptors": len(queries), "exact_s": round(exact_s, 1), **measure()}
+    if structure.nlist:
+        default = index.nprobe
+        out["by_nprobe"] = {}
+        for nprobe in sorted(set(nprobes) - {default}):
+            if nprobe <= structure.nlist:
+                index.nprobe = nprobe
+                out["by_nprobe"][str(nprobe)] = measure()
+        index.nprobe = default
+    return out
+
+
+def rss_mb() -> dict:
+    """The process's resident memory now and its peak, MB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {"rss_mb": round(int(status["VmRSS"].split()[0]) / 1024),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
 def es_heap(client: Any) -> dict:
     stats = client.nodes.stats(metric="jvm")["nodes"]
     used = [node["jvm"]["mem"]["heap_used_in_bytes"] for node in stats.values()]
@@ -101,7 +196,7 @@ def es_heap(client: Any) -> dict:
 
 def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, save) -> list[dict]:
     alias = f"bench-scale-{uuid.uuid4().hex[:8]}"
-    scratch = Path("/work/cache/scale") / alias
+    scratch = args.scratch / alias
     client = None
     if kind == "elasticsearch":
         from delf_es.index.es.transport import connect
@@ -111,13 +206,16 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
         cache: LocationCache = RedisLocationCache(settings.redis_url, prefix=f"bench:{alias}")
         client = connect(settings, request_timeout=1800)
     else:
-        settings = Settings(backend="embedded", data_dir=scratch.parent, index_alias=alias, keypoint_vectors=False,
-                            shortlist_mode="global", correspondences="matching")
+        settings = Settings(backend="embedded", data_dir=scratch.parent, index_alias=alias)  # the shipped defaults
         cache = MemoryLocationCache()
     engine = DelfEs(settings, cache=cache)
     timer = StageTimer()
     timer.wrap(engine.backend, "global_knn", "global_knn")
     timer.wrap(cache, "read_many", "codes_and_locations_from_cache")
+    if client is None:
+        timer.wrap(engine.backend, "knn", "keypoint_knn")
+        rebuilds = StageTimer()  # the keypoint index's retrains during the ingest (inside upsert)
+        rebuilds.wrap(engine.backend, "_rebuild_index", "rebuild")
     rows, indexed = [], 0
     stored_globals: list[np.ndarray] = []
     stored_ids: list[str] = []
@@ -150,7 +248,8 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
                                    "ingest": {"images": added, "seconds": round(seconds, 1), "loadavg_1min": load,
                                               "replicas_green_after_s": round(green_s, 1),
                                               "images_per_s_until_green": round(added / (seconds + green_s), 2)}}
-            row["settle"] = settle(client, alias)
+            if client is not None:  # the embedded index has no background merges to wait for
+                row["settle"] = settle(client, alias)
             search = measure_search(engine, timer, data.queries)
             row.update({"p50_ms": search["p50_ms"], "p95_ms": search["p95_ms"], "search": search,
                         "plan": list(settings.search_plan(engine.backend.has_keypoint_vectors()))})
@@ -184,7 +283,15 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
                 total = client.indices.stats(index=f"{alias}*", metric="store")["_all"]["total"]["store"]["size_in_bytes"]
                 row["disk_mb_all_copies"] = round(total / 2**20, 1)
             else:
+                started = time.perf_counter()
+                engine.backend.refresh()  # the faiss snapshot, as a close would write it
+                row["ingest"]["rebuild_s"] = round(rebuilds.take().get("rebuild", 0.0), 1)
+                row["snapshot_write_s"] = round(time.perf_counter() - started, 1)
                 row["bytes"] = embedded_bytes(scratch, size)
+                recall = keypoint_recall(engine.backend, data, args.nprobes)
+                row["keypoint_recall_at_10"] = recall["recall_at_10"]
+                row["keypoint_knn"] = recall
+                row.update(rss_mb())
             row["bytes_per_image"] = row["bytes"]["store_bytes_per_image"]
             row["disk_mb"] = round(row["bytes_per_image"] * size / 2**20, 1)
             rows.append(row)
@@ -245,6 +352,10 @@ def main() -> None:
                         help="also measure the global recall@10 at these num_candidates (Elasticsearch)")
     parser.add_argument("--shortlists", type=int, nargs="*", default=[],
                         help="also measure search p50/p95 verifying this many images (shortlist_size)")
+    parser.add_argument("--nprobes", type=int, nargs="*", default=[64, 128, 256, 512],
+                        help="embedded: also measure the keypoint recall@10 at these nprobe")
+    parser.add_argument("--scratch", type=Path, default=Path("/work/cache/scale"),
+                        help="where the benchmark's indexes live while it runs (deleted after)")
     parser.add_argument("--note", default="", help="a note on this run's rows (e.g. where it stopped and why)")
     parser.add_argument("--es-url", default=os.environ.get("DELF_ES_ES_URL", "http://127.0.0.1:9200"))
     parser.add_argument("--redis-url", default=os.environ.get("DELF_ES_REDIS_URL", "redis://127.0.0.1:6379/0"))

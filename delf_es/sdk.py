@@ -55,7 +55,7 @@ def open_backend(settings: Settings, model_id: str | None = None) -> Backend:
 
     return EmbeddedBackend(Path(settings.data_dir) / settings.index_alias, model_id=model_id,
                            exact_limit=settings.embedded_exact_limit, nprobe=settings.embedded_nprobe,
-                           keypoint_vectors=settings.index_keypoint_vectors())
+                           keypoint_vectors=settings.index_keypoint_vectors(), sq8_from=settings.embedded_sq8_from)
 
 
 def open_cache(settings: Settings) -> LocationCache:

@@ -261,6 +261,11 @@ class Settings(BaseSettings):
         "0.14 nlist^0.7 and at least 16, so recall@10 stays >= 0.95 as the index grows (16 fixed gave 0.86 at "
         "1000 images, 0.80 at 3000 and 10,000; benchmarks/results/embedded_recall.json)",
     )
+    embedded_sq8_from: int | None = Field(
+        default=4_000_000, ge=0, description="embedded index: keypoint vectors from which the IVF stores them as "
+        "8-bit codes (48 B per vector with its id instead of 168: 4.8 GB instead of 16.8 at 100,000 images of 1000 "
+        "keypoints), for a recall cost measured in benchmarks/results/embedded_structure.json; None = always float32",
+    )
     es_url: str | None = None
     redis_url: str | None = None
     index_alias: str = "delf-images"

@@ -35,9 +35,13 @@ Storage layout of ``directory``:
 Keypoint search: faiss ids encode ``(row << KEYPOINT_BITS) | keypoint_index``, where
 ``row`` is the image's SQLite rowid (never reused: replacing an image gets a new row).
 Up to ``exact_limit`` vectors the index is an exact ``IndexIDMap(IndexFlatIP)``; above
-it, an ``IndexIVFFlat`` (nlist = 4 sqrt(n), ``nprobe`` lists searched) is trained on the
-stored descriptors, because exact search over 1M keypoints costs ~6 s per 1000-query
-search on one core against ~0.07 s for IVF at 0.98 recall (benchmarks/embedded_index.py).
+it an IVF index (nlist = 4 sqrt(n), ``nprobe`` lists searched) trained on a sample of the stored
+descriptors, because exact search over 1M keypoints costs ~6 s per 1000-query search on one core
+against ~0.07 s for IVF at 0.98 recall (benchmarks/embedded_index.py).  The IVF's coarse quantizer
+is an HNSW graph from 8192 lists and its vectors 8-bit codes (SQ8) from ``sq8_from`` vectors, so
+100,000 images of 1000 keypoints fit in ~4.8 GB (:mod:`~delf_es.index.embedded.structure`); the
+structure is chosen at each (re)build, and a rebuild streams the descriptors from SQLite in
+chunks.  The IVF is retrained when it holds 4x the vectors it was trained on.
 Filtered searches are exact over the matching images' keypoints (read from SQLite)
 when those are at most ``exact_limit``; otherwise IVF over-fetches and filters, and a
 query left with fewer than ``k`` allowed results is searched exactly over the subset.

@@ -24,6 +24,7 @@ from delf_es.index.base import BulkReport, GlobalHit, ImageRecord, MetadataFilte
 from delf_es.index.codes import int8_codes
 from delf_es.index.embedded.keypoint_index import MAX_KEYPOINTS, KeypointIndex
 from delf_es.index.embedded.storage import LOCK_NAME, Doc, ReadWriteLock, Storage, blob, unblob
+from delf_es.index.embedded.structure import HNSW_QUANTIZER_FROM, SQ8_FROM
 from delf_es.index.filters import compile_filter
 from delf_es.index.records import check_descriptors, check_k, check_vector, record_problem
 from delf_es.index.writer_lock import WriterLock
@@ -59,6 +60,9 @@ class EmbeddedBackend(Storage, KeypointIndex):
             False saves its memory and upsert time when searches use only the global shortlist and
             matching.  Recorded in the directory when it is created; an existing directory keeps
             its own (one created before the setting has them).
+        sq8_from: keypoint vectors from which an IVF stores them as 8-bit codes (4x less memory);
+            None = always float32 (:mod:`~delf_es.index.embedded.structure`).
+        hnsw_from: IVF lists from which the coarse quantizer is an HNSW graph (fast assignment).
 
     Raises:
         IndexUnavailable: the directory is open elsewhere or its database is unreadable.
@@ -73,14 +77,20 @@ class EmbeddedBackend(Storage, KeypointIndex):
         exact_limit: int | None = 200_000,
         nprobe: int | None = None,
         keypoint_vectors: bool = True,
+        sq8_from: int | None = SQ8_FROM,
+        hnsw_from: int = HNSW_QUANTIZER_FROM,
     ) -> None:
         if exact_limit is not None and exact_limit < 0:
             raise ConfigurationError(f"exact_limit must be >= 0 or None, got {exact_limit}")
         if nprobe is not None and nprobe < 1:
             raise ConfigurationError(f"nprobe must be >= 1, got {nprobe}")
+        if (sq8_from is not None and sq8_from < 0) or hnsw_from < 1:
+            raise ConfigurationError(f"sq8_from must be >= 0 or None and hnsw_from >= 1, got {sq8_from}, {hnsw_from}")
         self.directory = Path(directory)
         self.exact_limit = exact_limit
         self.nprobe = nprobe
+        self.sq8_from = sq8_from
+        self.hnsw_from = hnsw_from
         self._rw = ReadWriteLock()
         self._write_mutex = threading.Lock()
         self._local = threading.local()

@@ -1,4 +1,5 @@
-"""The embedded index's keypoint search: a faiss index (exact flat, or IVF above ``exact_limit``)
+"""The embedded index's keypoint search: a faiss index (exact flat, or IVF above ``exact_limit``:
+structure.py chooses the layout by size)
 mirroring the descriptors in SQLite, its on-disk snapshot, and the filtered searches.  Mixed into
 :class:`~delf_es.index.embedded.backend.EmbeddedBackend`.
 
@@ -21,6 +22,8 @@ import numpy as np
 
 from delf_es.index.base import Neighbours
 from delf_es.index.embedded.storage import SQL_CHUNK, unblob
+from delf_es.index.embedded.structure import (TRAIN_POINTS_PER_LIST, KeypointStructure, choose_structure,
+                                              new_index, search_parameters, training_picks)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ _SNAPSHOT_RE = re.compile(r"^keypoints\.(\d+)\.faiss$")
 AUTO_NPROBE_FACTOR = 0.14
 AUTO_NPROBE_POWER = 0.7
 AUTO_NPROBE_MIN = 16
+#: vectors read from SQLite and added per chunk by a rebuild (160 MB of float32 at D = 40)
+REBUILD_CHUNK_VECTORS = 1_000_000
 
 
 def keypoint_ids(rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -51,11 +56,6 @@ def auto_nprobe(nlist: int) -> int:
     benchmarks/results/embedded_recall.json), so the rule is that with a margin.  The vectors scanned
     per query still grow slower than the index (~n^0.85)."""
     return max(AUTO_NPROBE_MIN, math.ceil(AUTO_NPROBE_FACTOR * nlist**AUTO_NPROBE_POWER))
-
-
-def _ivf_nlist(n: int) -> int:
-    """faiss's guideline 4 sqrt(n) lists, with >= 39 training points per list."""
-    return max(1, min(int(4 * math.sqrt(n)), n // 39))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -103,48 +103,75 @@ class KeypointIndex:
                 with contextlib.suppress(OSError):
                     path.unlink()
 
-    def _rebuild_index(self) -> None:
-        """Build the keypoint index from the descriptors stored in SQLite (exclusive lock held)."""
-        if not self._keypoint_vectors:
-            self._index = None
-            return
-        rows, counts, blocks = [], [], []
-        for row, count, blob in self._db.execute(
-            "SELECT row, num_keypoints, descriptors FROM images WHERE num_keypoints > 0 ORDER BY row"
-        ):
-            rows.append(row)
-            counts.append(count)
-            blocks.append(unblob(blob, self._local_dim or 0))
+    def _rebuild_index(self, chunk_vectors: int = REBUILD_CHUNK_VECTORS) -> None:
+        """Build the keypoint index from the descriptors stored in SQLite (exclusive lock held).
+
+        The structure is chosen by the number of vectors (:func:`choose_structure`); an IVF is
+        trained on :func:`training_picks` read from a sample of images, then every image is read
+        and added ``chunk_vectors`` at a time, so memory holds the index plus one chunk (the old
+        index is dropped first), never the whole float32 matrix."""
         self._index = None
         self._ivf_trained_on = 0
-        if not blocks:
-            if self._local_dim is not None:
-                self._index = self._new_flat()
+        if not self._keypoint_vectors or self._local_dim is None:
             return
-        vectors = np.concatenate(blocks)
-        ids = keypoint_ids(np.array(rows), np.array(counts))
-        if self.exact_limit is None or len(vectors) <= self.exact_limit:
-            index = self._new_flat()
-        else:
-            nlist = _ivf_nlist(len(vectors))
-            index = faiss.index_factory(self._local_dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-            sample = vectors  # 40 points per list: above faiss's minimum of 39, half the time of 64
-            if len(vectors) > 40 * nlist:
-                pick = np.random.default_rng(0).choice(len(vectors), 40 * nlist, replace=False)
-                sample = vectors[np.sort(pick)]
+        rows = np.array(sorted(row for row, doc in self._docs.items() if doc.num_keypoints), np.int64)
+        counts = np.array([self._docs[int(row)].num_keypoints for row in rows], np.int64)
+        total = int(counts.sum())
+        structure = choose_structure(total, self.exact_limit, sq8_from=self.sq8_from, hnsw_from=self.hnsw_from)
+        index = new_index(structure, self._local_dim)
+        if structure.nlist:
+            picked, positions = training_picks(counts, TRAIN_POINTS_PER_LIST * structure.nlist)
+            sample = self._read_descriptors(rows[picked], positions)
             index.train(sample)
-            index.nprobe = self._nprobe_for(nlist)
-            self._ivf_trained_on = len(vectors)
-        index.add_with_ids(vectors, ids)
+            del sample
+            index.nprobe = self._nprobe_for(structure.nlist)
+            self._ivf_trained_on = total
+        pending: list[np.ndarray] = []
+        pending_rows: list[int] = []
+        pending_counts: list[int] = []
+
+        def flush() -> None:
+            if pending:
+                index.add_with_ids(np.ascontiguousarray(np.concatenate(pending)),
+                                   keypoint_ids(np.array(pending_rows), np.array(pending_counts)))
+                pending.clear(), pending_rows.clear(), pending_counts.clear()
+
+        buffered = 0
+        for row, count, data in self._db.execute(
+            "SELECT row, num_keypoints, descriptors FROM images WHERE num_keypoints > 0 ORDER BY row"
+        ):
+            pending.append(unblob(data, self._local_dim))
+            pending_rows.append(row)
+            pending_counts.append(count)
+            buffered += count
+            if buffered >= chunk_vectors:
+                flush()
+                buffered = 0
+        flush()
+        if index.ntotal != total:
+            raise RuntimeError(f"keypoint index rebuilt with {index.ntotal} vectors, the database has {total}")
         self._index = index
-        logger.info("rebuilt keypoint index from SQLite: %s, %d vectors", type(index).__name__, index.ntotal)
+        logger.info("rebuilt keypoint index from SQLite: %s, %d vectors", structure.factory, index.ntotal)
+
+    def _read_descriptors(self, rows: np.ndarray, positions: list[np.ndarray]) -> np.ndarray:
+        """The descriptors at ``positions`` (one array of keypoint positions per row) of ``rows``,
+        stacked in that order: (sum of positions, D) float32, read from SQLite."""
+        wanted = dict(zip(rows.tolist(), positions))
+        blocks: dict[int, np.ndarray] = {}
+        row_list = list(wanted)
+        for start in range(0, len(row_list), SQL_CHUNK):
+            chunk = row_list[start : start + SQL_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for row, data in self._db.execute(f"SELECT row, descriptors FROM images WHERE row IN ({marks})", chunk):
+                blocks[row] = unblob(data, self._local_dim)[wanted[row]]
+        return np.ascontiguousarray(np.concatenate([blocks[row] for row in row_list]), np.float32)
 
     def _nprobe_for(self, nlist: int) -> int:
         """The backend's ``nprobe``, or :func:`auto_nprobe` of ``nlist`` when it is None."""
         return self.nprobe if self.nprobe is not None else auto_nprobe(nlist)
 
     def _new_flat(self) -> Any:
-        return faiss.index_factory(self._local_dim, "IDMap,Flat", faiss.METRIC_INNER_PRODUCT)
+        return new_index(KeypointStructure(), self._local_dim)
 
     def _update_index(self, added: dict[int, Any], removed: dict[int, int]) -> None:
         """Mirror added rows (``_Added``: row, doc, descriptors) and removed rows (row -> keypoints) in faiss."""
@@ -179,11 +206,11 @@ class KeypointIndex:
     def _search_all(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = self._index
         k = min(k, index.ntotal)
-        similarity, labels = index.search(queries, k)
+        similarity, labels = index.search(queries, k, params=search_parameters(index))
         if isinstance(index, faiss.IndexIVF):  # a query whose probed lists were short: scan every list
             short = np.flatnonzero((labels < 0).any(axis=1))
             if len(short):
-                params = faiss.SearchParametersIVF(nprobe=index.nlist)
+                params = search_parameters(index, index.nlist)
                 similarity[short], labels[short] = index.search(queries[short], k, params=params)
         return similarity, labels
 
@@ -201,7 +228,7 @@ class KeypointIndex:
         selected = int(counts.sum())
         k = min(k, selected)
         fetch = min(index.ntotal, math.ceil(2 * k * index.ntotal / selected))
-        found_similarity, found_labels = index.search(queries, fetch)
+        found_similarity, found_labels = index.search(queries, fetch, params=search_parameters(index))
         allowed = np.zeros(int(rows.max()) + 1, bool)
         allowed[rows] = True
         found_rows = found_labels >> KEYPOINT_BITS
