@@ -70,6 +70,41 @@ def global_recall(engine: DelfEs, data: cached_features.CachedData, vectors: np.
     return round(statistics.fmean(recalls), 4)
 
 
+def knn_at_shortlist(engine: DelfEs, data: cached_features.CachedData, vectors: np.ndarray, ids: list[str]) -> dict:
+    """The global kNN as the search calls it (k = shortlist_size): its median latency, and the
+    recall@10 of its top 10 against exact search (k sets how many int8 candidates are re-scored
+    with the float vectors, so this is the recall the shortlist sees; ``global_recall`` asks for
+    k = 10)."""
+    k = engine.settings.shortlist_size
+    recalls, latencies = [], []
+    for query in data.queries:
+        exact = {ids[i] for i in np.argsort(-(vectors @ query.global_desc), kind="stable")[:K]}
+        started = time.perf_counter()
+        found = [hit.image_id for hit in engine.backend.global_knn(query.global_desc, k)]
+        latencies.append(1000 * (time.perf_counter() - started))
+        recalls.append(len(exact & set(found[:K])) / K)
+    return {"k": k, "recall_at_10": round(statistics.fmean(recalls), 4),
+            "p50_ms": round(statistics.median(latencies), 1)}
+
+
+def settle(client: Any, alias: str, timeout_s: float = 300.0) -> dict:
+    """Wait until the index is at rest before its searches are timed: Elasticsearch's merges after a
+    load (they ran for minutes beside the first measured searches of session 6 and 7's first run)
+    finished, and the 1-minute load average under 1.5 (this process is idle meanwhile), up to
+    ``timeout_s``; returns what was waited for, to be recorded with the row."""
+    started = time.perf_counter()
+    merges = None
+    while time.perf_counter() - started < timeout_s:
+        if client is not None:
+            stats = client.indices.stats(index=f"{alias}*", metric="merge")["_all"]["total"]["merges"]
+            merges = stats["current"]
+        if not merges and os.getloadavg()[0] < 1.5:
+            break
+        time.sleep(5)
+    return {"waited_s": round(time.perf_counter() - started, 1), "merges_running": merges,
+            "loadavg_1min": round(os.getloadavg()[0], 2)}
+
+
 def exact_keypoints(directory: Path, queries: np.ndarray) -> tuple[np.ndarray, list[str], float]:
     """The exact ``K`` nearest stored keypoints of each query (Q, D) by inner product, over every
     descriptor in the embedded index's SQLite file, read in chunks: faiss ids (Q, K), the image id
@@ -213,6 +248,8 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
                                    "ingest": {"images": added, "seconds": round(seconds, 1), "loadavg_1min": load,
                                               "replicas_green_after_s": round(green_s, 1),
                                               "images_per_s_until_green": round(added / (seconds + green_s), 2)}}
+            if client is not None:  # the embedded index has no background merges to wait for
+                row["settle"] = settle(client, alias)
             search = measure_search(engine, timer, data.queries)
             row.update({"p50_ms": search["p50_ms"], "p95_ms": search["p95_ms"], "search": search,
                         "plan": list(settings.search_plan(engine.backend.has_keypoint_vectors()))})
@@ -220,13 +257,25 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
             if client is not None and args.candidates:
                 # the recall knob: the same queries at other num_candidates (the backend's kNN
                 # reads it from its Queries part; put back after)
-                default = engine.backend._queries.num_candidates
+                default = engine.backend._queries.global_num_candidates
                 row["recall_at_10_by_num_candidates"] = {}
+                row["global_knn_by_num_candidates"] = {}
                 for candidates in args.candidates:
-                    engine.backend._queries.num_candidates = candidates
+                    engine.backend._queries.global_num_candidates = candidates
                     row["recall_at_10_by_num_candidates"][str(candidates)] = global_recall(
                         engine, data, np.stack(stored_globals), stored_ids)
-                engine.backend._queries.num_candidates = default
+                    row["global_knn_by_num_candidates"][str(candidates)] = knn_at_shortlist(
+                        engine, data, np.stack(stored_globals), stored_ids)
+                engine.backend._queries.global_num_candidates = default
+            if args.shortlists:
+                # the latency knob: the same index and queries verifying fewer images (the
+                # default stays settings.shortlist_size; this only measures what a smaller one buys)
+                default_settings = engine.settings
+                row["search_by_shortlist_size"] = {}
+                for shortlist in args.shortlists:
+                    engine.settings = default_settings.model_copy(update={"shortlist_size": shortlist})
+                    row["search_by_shortlist_size"][str(shortlist)] = measure_search(engine, timer, data.queries)
+                engine.settings = default_settings
             if client is not None:
                 row["bytes"] = es_bytes(client, alias, size)
                 row.update(es_heap(client))
@@ -318,6 +367,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=0, help="replicas of the Elasticsearch indices")
     parser.add_argument("--candidates", type=int, nargs="*", default=[],
                         help="also measure the global recall@10 at these num_candidates (Elasticsearch)")
+    parser.add_argument("--shortlists", type=int, nargs="*", default=[],
+                        help="also measure search p50/p95 verifying this many images (shortlist_size)")
     parser.add_argument("--nprobes", type=int, nargs="*", default=[32, 64, 128, 256, 512],
                         help="embedded: also measure the keypoint recall@10 at these nprobe")
     parser.add_argument("--scratch", type=Path, default=Path("/work/cache/scale"),
@@ -340,7 +391,7 @@ def main() -> None:
         "data": {"photos": len(data.database), "queries": len(data.queries), "features": data.source,
                  "replication": cached_features.REPLICATION},
         "settings": json.loads(Settings().model_dump_json(include={"shortlist_size", "query_max_descriptors",
-                                                                   "es_knn_num_candidates", "verify_threads",
+                                                                   "es_knn_num_candidates", "es_global_knn_num_candidates", "verify_threads",
                                                                    "es_bulk_load_images", "es_bulk_writers"})),
         "machine": machine(),
         "rows": kept,

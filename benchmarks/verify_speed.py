@@ -9,13 +9,19 @@ an embedded index without keypoint vectors; every search is the default Elastics
 real :class:`~delf_es.search.Searcher`.  One run measures, interleaved query by query so the load
 of the shared machine hits every variant alike:
 
-* end-to-end search p50/p95 with ``verify_threads`` 1 (the old default), 2 and 0 (auto), and that
-  all three return the same hits in the same order with the same inliers;
+* end-to-end search p50/p95 with ``verify_threads`` 1 (the old default), 2 and 0 (auto), and with
+  2 threads matching on the whole (Q, N) product as before session 7 (the Searcher's
+  ``mutual_matches`` swapped for ``whole_product_mutual``), and that all four return the same hits
+  in the same order with the same inliers;
+* the blocked product (``search.MATCH_BLOCK_ROWS`` query rows at a time) against the whole one per
+  shortlisted image: same pairs, thread CPU time of each;
 * per shortlisted image, thread CPU time of the matching product + reductions and of RANSAC;
 * the product batched over several shortlisted images at once (one BLAS call per block, into one
   buffer) against one product per image: same pairs, thread CPU time of each;
 * the mutual-match counts of the shortlisted images against ``min_inliers`` (an early exit for
   images that cannot reach it fires only below it);
+* cheaper estimators (pydegensac with fewer iterations, OpenCV's USAC) on the same correspondences:
+  CPU per image and the inliers they keep on true matches;
 * whether pydegensac and numpy's product release the GIL: a pure-Python thread counts while the
   other runs them (a held GIL stops the counter).
 """
@@ -43,12 +49,72 @@ import cached_features  # noqa: E402
 from delf_es.cache import MemoryLocationCache  # noqa: E402
 from delf_es.index.codes import decode_codes  # noqa: E402
 from delf_es.index.embedded import EmbeddedBackend  # noqa: E402
-from delf_es.search import Searcher, mutual_matches, verify_thread_count  # noqa: E402
+import delf_es.search as search_module  # noqa: E402
+from delf_es.search import MATCH_BLOCK_ROWS, Searcher, mutual_matches, verify_thread_count  # noqa: E402
 from delf_es.settings import Settings  # noqa: E402
 from delf_es.verify import estimate_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {"1 thread (old default)": 1, "2 threads": 2, "auto": 0}
+VARIANTS = {"1 thread (old default)": 1, "2 threads": 2, "auto": 0, "2 threads, whole product (session 6)": 2}
+#: variants that match with the whole (Q, N) product at once instead of search.MATCH_BLOCK_ROWS blocks
+WHOLE_PRODUCT = {"2 threads, whole product (session 6)"}
+
+
+def whole_product_mutual(query: np.ndarray, codes: np.ndarray | None, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual matching as before session 7: the whole (Q, N) product at once (4 MB for 1000 x 1000),
+    then its row argmax and column max (the blocked ``mutual_matches`` reads each block from cache)."""
+    if codes is None or not len(codes) or not len(query):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    similarity = query @ decode_codes(codes).T
+    q = np.arange(len(query))
+    best_keypoint = similarity.argmax(axis=1)
+    best = similarity[q, best_keypoint]
+    keep = (best >= similarity.max(axis=0)[best_keypoint]) & (best >= t)
+    q, keypoint = q[keep], best_keypoint[keep]
+    _, first = np.unique(keypoint, return_index=True)
+    first.sort()
+    return q[first], keypoint[first]
+
+
+def ransac_alternatives(correspondences: list[tuple[np.ndarray, np.ndarray]], base: Settings) -> dict:
+    """Cheaper estimators on the shortlist's real correspondences, against the default (pydegensac,
+    ``ransac_max_iters``): thread CPU per image, and the inliers they find on the images the default
+    gives >= ``qe_min_inliers`` (true matches, nearly all) and on the rest (chance matches)."""
+    import cv2
+
+    def degensac(iters: int) -> Callable:
+        return lambda a, b: estimate_model(a, b, "homography", base.ransac_px, base.ransac_confidence, iters,
+                                           base.ransac_seed)[1]
+
+    def usac(method: int) -> Callable:
+        def fit(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            if len(a) < 4:
+                return np.zeros(len(a), bool)
+            _, mask = cv2.findHomography(np.float64(a), np.float64(b), method, base.ransac_px,
+                                         maxIters=base.ransac_max_iters, confidence=base.ransac_confidence)
+            return np.zeros(len(a), bool) if mask is None else mask.ravel().astype(bool)
+        return fit
+
+    variants = {f"pydegensac {base.ransac_max_iters} iterations (default)": degensac(base.ransac_max_iters),
+                "pydegensac 1000 iterations": degensac(1000), "pydegensac 500 iterations": degensac(500),
+                "OpenCV USAC_DEFAULT": usac(cv2.USAC_DEFAULT), "OpenCV USAC_FAST": usac(cv2.USAC_FAST),
+                "OpenCV USAC_ACCURATE": usac(cv2.USAC_ACCURATE)}
+    cv2.setNumThreads(1)
+    out: dict[str, Any] = {}
+    default = None
+    for name, fit in variants.items():
+        started = time.thread_time()
+        inliers = np.array([int(np.asarray(fit(a, b)).sum()) for a, b in correspondences])
+        ms = 1000 * (time.thread_time() - started) / max(1, len(correspondences))
+        default = inliers if default is None else default
+        true = default >= base.qe_min_inliers
+        ratio = inliers[true] / default[true]
+        out[name] = {"cpu_ms_per_image": round(ms, 2), "images": len(inliers),
+                     "true_matches": int(true.sum()),
+                     "inlier_ratio_to_default_on_true_median": round(float(np.median(ratio)), 3) if true.any() else None,
+                     "inlier_ratio_to_default_on_true_min": round(float(ratio.min()), 3) if true.any() else None,
+                     "inliers_on_the_rest_max": int(inliers[~true].max()) if (~true).any() else None}
+    return out
 
 
 def batched_mutual(query: np.ndarray, codes: list[np.ndarray], t: float, block_images: int) -> list[tuple]:
@@ -141,9 +207,14 @@ def main() -> None:
             for name, searcher in searchers.items():
                 if name == "auto":
                     auto_threads.append(verify_thread_count(0))
-                started = time.perf_counter()
-                hits = searcher.search(query)
-                times[name].append(1000 * (time.perf_counter() - started))
+                if name in WHOLE_PRODUCT:
+                    search_module.mutual_matches = whole_product_mutual
+                try:
+                    started = time.perf_counter()
+                    hits = searcher.search(query)
+                    times[name].append(1000 * (time.perf_counter() - started))
+                finally:
+                    search_module.mutual_matches = mutual_matches
                 key = hit_key(hits)
                 reference = reference or key
                 same &= key == reference
@@ -159,11 +230,14 @@ def main() -> None:
         result["search_loadavg_1min"] = load
         ratio = result["search"]["1 thread (old default)"]["p50_ms"] / result["search"]["2 threads"]["p50_ms"]
         result["search_p50_speedup_2_threads"] = round(ratio, 2)
+        ratio = result["search"]["2 threads, whole product (session 6)"]["p50_ms"] / result["search"]["2 threads"]["p50_ms"]
+        result["search_p50_speedup_blocked_product"] = round(ratio, 2)
 
         # per image: matching vs RANSAC (thread CPU time), batched products, match counts
         match_ms, ransac_ms, counts = [], [], []
-        per_image_ms, batched_ms = [], []
-        same_pairs = True
+        per_image_ms, batched_ms, whole_ms = [], [], []
+        same_pairs = same_as_whole = True
+        correspondences: list[tuple[np.ndarray, np.ndarray]] = []
         with threadpool_limits(limits=1, user_api="blas"):
             for query in data.queries:
                 shortlist = [i for i, _ in backend.global_knn(query.global_desc, base.shortlist_size)]
@@ -174,11 +248,16 @@ def main() -> None:
                 pairs = [mutual_matches(q, codes[i], base.knn_min_similarity) for i in shortlist]
                 per_image_ms.append(1000 * (time.thread_time() - started))
                 started = time.thread_time()
+                whole = [whole_product_mutual(q, codes[i], base.knn_min_similarity) for i in shortlist]
+                whole_ms.append(1000 * (time.thread_time() - started))
+                same_as_whole &= all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(pairs, whole))
+                started = time.thread_time()
                 batched = batched_mutual(q, [codes[i] for i in shortlist], base.knn_min_similarity, 4)
                 batched_ms.append(1000 * (time.thread_time() - started))
                 same_pairs &= all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(pairs, batched))
                 for image_id, (qi, di) in zip(shortlist, pairs):
                     counts.append(len(qi))
+                    correspondences.append((query.keypoints[qi], locations[image_id][di]))
                     started = time.thread_time()
                     estimate_model(query.keypoints[qi], locations[image_id][di], base.ransac_model, base.ransac_px,
                                    base.ransac_confidence, base.ransac_max_iters, base.ransac_seed, base.min_inlier_spread)
@@ -193,6 +272,13 @@ def main() -> None:
             "same_pairs": bool(same_pairs),
             "batched_over_per_image": round(statistics.median(batched_ms) / statistics.median(per_image_ms), 2),
         }
+        result["blocked_product"] = {
+            "block_rows": MATCH_BLOCK_ROWS,
+            "blocked_ms_per_query_median": round(statistics.median(per_image_ms), 1),
+            "whole_product_ms_per_query_median": round(statistics.median(whole_ms), 1),
+            "blocked_over_whole": round(statistics.median(per_image_ms) / statistics.median(whole_ms), 2),
+            "same_pairs": bool(same_as_whole),
+        }
         result["mutual_matches_per_shortlisted_image"] = {
             "min": int(min(counts)), "p5": float(np.percentile(counts, 5)), "median": float(np.median(counts)),
             "max": int(max(counts)), "images": len(counts),
@@ -200,6 +286,7 @@ def main() -> None:
             "histogram": np.histogram(counts, bins=20)[0].tolist(),
             "histogram_edges": [round(float(e), 1) for e in np.histogram(counts, bins=20)[1]],
         }
+        result["ransac_alternatives"] = ransac_alternatives(correspondences, base)
         backend.close()
 
     rng = np.random.default_rng(0)
@@ -230,14 +317,16 @@ def plot(result: dict, path: Path) -> None:
     x = np.arange(len(names))
     axes[0].bar(x - 0.2, [result["search"][n]["p50_ms"] for n in names], 0.4, label="p50")
     axes[0].bar(x + 0.2, [result["search"][n]["p95_ms"] for n in names], 0.4, label="p95")
-    axes[0].set_xticks(x, names, fontsize=8)
+    axes[0].set_xticks(x, [n.replace(", ", ",\n") for n in names], fontsize=7)
     axes[0].set_ylabel("search ms (global + matching, 100 verified)")
     axes[0].set_title(f"load avg {result['search_loadavg_1min'][0]:.1f}-{result['search_loadavg_1min'][1]:.1f}, "
                       f"{result['machine']['cpu_count']} cores", fontsize=9)
     axes[0].legend()
     b = result["batched_product"]
-    axes[1].bar(["one product per image", "batched, 4 images"],
-                [b["per_image_products_ms_per_query_median"], b["batched_4_images_ms_per_query_median"]], color="tab:orange")
+    w = result["blocked_product"]
+    axes[1].bar(["whole product\nper image", f"blocks of {w['block_rows']}\nrows (default)", "batched,\n4 images"],
+                [w["whole_product_ms_per_query_median"], w["blocked_ms_per_query_median"],
+                 b["batched_4_images_ms_per_query_median"]], color="tab:orange")
     axes[1].set_ylabel("matching CPU ms per query (100 images)")
     m = result["mutual_matches_per_shortlisted_image"]
     edges = m["histogram_edges"]

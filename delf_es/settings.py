@@ -205,7 +205,8 @@ class Settings(BaseSettings):
         "average leaves free (at least 1, see search.verify_thread_count).  numpy's products and pydegensac both "
         "release the GIL (benchmarks/verify_speed.py measures it), so threads scale on idle cores; on busy shared "
         "cores 1 was measured faster (p50 252-280 ms vs 326-365 ms with 2 at 10k images, "
-        "benchmarks/results/search_speed_es_10k*.json), which auto picks there",
+        "benchmarks/results/search_speed_es_10k*.json), which auto picks there; at load 1.1-1.8 (niced jobs beside) 2 were "
+        "1.32x faster (p50 651 vs 862 ms, benchmarks/results/verify_speed.json)",
     )
     rank_by: str = Field(
         default="inliers+global",
@@ -271,7 +272,13 @@ class Settings(BaseSettings):
     index_alias: str = "delf-images"
     es_timeout: float = Field(default=10.0, gt=0, description="s, per Elasticsearch request: a dead server fails fast")
     es_knn_num_candidates: int = Field(
-        default=300, ge=1, le=10_000, description="HNSW candidates per kNN search (recall vs latency)"
+        default=300, ge=1, le=10_000, description="HNSW candidates per keypoint kNN search (recall vs latency; "
+        "one search per query descriptor, so it scales the local and hybrid plans' cost)"
+    )
+    es_global_knn_num_candidates: int = Field(
+        default=1000, ge=1, le=10_000, description="HNSW candidates per shard of the global kNN (one search per "
+        "query): one shard at 100k images gave recall@10 0.968 (session 6's build) and 0.992 (session 7's) at 300, "
+        "0.995 at 1000 for +1.6 ms (12.2 -> 13.8 ms per kNN; benchmarks/results/scale.json)"
     )
     data_dir: Path = Field(default_factory=default_data_dir)
 

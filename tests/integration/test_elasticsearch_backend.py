@@ -220,6 +220,32 @@ def test_knn_restricted_to_image_ids_searches_only_those(backend):
 
 
 @pytest.mark.integration
+@pytest.mark.integration
+def test_global_and_keypoint_knn_ask_for_their_own_num_candidates(services, alias, monkeypatch):
+    """The global kNN (one search per query) uses ``es_global_knn_num_candidates``, the keypoint kNN
+    (one per query descriptor) ``es_knn_num_candidates``: the bodies sent to the real server, read
+    by a spy on the transport's msearch (it forwards every call)."""
+    settings = Settings(es_url=services.es_url, index_alias=alias, keypoint_vectors=True,
+                        es_knn_num_candidates=40, es_global_knn_num_candidates=700)
+    with ElasticsearchBackend(settings) as backend:
+        items = [record(name, 30, seed=i) for i, name in enumerate("abcd")]
+        backend.upsert(items, refresh=True)
+        sent: list[dict] = []
+        forward = backend.transport.msearch
+
+        def spy(index, searches, *args, **kwargs):
+            sent.extend(search["knn"] for search in searches if "knn" in search)
+            return forward(index, searches, *args, **kwargs)
+
+        monkeypatch.setattr(backend.transport, "msearch", spy)
+        hits = backend.global_knn(items[0].features.global_desc, 3)
+        assert hits[0][0] == "a" and [s["num_candidates"] for s in sent] == [700]
+        sent.clear()
+        found = backend.knn(items[1].features.descriptors[:2], 5)
+        assert set(found.image_ids) >= {"b"}
+        assert sent and {s["num_candidates"] for s in sent} == {40}
+
+
 def test_malformed_metadata_filter_raises_unsupported_filter(backend):
     backend.upsert([record("a")], refresh=True)
     with pytest.raises(UnsupportedFilter) as raised:

@@ -123,6 +123,30 @@ def test_mutual_matches_equal_the_definition_with_exact_ties():
     assert len(expected) >= 5 and set(q_idx.tolist()) & set(range(20))  # the originals of the tied rows win
 
 
+def test_mutual_matches_in_blocks_equal_the_whole_product():
+    """The blocked product (``block_rows`` query rows at a time) against the definition on the whole
+    (Q, N) product, with 1000 query rows so that blocks of 1, 7, 256 and 1000 rows all cut through
+    it, and exact ties across blocks (rows 600-999 repeat rows 0-399: the earlier row must win).  The
+    database rows are unit axes, so every cosine is exact whatever the BLAS does with a block (on
+    real features the blocks differ from the whole product by <= 2 ulp; the real-photo check of the
+    same hits is test_verify_threads_real.py)."""
+    from delf_es.index.codes import decode_codes
+
+    rng = np.random.default_rng(7)
+    codes = int8_codes(np.eye(40, dtype=np.float32))
+    query = unit(rng, 600, 40) ** 3
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    query = np.r_[query, query[:400]].astype(np.float32)
+    similarity = query @ decode_codes(codes).T
+    to_db, to_query = similarity.argmax(axis=1), similarity.argmax(axis=0)
+    expected = [(q, k) for q, k in enumerate(to_db) if to_query[k] == q and similarity[q, k] >= 0.595]
+    assert len(expected) >= 10
+    for block_rows in (1, 7, 256, 1000, 5000):
+        q_idx, db_idx = mutual_matches(query, codes, 0.595, block_rows=block_rows)
+        assert list(zip(q_idx.tolist(), db_idx.tolist())) == expected, block_rows
+        assert (q_idx < 600).all()  # a repeated row never beats its original
+
+
 def test_mutual_matches_keeps_mutual_pairs_above_the_threshold():
     rng = np.random.default_rng(0)
     db = unit(rng, 50, 40)

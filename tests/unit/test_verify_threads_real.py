@@ -13,6 +13,7 @@ from delf_es.cache import MemoryLocationCache
 from delf_es.imageio import load_image
 from delf_es.index.base import ImageRecord
 from delf_es.index.embedded import EmbeddedBackend
+from delf_es.index.codes import decode_codes
 from delf_es.search import Searcher, mutual_matches, rank_hits, verify_thread_count
 from delf_es.settings import Settings
 from delf_es.types import SearchHit
@@ -51,15 +52,31 @@ def real(tmp_path_factory):
     backend.close()
 
 
+def whole_product_matches(descriptors: np.ndarray, codes: np.ndarray, min_similarity: float):
+    """Mutual nearest neighbours from the whole (Q, N) product at once, as before the product was
+    computed in blocks of rows (search.MATCH_BLOCK_ROWS)."""
+    similarity = descriptors @ decode_codes(codes).T
+    best_keypoint = similarity.argmax(axis=1)
+    best = similarity[np.arange(len(descriptors)), best_keypoint]
+    keep = (best >= similarity.max(axis=0)[best_keypoint]) & (best >= min_similarity)
+    q, keypoint = np.flatnonzero(keep), best_keypoint[keep]
+    _, first = np.unique(keypoint, return_index=True)
+    first.sort()
+    return q[first], keypoint[first]
+
+
 def reference(backend, query, s: Settings) -> list[SearchHit]:
-    """The plain path: shortlist, then each image matched and verified in turn."""
+    """The plain path: shortlist, then each image matched (the whole product, not blocks) and
+    verified in turn."""
     descriptors = query.descriptors[: s.query_max_descriptors]
     shortlist = backend.global_knn(query.global_desc, s.shortlist_size)
     codes = backend.descriptor_codes([i for i, _ in shortlist])
     locations = backend.keypoints([i for i, _ in shortlist])
     hits = []
     for image_id, similarity in shortlist:
-        q, d = mutual_matches(descriptors, codes[image_id], s.knn_min_similarity)
+        q, d = whole_product_matches(descriptors, codes[image_id], s.knn_min_similarity)
+        blocked = mutual_matches(descriptors, codes[image_id], s.knn_min_similarity)
+        assert np.array_equal(blocked[0], q) and np.array_equal(blocked[1], d), image_id
         _, mask = estimate_model(query.keypoints[q], locations[image_id][d], s.ransac_model, s.ransac_px,
                                  s.ransac_confidence, s.ransac_max_iters, s.ransac_seed, s.min_inlier_spread)
         pairs = np.hstack([query.keypoints[q][mask], locations[image_id][d][mask]]).astype(np.float32)
@@ -96,6 +113,7 @@ def test_auto_threads_are_the_cores_the_load_leaves_free():
     assert verify_thread_count(3) == 3  # set: used as is
     assert verify_thread_count(0, cpu_count=2, load=0.2) == 2  # idle: every core
     assert verify_thread_count(0, cpu_count=2, load=1.0) == 2  # only this search running
+    assert verify_thread_count(0, cpu_count=2, load=1.2) == 2  # this search and a little more: 1.8 cores free
     assert verify_thread_count(0, cpu_count=2, load=1.6) == 1
     assert verify_thread_count(0, cpu_count=2, load=7.0) == 1  # busy: never fewer than one
     assert verify_thread_count(0, cpu_count=8, load=3.0) == 6

@@ -49,7 +49,8 @@ class ElasticsearchBackend:
 
     Args:
         settings: ``es_url`` (required unless ``client`` is given), ``index_alias``,
-            ``es_timeout`` (s per request), ``es_knn_num_candidates``.
+            ``es_timeout`` (s per request), ``es_knn_num_candidates`` (keypoint kNN),
+            ``es_global_knn_num_candidates`` (global kNN).
         model_id: the model whose features this index holds; records of another model are
             refused.  None: the model of the existing index, or of the first record written.
         client: an Elasticsearch client to use instead of one built from ``settings``
@@ -68,7 +69,8 @@ class ElasticsearchBackend:
         self.timeout = self.transport.timeout
         self.num_candidates = int(settings.es_knn_num_candidates)
         self._writer = Writer(self.transport, self.aliases, model_id, settings.index_keypoint_vectors())
-        self._queries = Queries(self.transport, self.aliases, self.num_candidates)
+        self._queries = Queries(self.transport, self.aliases, self.num_candidates,
+                                int(settings.es_global_knn_num_candidates))
 
     # ------------------------------------------------------------------ writes
 

@@ -64,12 +64,16 @@ def metadata_filters(metadata_filter: MetadataFilter | None, image_ids: list[str
 
 
 class Queries:
-    """kNN searches on the indices behind ``aliases`` with ``num_candidates`` HNSW candidates."""
+    """kNN searches on the indices behind ``aliases``: ``num_candidates`` HNSW candidates per
+    keypoint search, ``global_num_candidates`` per global one (a single search per query, so it
+    can afford more; None = ``num_candidates``)."""
 
-    def __init__(self, transport: Transport, aliases: Aliases, num_candidates: int) -> None:
+    def __init__(self, transport: Transport, aliases: Aliases, num_candidates: int,
+                 global_num_candidates: int | None = None) -> None:
         self.transport = transport
         self.aliases = aliases
         self.num_candidates = num_candidates
+        self.global_num_candidates = num_candidates if global_num_candidates is None else global_num_candidates
 
     def knn(
         self,
@@ -160,7 +164,7 @@ class Queries:
         check_vector(vector, indices.global_dims)
         size = min(k, MAX_KNN)
         search: dict[str, Any] = {"field": "global_vector", "query_vector": float_vector(vector), "k": size,
-                                  "num_candidates": min(max(self.num_candidates, size), MAX_KNN)}
+                                  "num_candidates": min(max(self.global_num_candidates, size), MAX_KNN)}
         if filters:
             search["filter"] = filters
         if indices.quantised_global:  # re-score the int8 candidates with the float vectors: exact cosines
