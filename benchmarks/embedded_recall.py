@@ -151,7 +151,7 @@ def main() -> None:
                                  "loadavg_1min": load})
             print(size, row["sweep"][-1], flush=True)
         if isinstance(index, faiss.IndexIVF):
-            index.nprobe = backend._nprobe_for(index.nlist)
+            index.nprobe = backend._nprobe_for(index.nlist, isinstance(index, faiss.IndexIVFScalarQuantizer))
         row["default_nprobe"] = int(getattr(index, "nprobe", 0))
         row["search_default_plan"] = search_latency(backend, data)
         backend._snapshot_generation = backend._generation  # no multi-GB snapshot: the next open rebuilds

@@ -303,7 +303,10 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
         if client is not None:
             drop_indices(client, f"{alias}*")
             client.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+        if args.keep:
+            print(f"kept {scratch}", flush=True)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
     return rows
 
 
@@ -313,7 +316,8 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
+    keypoints = [r for r in result["rows"] if "keypoint_knn" in r]
+    fig, axes = plt.subplots(1, 5 if keypoints else 4, figsize=(22 if keypoints else 18, 4.5))
     for kind in sorted({r["backend"] for r in result["rows"]}):
         for nodes in sorted({r["nodes"] for r in result["rows"] if r["backend"] == kind}):
             rows = [r for r in result["rows"] if r["backend"] == kind and r["nodes"] == nodes]
@@ -328,6 +332,19 @@ def plot(result: dict, path: Path) -> None:
                               for v in r["bytes"][part]["disk_usage_by_field_per_image"].values()) for r in rows]
                 axes[2].plot(sizes, [b / 1000 for b in fields], marker=".", linestyle="--", label=f"{label} fields")
             axes[3].plot(sizes, [r["ingest_images_per_s"] for r in rows], marker="o", label=label)
+    if keypoints:  # embedded: keypoint kNN recall@10 vs exact, at the shipped nprobe and the sweep
+        sizes = [r["images"] for r in keypoints]
+        axes[4].plot(sizes, [r["keypoint_recall_at_10"] for r in keypoints], marker="o", color="k",
+                     label="shipped nprobe (" + ", ".join(str(r["keypoint_knn"]["nprobe"]) for r in keypoints) + ")")
+        for nprobe in sorted({int(p) for r in keypoints for p in r["keypoint_knn"].get("by_nprobe", {})}):
+            points = [(r["images"], r["keypoint_knn"]["by_nprobe"][str(nprobe)]["recall_at_10"])
+                      for r in keypoints if str(nprobe) in r["keypoint_knn"].get("by_nprobe", {})]
+            axes[4].plot(*zip(*points), marker=".", linestyle="--", label=f"nprobe {nprobe}")
+        axes[4].set_xscale("log")
+        axes[4].set_xlabel("images")
+        axes[4].set_ylabel("keypoint kNN recall@10 vs exact")
+        axes[4].axhline(0.95, color="k", linestyle=":", linewidth=1)
+        axes[4].legend(fontsize=7)
     for ax, ylabel, target in ((axes[0], "search ms (default plan)", 200), (axes[1], "global kNN recall@10", 0.98),
                                (axes[2], "KB per image", 100), (axes[3], "ingest images/s (features given)", 20)):
         ax.set_xscale("log")
@@ -352,10 +369,11 @@ def main() -> None:
                         help="also measure the global recall@10 at these num_candidates (Elasticsearch)")
     parser.add_argument("--shortlists", type=int, nargs="*", default=[],
                         help="also measure search p50/p95 verifying this many images (shortlist_size)")
-    parser.add_argument("--nprobes", type=int, nargs="*", default=[64, 128, 256, 512],
+    parser.add_argument("--nprobes", type=int, nargs="*", default=[32, 64, 128, 256, 512],
                         help="embedded: also measure the keypoint recall@10 at these nprobe")
     parser.add_argument("--scratch", type=Path, default=Path("/work/cache/scale"),
                         help="where the benchmark's indexes live while it runs (deleted after)")
+    parser.add_argument("--keep", action="store_true", help="keep the embedded index directory after the run")
     parser.add_argument("--note", default="", help="a note on this run's rows (e.g. where it stopped and why)")
     parser.add_argument("--es-url", default=os.environ.get("DELF_ES_ES_URL", "http://127.0.0.1:9200"))
     parser.add_argument("--redis-url", default=os.environ.get("DELF_ES_REDIS_URL", "redis://127.0.0.1:6379/0"))

@@ -258,8 +258,9 @@ class Settings(BaseSettings):
     )
     embedded_nprobe: int | None = Field(
         default=None, ge=1, description="embedded index: IVF lists visited per query; None = auto, "
-        "0.14 nlist^0.7 and at least 16, so recall@10 stays >= 0.95 as the index grows (16 fixed gave 0.86 at "
-        "1000 images, 0.80 at 3000 and 10,000; benchmarks/results/embedded_recall.json)",
+        "0.14 nlist^0.7 (0.19 with SQ8 codes) and at least 16, so recall@10 stays >= 0.95 as the index grows "
+        "(16 fixed gave 0.86 at 1000 images, 0.80 at 3000 and 10,000; auto gave 0.954 / 0.957 at 10,000 / 30,000: "
+        "benchmarks/results/embedded_recall.json, scale_embedded.json)",
     )
     embedded_sq8_from: int | None = Field(
         default=4_000_000, ge=0, description="embedded index: keypoint vectors from which the IVF stores them as "

@@ -389,6 +389,8 @@ def test_auto_nprobe_grows_as_the_lists_to_the_power_0_7():
     # above the nprobe measured to reach recall@10 0.95: ~42 at 4000 lists (1000 images), ~62 at 6928 (3000)
     assert auto_nprobe(4000) == 47 and auto_nprobe(6928) == 69 and auto_nprobe(12649) == 105
     assert all(auto_nprobe(n) <= n or n < 16 for n in (16, 100, 4000))
+    # SQ8 codes: ~1.35x the lists (64 reached 0.95 at 4000 lists)
+    assert auto_nprobe(4000, sq8=True) == 64 and auto_nprobe(40000, sq8=True) == 317
 
 
 def test_reopening_with_another_exact_limit_switches_the_structure(tmp_path):

@@ -216,3 +216,15 @@ def test_hnsw_quantizer_searches_as_many_lists_as_nprobe_asks(tmp_path):
         assert faiss.downcast_index(index.quantizer).hnsw.efSearch == 16  # adds keep the cheap default
         index.nprobe = index.nlist
         assert _recall(backend, queries, stored) == 1.0
+
+
+def test_sq8_index_gets_the_sq8_auto_nprobe_when_built_and_when_reloaded(tmp_path, monkeypatch):
+    from delf_es.index.embedded.keypoint_index import auto_nprobe
+
+    monkeypatch.setattr(keypoint_index_module, "AUTO_NPROBE_MIN", 1)  # small lists: let the factors show
+    with EmbeddedBackend(tmp_path, exact_limit=500, sq8_from=0, hnsw_from=2) as backend:
+        backend.upsert(_records(30))
+        nlist = backend._index.nlist
+        assert backend._index.nprobe == auto_nprobe(nlist, sq8=True) > auto_nprobe(nlist)
+    with EmbeddedBackend(tmp_path, exact_limit=500, sq8_from=0, hnsw_from=2) as backend:
+        assert backend._index.nprobe == auto_nprobe(nlist, sq8=True)

@@ -35,6 +35,9 @@ _SNAPSHOT_RE = re.compile(r"^keypoints\.(\d+)\.faiss$")
 AUTO_NPROBE_FACTOR = 0.14
 AUTO_NPROBE_POWER = 0.7
 AUTO_NPROBE_MIN = 16
+#: the factor for SQ8 codes: their rounding swaps near-tied neighbours, so reaching the same recall
+#: takes ~1.35x the lists (1M vectors, 4000 lists: 0.956 at nprobe 64 with SQ8, Flat 0.955 at ~47)
+AUTO_NPROBE_SQ8_FACTOR = 0.19
 #: vectors read from SQLite and added per chunk by a rebuild (160 MB of float32 at D = 40)
 REBUILD_CHUNK_VECTORS = 1_000_000
 
@@ -48,14 +51,17 @@ def keypoint_ids(rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(rows << KEYPOINT_BITS, counts) + (np.arange(total, dtype=np.int64) - starts)
 
 
-def auto_nprobe(nlist: int) -> int:
-    """IVF lists to visit when ``nprobe`` is unset: ``AUTO_NPROBE_FACTOR`` nlist^``AUTO_NPROBE_POWER``,
-    at least ``AUTO_NPROBE_MIN``.  A fixed nprobe loses recall as the index grows (recall@10 with 16
-    lists: 0.90 at 250 images, 0.86 at 1000, 0.80 at 3000 and 10,000); the nprobe that reaches 0.95
-    on real features grew as nlist^0.7 (27 at nlist 2000, ~42 at 4000, ~62 at 6928: 0.13 nlist^0.7,
-    benchmarks/results/embedded_recall.json), so the rule is that with a margin.  The vectors scanned
-    per query still grow slower than the index (~n^0.85)."""
-    return max(AUTO_NPROBE_MIN, math.ceil(AUTO_NPROBE_FACTOR * nlist**AUTO_NPROBE_POWER))
+def auto_nprobe(nlist: int, sq8: bool = False) -> int:
+    """IVF lists to visit when ``nprobe`` is unset: ``AUTO_NPROBE_FACTOR`` nlist^``AUTO_NPROBE_POWER``
+    (``AUTO_NPROBE_SQ8_FACTOR`` for SQ8 codes), at least ``AUTO_NPROBE_MIN``.  A fixed nprobe loses
+    recall as the index grows (recall@10 with 16 lists: 0.90 at 250 images, 0.86 at 1000, 0.80 at
+    3000 and 10,000); the nprobe that reaches 0.95 on real features grew as nlist^0.7 (27 at nlist
+    2000, ~42 at 4000, ~62 at 6928: 0.13 nlist^0.7, benchmarks/results/embedded_recall.json), so the
+    rule is that with a margin; SQ8 needs ~1.35x more (benchmarks/results/embedded_structure.json),
+    and how it holds at 10,000-100,000 images is in benchmarks/results/scale_embedded.json
+    (docs/scale.md).  The vectors scanned per query still grow slower than the index (~n^0.85)."""
+    factor = AUTO_NPROBE_SQ8_FACTOR if sq8 else AUTO_NPROBE_FACTOR
+    return max(AUTO_NPROBE_MIN, math.ceil(factor * nlist**AUTO_NPROBE_POWER))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -89,7 +95,7 @@ class KeypointIndex:
             logger.warning("ignoring keypoint snapshot %s: it does not match the database", path)
             return None
         if isinstance(index, faiss.IndexIVF):
-            index.nprobe = self._nprobe_for(index.nlist)
+            index.nprobe = self._nprobe_for(index.nlist, isinstance(index, faiss.IndexIVFScalarQuantizer))
             self._ivf_trained_on = index.ntotal
         self._snapshot_generation = self._generation
         logger.info("loaded keypoint index %s (%d vectors)", path.name, index.ntotal)
@@ -124,7 +130,7 @@ class KeypointIndex:
             sample = self._read_descriptors(rows[picked], positions)
             index.train(sample)
             del sample
-            index.nprobe = self._nprobe_for(structure.nlist)
+            index.nprobe = self._nprobe_for(structure.nlist, structure.sq8)
             self._ivf_trained_on = total
         pending: list[np.ndarray] = []
         pending_rows: list[int] = []
@@ -166,9 +172,9 @@ class KeypointIndex:
                 blocks[row] = unblob(data, self._local_dim)[wanted[row]]
         return np.ascontiguousarray(np.concatenate([blocks[row] for row in row_list]), np.float32)
 
-    def _nprobe_for(self, nlist: int) -> int:
-        """The backend's ``nprobe``, or :func:`auto_nprobe` of ``nlist`` when it is None."""
-        return self.nprobe if self.nprobe is not None else auto_nprobe(nlist)
+    def _nprobe_for(self, nlist: int, sq8: bool = False) -> int:
+        """The backend's ``nprobe``, or :func:`auto_nprobe` of ``nlist`` (and codes) when it is None."""
+        return self.nprobe if self.nprobe is not None else auto_nprobe(nlist, sq8)
 
     def _new_flat(self) -> Any:
         return new_index(KeypointStructure(), self._local_dim)
