@@ -37,8 +37,8 @@ TRAIN_POINTS_PER_LIST = 40
 #: k-means iterations (faiss's IVF default is 10).
 TRAIN_ITERATIONS = 10
 #: SQ8 range per dimension: mean +- SQ8_RANGE_STD std of the training residuals (faiss RS_meanstd), not
-#: their min-max (faiss's default, stretched by outliers): recall@10 ceiling 0.977 vs 0.969 at 1M
-#: vectors, nprobe 512 (RS_quantiles 0.001: 0.977, RS_optim: 0.977; embedded_structure.json notes)
+#: their min-max (faiss's default, stretched by outliers): recall@10 0.978 vs 0.969 at 1M vectors,
+#: nprobe 512 (benchmarks/results/embedded_structure.json; quantiles 0.001 and RS_optim: 0.977, a probe)
 SQ8_RANGE_STD = 3.0
 #: most training points taken from one image, so the sample spans many images.
 TRAIN_POINTS_PER_IMAGE = 64
