@@ -48,7 +48,7 @@ from search_speed import StageTimer, cache_flush, embedded_bytes, es_bytes, meas
 from delf_es.cache import LocationCache, MemoryLocationCache, RedisLocationCache  # noqa: E402
 from delf_es.eval.run import drop_indices  # noqa: E402
 from delf_es.index.embedded.keypoint_index import KEYPOINT_BITS, MAX_KEYPOINTS, keypoint_ids  # noqa: E402
-from delf_es.index.embedded.storage import DATABASE_NAME, unblob  # noqa: E402
+from delf_es.index.embedded.storage import DATABASE_NAME, descriptor_chunks  # noqa: E402
 from delf_es.index.embedded.structure import structure_of  # noqa: E402
 from delf_es.sdk import DelfEs  # noqa: E402
 from delf_es.settings import Settings  # noqa: E402
@@ -105,41 +105,23 @@ def settle(client: Any, alias: str, timeout_s: float = 300.0) -> dict:
             "loadavg_1min": round(os.getloadavg()[0], 2)}
 
 
-def exact_keypoints(directory: Path, queries: np.ndarray) -> tuple[np.ndarray, list[str], float]:
+def exact_keypoints(directory: Path, queries: np.ndarray) -> tuple[np.ndarray, dict[int, str], float]:
     """The exact ``K`` nearest stored keypoints of each query (Q, D) by inner product, over every
     descriptor in the embedded index's SQLite file, read in chunks: faiss ids (Q, K), the image id
-    of each SQLite row (a list indexed by row) and the seconds it took."""
+    of each SQLite row and the seconds it took."""
     started = time.perf_counter()
     db = sqlite3.connect(f"file:{directory / DATABASE_NAME}?mode=ro", uri=True)
     best_sims = np.full((len(queries), 0), -np.inf, np.float32)
     best_ids = np.zeros((len(queries), 0), np.int64)
     names: dict[int, str] = {}
-    blocks, rows, counts = [], [], []
-
-    def flush() -> None:
-        nonlocal best_sims, best_ids
-        vectors = np.ascontiguousarray(np.concatenate(blocks))
-        sims, positions = faiss.knn(queries, vectors, min(K, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+    for chunk in descriptor_chunks(db, queries.shape[1], EXACT_CHUNK):
+        names.update(zip(chunk.rows.tolist(), chunk.image_ids))
+        sims, positions = faiss.knn(queries, chunk.vectors, min(K, len(chunk.vectors)),
+                                    metric=faiss.METRIC_INNER_PRODUCT)
         sims = np.concatenate([best_sims, sims], axis=1)
-        ids = np.concatenate([best_ids, keypoint_ids(np.array(rows), np.array(counts))[positions]], axis=1)
+        ids = np.concatenate([best_ids, keypoint_ids(chunk.rows, chunk.counts)[positions]], axis=1)
         keep = np.argsort(-sims, axis=1, kind="stable")[:, :K]
         best_sims, best_ids = np.take_along_axis(sims, keep, axis=1), np.take_along_axis(ids, keep, axis=1)
-        blocks.clear(), rows.clear(), counts.clear()
-
-    buffered = 0
-    dim = queries.shape[1]
-    for row, image_id, count, data in db.execute(
-            "SELECT row, image_id, num_keypoints, descriptors FROM images WHERE num_keypoints > 0 ORDER BY row"):
-        names[row] = image_id
-        blocks.append(unblob(data, dim))
-        rows.append(row)
-        counts.append(count)
-        buffered += count
-        if buffered >= EXACT_CHUNK:
-            flush()
-            buffered = 0
-    if blocks:
-        flush()
     db.close()
     return best_ids, names, time.perf_counter() - started
 

@@ -65,8 +65,13 @@ def whole_product_mutual(query: np.ndarray, codes: np.ndarray | None, t: float) 
     then its row argmax and column max (the blocked ``mutual_matches`` reads each block from cache)."""
     if codes is None or not len(codes) or not len(query):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    similarity = query @ decode_codes(codes).T
-    q = np.arange(len(query))
+    return mutual_of(query @ decode_codes(codes).T, t)
+
+
+def mutual_of(similarity: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours above ``t`` of one whole (Q, N) cosine matrix (exact ties: the
+    lowest query row, as argmax)."""
+    q = np.arange(len(similarity))
     best_keypoint = similarity.argmax(axis=1)
     best = similarity[q, best_keypoint]
     keep = (best >= similarity.max(axis=0)[best_keypoint]) & (best >= t)
@@ -129,16 +134,8 @@ def batched_mutual(query: np.ndarray, codes: list[np.ndarray], t: float, block_i
         np.matmul(query, rows.T, out=similarity)
         column = 0
         for image_codes in chunk:
-            s = similarity[:, column : column + len(image_codes)]
+            out.append(mutual_of(similarity[:, column : column + len(image_codes)], t))
             column += len(image_codes)
-            q = np.arange(len(query))
-            best_keypoint = s.argmax(axis=1)
-            best = s[q, best_keypoint]
-            keep = (best >= s.max(axis=0)[best_keypoint]) & (best >= t)
-            q, keypoint = q[keep], best_keypoint[keep]
-            _, first = np.unique(keypoint, return_index=True)
-            first.sort()
-            out.append((q[first], keypoint[first]))
     return out
 
 

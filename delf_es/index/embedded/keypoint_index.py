@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 
 from delf_es.index.base import Neighbours
-from delf_es.index.embedded.storage import SQL_CHUNK, unblob
+from delf_es.index.embedded.storage import SQL_CHUNK, descriptor_chunks, unblob
 from delf_es.index.embedded.structure import (TRAIN_POINTS_PER_LIST, KeypointStructure, choose_structure,
                                               new_index, search_parameters, training_picks)
 
@@ -132,28 +132,8 @@ class KeypointIndex:
             del sample
             index.nprobe = self._nprobe_for(structure.nlist, structure.sq8)
             self._ivf_trained_on = total
-        pending: list[np.ndarray] = []
-        pending_rows: list[int] = []
-        pending_counts: list[int] = []
-
-        def flush() -> None:
-            if pending:
-                index.add_with_ids(np.ascontiguousarray(np.concatenate(pending)),
-                                   keypoint_ids(np.array(pending_rows), np.array(pending_counts)))
-                pending.clear(), pending_rows.clear(), pending_counts.clear()
-
-        buffered = 0
-        for row, count, data in self._db.execute(
-            "SELECT row, num_keypoints, descriptors FROM images WHERE num_keypoints > 0 ORDER BY row"
-        ):
-            pending.append(unblob(data, self._local_dim))
-            pending_rows.append(row)
-            pending_counts.append(count)
-            buffered += count
-            if buffered >= chunk_vectors:
-                flush()
-                buffered = 0
-        flush()
+        for chunk in descriptor_chunks(self._db, self._local_dim, chunk_vectors):
+            index.add_with_ids(chunk.vectors, keypoint_ids(chunk.rows, chunk.counts))
         if index.ntotal != total:
             raise RuntimeError(f"keypoint index rebuilt with {index.ntotal} vectors, the database has {total}")
         self._index = index

@@ -85,6 +85,42 @@ def unblob(data: bytes, columns: int) -> np.ndarray:
     return flat.reshape(-1, columns) if columns else flat.reshape(0, 0)
 
 
+@dataclass(frozen=True)
+class DescriptorChunk:
+    """Consecutive stored images' keypoint descriptors: SQLite ``rows`` (R,) int64 with their
+    ``counts`` (R,) keypoints and ``image_ids``; ``vectors`` (sum(counts), D) float32, image by image."""
+
+    rows: np.ndarray
+    counts: np.ndarray
+    image_ids: list[str]
+    vectors: np.ndarray
+
+
+def descriptor_chunks(connection: sqlite3.Connection, columns: int, chunk_vectors: int) -> Iterator[DescriptorChunk]:
+    """Every image's descriptors in row order, whole images of at least ``chunk_vectors`` vectors per
+    chunk (the last one fewer): a pass over the whole store with one chunk in memory (the keypoint
+    index's rebuild; exact searches in benchmarks)."""
+    rows: list[int] = []
+    counts: list[int] = []
+    names: list[str] = []
+    blocks: list[np.ndarray] = []
+    buffered = 0
+    query = "SELECT row, image_id, num_keypoints, descriptors FROM images WHERE num_keypoints > 0 ORDER BY row"
+    for row, image_id, count, data in connection.execute(query):
+        rows.append(row)
+        names.append(image_id)
+        counts.append(count)
+        blocks.append(unblob(data, columns))
+        buffered += count
+        if buffered >= chunk_vectors:
+            yield DescriptorChunk(np.array(rows, np.int64), np.array(counts, np.int64), names,
+                                  np.ascontiguousarray(np.concatenate(blocks)))
+            rows, counts, names, blocks, buffered = [], [], [], [], 0
+    if blocks:
+        yield DescriptorChunk(np.array(rows, np.int64), np.array(counts, np.int64), names,
+                              np.ascontiguousarray(np.concatenate(blocks)))
+
+
 class Storage:
     """SQLite, lock and snapshot handling of the embedded backend (a mixin: the backend's state)."""
 
