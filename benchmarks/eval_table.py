@@ -77,6 +77,12 @@ ROWS = {
                           ">= 22 inliers, rank weight 150 (both from the pairs check), spread 0.02 / 4 px, canonical RANSAC order; "
                           "seed 0 (seeds 0-3: 90.01 +- 0.16, benchmarks/results/checks/openvino-vs-torch-ordered.json)"),
     "defaults-torch": ("default", "the default now from the PyTorch float32 feature cache, seed 0 (seeds 0-3: 89.58 +- 0.28)"),
+    "s7-global-matching": ("search", "Elasticsearch's default plan on the embedded index: global shortlist of 100 + matching "
+                           "against int8 codes, QE on (PyTorch float32 cache, seed 0; reported, not chosen on)"),
+    "s7-global-matching-shortlist-50": ("search", "the same, verifying 50 images (p50 428 ms at 100k on ES vs 732: "
+                                        "docs/scale.md)"),
+    "s7-global-matching-shortlist-25": ("search", "the same, verifying 25 images (p50 279 ms at 100k; paris250 has 50 "
+                                        "positives per landmark)"),
     "torch-float32-cc1e4b6": ("extraction", "PyTorch float32 features (cache), code cc1e4b6 (QE off, spread 16 px): reference "
                               "of the OpenVINO row below"),
     "speed-openvino-float32-fresh": ("extraction", "OpenVINO FP32 (the CPU runtime default), fresh extraction, code cc1e4b6: "
