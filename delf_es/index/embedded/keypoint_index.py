@@ -23,7 +23,7 @@ import numpy as np
 from delf_es.index.base import Neighbours
 from delf_es.index.embedded.storage import SQL_CHUNK, descriptor_chunks, unblob
 from delf_es.index.embedded.structure import (TRAIN_POINTS_PER_LIST, KeypointStructure, choose_structure,
-                                              new_index, search_parameters, training_picks)
+                                              new_index, search_parameters, structure_of, training_picks)
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class KeypointIndex:
             logger.warning("ignoring keypoint snapshot %s: it does not match the database", path)
             return None
         if isinstance(index, faiss.IndexIVF):
-            index.nprobe = self._nprobe_for(index.nlist, isinstance(index, faiss.IndexIVFScalarQuantizer))
+            index.nprobe = self._nprobe_for(index.nlist, structure_of(index).sq8)
             self._ivf_trained_on = index.ntotal
         self._snapshot_generation = self._generation
         logger.info("loaded keypoint index %s (%d vectors)", path.name, index.ntotal)
