@@ -267,6 +267,14 @@ class Settings(BaseSettings):
         "8-bit codes (48 B per vector with its id instead of 168: 4.8 GB instead of 16.8 at 100,000 images of 1000 "
         "keypoints), for a recall cost measured in benchmarks/results/embedded_structure.json; None = always float32",
     )
+    embedded_hybrid_max_images: int | None = Field(
+        default=4000, ge=0, description="embedded index: most images for which the default plan (shortlist_mode "
+        "and correspondences unset) is the hybrid shortlist with kNN pairs; on a larger index it is the global "
+        "shortlist with descriptor matching, as on Elasticsearch.  From embedded_sq8_from (4M vectors, 4000 images "
+        "of 1000 keypoints) the keypoint kNN scans 8-bit codes whose cost grows with the index (measured p50, "
+        "both cores: hybrid 2246 ms vs global + matching 826 ms at 10,000 images, 318 vs 629 ms at 300: "
+        "benchmarks/results/scale_embedded.json); None = hybrid at any size",
+    )
     es_url: str | None = None
     redis_url: str | None = None
     index_alias: str = "delf-images"
@@ -410,15 +418,18 @@ class Settings(BaseSettings):
         mode, correspondences = self.search_plan()
         return needs_keypoint_knn(mode, correspondences)
 
-    def search_plan(self, keypoint_vectors: bool = True) -> tuple[str, str]:
+    def search_plan(self, keypoint_vectors: bool = True, images: int | None = None) -> tuple[str, str]:
         """(shortlist_mode, correspondences) to search with.  Unset, each is the best measured for
         the backend (benchmarks/search_speed.py, benchmarks/results/eval/): on Elasticsearch the
         global shortlist with descriptor matching (one kNN search per query instead of one per
         query descriptor: p50 0.7 s vs 11.4 s at 1000 images, mAP 84.8 vs 85.1); on the embedded
-        index, whose faiss kNN is cheap, the hybrid shortlist with kNN pairs.  On an index without
-        keypoint vectors (``keypoint_vectors=False``) an unset one is the choice needing no
-        keypoint kNN (global, matching); a set one is kept (and refused by the search)."""
-        knn_by_default = keypoint_vectors and self.index_backend() != "elasticsearch"
+        index, whose faiss kNN is cheap while it is small, the hybrid shortlist with kNN pairs up
+        to ``embedded_hybrid_max_images`` indexed ``images`` (None = size unknown: hybrid), the
+        global plan above.  On an index without keypoint vectors (``keypoint_vectors=False``) an
+        unset one is the choice needing no keypoint kNN (global, matching); a set one is kept (and
+        refused by the search)."""
+        small = images is None or self.embedded_hybrid_max_images is None or images <= self.embedded_hybrid_max_images
+        knn_by_default = keypoint_vectors and self.index_backend() != "elasticsearch" and small
         mode = self.shortlist_mode or ("hybrid" if knn_by_default else "global")
         correspondences = self.correspondences or ("knn" if knn_by_default else "matching")
         return mode, correspondences
