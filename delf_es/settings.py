@@ -268,12 +268,13 @@ class Settings(BaseSettings):
         "keypoints), for a recall cost measured in benchmarks/results/embedded_structure.json; None = always float32",
     )
     embedded_hybrid_max_images: int | None = Field(
-        default=4000, ge=0, description="embedded index: most images for which the default plan (shortlist_mode "
+        default=2000, ge=0, description="embedded index: most images for which the default plan (shortlist_mode "
         "and correspondences unset) is the hybrid shortlist with kNN pairs; on a larger index it is the global "
-        "shortlist with descriptor matching, as on Elasticsearch.  From embedded_sq8_from (4M vectors, 4000 images "
-        "of 1000 keypoints) the keypoint kNN scans 8-bit codes whose cost grows with the index (measured p50, "
-        "both cores: hybrid 2246 ms vs global + matching 826 ms at 10,000 images, 318 vs 629 ms at 300: "
-        "benchmarks/results/scale_embedded.json); None = hybrid at any size",
+        "shortlist with descriptor matching, as on Elasticsearch.  The hybrid plan's keypoint kNN of 1000 query "
+        "descriptors grows with the index while matching the shortlist does not; measured on one index, p50 ms "
+        "hybrid vs global + matching: 769 vs 1044 at 1000 images, 1563 vs 1187 at 3000, 2826 vs 1238 at 5000 "
+        "(benchmarks/results/scale_embedded_crossover.json), 2246 vs 826 at 10,000 (scale_embedded.json); "
+        "None = hybrid at any size",
     )
     es_url: str | None = None
     redis_url: str | None = None
