@@ -258,6 +258,17 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
                     engine.settings = default_settings.model_copy(update={"shortlist_size": shortlist})
                     row["search_by_shortlist_size"][str(shortlist)] = measure_search(engine, timer, data.queries)
                 engine.settings = default_settings
+            if args.plans:
+                # other search plans on the same index and queries (the default stays
+                # settings.search_plan; this measures what another one costs at this size)
+                default_settings = engine.settings
+                row["search_by_plan"] = {}
+                for plan in args.plans:
+                    mode, correspondences = plan.split(":")
+                    engine.settings = default_settings.model_copy(
+                        update={"shortlist_mode": mode, "correspondences": correspondences})
+                    row["search_by_plan"][plan] = measure_search(engine, timer, data.queries)
+                engine.settings = default_settings
             if client is not None:
                 row["bytes"] = es_bytes(client, alias, size)
                 row.update(es_heap(client))
@@ -290,6 +301,16 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
         else:
             shutil.rmtree(scratch, ignore_errors=True)
     return rows
+
+
+def search_plan_argument(text: str) -> str:
+    """``shortlist:correspondences`` (e.g. ``global:matching``), checked against the settings' choices."""
+    mode, _, correspondences = text.partition(":")
+    try:
+        Settings(shortlist_mode=mode, correspondences=correspondences)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    return f"{mode}:{correspondences}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -351,6 +372,9 @@ def main() -> None:
                         help="also measure the global recall@10 at these num_candidates (Elasticsearch)")
     parser.add_argument("--shortlists", type=int, nargs="*", default=[],
                         help="also measure search p50/p95 verifying this many images (shortlist_size)")
+    parser.add_argument("--plans", nargs="*", default=[], type=search_plan_argument,
+                        help="also measure search p50/p95 with these plans, as shortlist:correspondences "
+                        "(e.g. global:matching)")
     parser.add_argument("--nprobes", type=int, nargs="*", default=[32, 64, 128, 256, 512],
                         help="embedded: also measure the keypoint recall@10 at these nprobe")
     parser.add_argument("--scratch", type=Path, default=Path("/work/cache/scale"),

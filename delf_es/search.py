@@ -77,7 +77,10 @@ class Searcher:
         descriptors = query.descriptors[: s.query_max_descriptors]
         local_order: list[str] = []
         keypoint_vectors = self.backend.has_keypoint_vectors()
-        shortlist_mode, correspondences = s.search_plan(keypoint_vectors)
+        # the embedded default plan follows the index's size (its count is in memory; Elasticsearch's
+        # default does not depend on it, so no count request is sent there)
+        images = self.backend.count() if s.index_backend() == "embedded" else None
+        shortlist_mode, correspondences = s.search_plan(keypoint_vectors, images)
         if not keypoint_vectors and needs_keypoint_knn(shortlist_mode, correspondences):
             raise KeypointVectorsDisabled(
                 f"shortlist_mode={shortlist_mode!r} with correspondences={correspondences!r} needs the keypoint kNN, "

@@ -267,6 +267,15 @@ class Settings(BaseSettings):
         "8-bit codes (48 B per vector with its id instead of 168: 4.8 GB instead of 16.8 at 100,000 images of 1000 "
         "keypoints), for a recall cost measured in benchmarks/results/embedded_structure.json; None = always float32",
     )
+    embedded_hybrid_max_images: int | None = Field(
+        default=2000, ge=0, description="embedded index: most images for which the default plan (shortlist_mode "
+        "and correspondences unset) is the hybrid shortlist with kNN pairs; on a larger index it is the global "
+        "shortlist with descriptor matching, as on Elasticsearch.  The hybrid plan's keypoint kNN of 1000 query "
+        "descriptors grows with the index while matching the shortlist does not; measured on one index, p50 ms "
+        "hybrid vs global + matching: 769 vs 1044 at 1000 images, 1563 vs 1187 at 3000, 2826 vs 1238 at 5000 "
+        "(benchmarks/results/scale_embedded_crossover.json), 2246 vs 826 at 10,000 (scale_embedded.json); "
+        "None = hybrid at any size",
+    )
     es_url: str | None = None
     redis_url: str | None = None
     index_alias: str = "delf-images"
@@ -410,15 +419,18 @@ class Settings(BaseSettings):
         mode, correspondences = self.search_plan()
         return needs_keypoint_knn(mode, correspondences)
 
-    def search_plan(self, keypoint_vectors: bool = True) -> tuple[str, str]:
+    def search_plan(self, keypoint_vectors: bool = True, images: int | None = None) -> tuple[str, str]:
         """(shortlist_mode, correspondences) to search with.  Unset, each is the best measured for
         the backend (benchmarks/search_speed.py, benchmarks/results/eval/): on Elasticsearch the
         global shortlist with descriptor matching (one kNN search per query instead of one per
         query descriptor: p50 0.7 s vs 11.4 s at 1000 images, mAP 84.8 vs 85.1); on the embedded
-        index, whose faiss kNN is cheap, the hybrid shortlist with kNN pairs.  On an index without
-        keypoint vectors (``keypoint_vectors=False``) an unset one is the choice needing no
-        keypoint kNN (global, matching); a set one is kept (and refused by the search)."""
-        knn_by_default = keypoint_vectors and self.index_backend() != "elasticsearch"
+        index, whose faiss kNN is cheap while it is small, the hybrid shortlist with kNN pairs up
+        to ``embedded_hybrid_max_images`` indexed ``images`` (None = size unknown: hybrid), the
+        global plan above.  On an index without keypoint vectors (``keypoint_vectors=False``) an
+        unset one is the choice needing no keypoint kNN (global, matching); a set one is kept (and
+        refused by the search)."""
+        small = images is None or self.embedded_hybrid_max_images is None or images <= self.embedded_hybrid_max_images
+        knn_by_default = keypoint_vectors and self.index_backend() != "elasticsearch" and small
         mode = self.shortlist_mode or ("hybrid" if knn_by_default else "global")
         correspondences = self.correspondences or ("knn" if knn_by_default else "matching")
         return mode, correspondences

@@ -299,6 +299,28 @@ def test_unset_search_plan_is_the_backends_measured_best():
         Settings(correspondences="nearest")
 
 
+def test_the_embedded_default_plan_follows_the_index_size():
+    limit = Settings().embedded_hybrid_max_images
+    assert Settings().search_plan(images=limit) == ("hybrid", "knn")
+    assert Settings().search_plan(images=limit + 1) == ("global", "matching")
+    assert Settings(embedded_hybrid_max_images=None).search_plan(images=10**9) == ("hybrid", "knn")
+    # a plan the user set is kept at any size; Elasticsearch's default does not depend on it
+    assert Settings(shortlist_mode="hybrid", correspondences="knn").search_plan(images=10**9) == ("hybrid", "knn")
+    assert Settings(shortlist_mode="local").search_plan(images=10**9) == ("local", "matching")
+    assert Settings(es_url="http://127.0.0.1:9200").search_plan(images=1) == ("global", "matching")
+
+
+@pytest.mark.parametrize("limit, knn_calls", [(5, True), (4, False)])
+def test_a_searcher_over_a_larger_embedded_index_runs_no_keypoint_knn(scene, monkeypatch, limit, knn_calls):
+    backend, query = scene  # five images
+    calls = []
+    real_knn = backend.knn
+    monkeypatch.setattr(backend, "knn", lambda *a, **k: calls.append(a) or real_knn(*a, **k))
+    hits = searcher(backend, embedded_hybrid_max_images=limit).search(query)
+    assert hits[0].image_id == "target" and hits[0].inliers >= 150, hits[0]
+    assert bool(calls) is knn_calls
+
+
 # ---- verified query expansion and the scale rule ---------------------------------------------
 
 
