@@ -235,7 +235,8 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
             search = measure_search(engine, timer, data.queries)
             row.update({"p50_ms": search["p50_ms"], "p95_ms": search["p95_ms"], "search": search,
                         "plan": list(settings.search_plan(engine.backend.has_keypoint_vectors()))})
-            row["recall_at_10"] = global_recall(engine, data, np.stack(stored_globals), stored_ids)
+            stored = np.stack(stored_globals)  # (images, D): the exact recall's database, once per size
+            row["recall_at_10"] = global_recall(engine, data, stored, stored_ids)
             if client is not None and args.candidates:
                 # the recall knob: the same queries at other num_candidates (the backend's kNN
                 # reads it from its Queries part; put back after)
@@ -245,30 +246,23 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
                 for candidates in args.candidates:
                     engine.backend._queries.global_num_candidates = candidates
                     row["recall_at_10_by_num_candidates"][str(candidates)] = global_recall(
-                        engine, data, np.stack(stored_globals), stored_ids)
+                        engine, data, stored, stored_ids)
                     row["global_knn_by_num_candidates"][str(candidates)] = knn_at_shortlist(
-                        engine, data, np.stack(stored_globals), stored_ids)
+                        engine, data, stored, stored_ids)
                 engine.backend._queries.global_num_candidates = default
             if args.shortlists:
                 # the latency knob: the same index and queries verifying fewer images (the
                 # default stays settings.shortlist_size; this only measures what a smaller one buys)
-                default_settings = engine.settings
-                row["search_by_shortlist_size"] = {}
-                for shortlist in args.shortlists:
-                    engine.settings = default_settings.model_copy(update={"shortlist_size": shortlist})
-                    row["search_by_shortlist_size"][str(shortlist)] = measure_search(engine, timer, data.queries)
-                engine.settings = default_settings
+                row["search_by_shortlist_size"] = {
+                    str(shortlist): search_with(engine, timer, data.queries, shortlist_size=shortlist)
+                    for shortlist in args.shortlists}
             if args.plans:
                 # other search plans on the same index and queries (the default stays
                 # settings.search_plan; this measures what another one costs at this size)
-                default_settings = engine.settings
-                row["search_by_plan"] = {}
-                for plan in args.plans:
-                    mode, correspondences = plan.split(":")
-                    engine.settings = default_settings.model_copy(
-                        update={"shortlist_mode": mode, "correspondences": correspondences})
-                    row["search_by_plan"][plan] = measure_search(engine, timer, data.queries)
-                engine.settings = default_settings
+                row["search_by_plan"] = {
+                    plan: search_with(engine, timer, data.queries,
+                                      **dict(zip(("shortlist_mode", "correspondences"), plan.split(":"))))
+                    for plan in args.plans}
             if client is not None:
                 row["bytes"] = es_bytes(client, alias, size)
                 row.update(es_heap(client))
@@ -301,6 +295,16 @@ def run(kind: str, data: cached_features.CachedData, args: argparse.Namespace, s
         else:
             shutil.rmtree(scratch, ignore_errors=True)
     return rows
+
+
+def search_with(engine: DelfEs, timer: StageTimer, queries: list, **update: Any) -> dict:
+    """``measure_search`` with ``update`` applied to the engine's settings, which are put back after."""
+    default_settings = engine.settings
+    engine.settings = default_settings.model_copy(update=update)
+    try:
+        return measure_search(engine, timer, queries)
+    finally:
+        engine.settings = default_settings
 
 
 def search_plan_argument(text: str) -> str:
